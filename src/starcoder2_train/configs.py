@@ -1,0 +1,266 @@
+"""Recipe arguments: model, data and training dataclasses, parsed from one YAML file plus overrides.
+
+A recipe is a flat YAML mapping. Every key belongs to exactly one of `ModelArguments`,
+`DataArguments` or `PretrainingArguments` (transformers' `TrainingArguments` plus a few keys of
+this project). `RecipeParser().parse(["recipe.yaml", "--learning_rate", "2e-4"])` returns the three.
+Unknown keys, on the command line or in the file, fail at once with the key and the file named.
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
+
+
+class RecipeError(ValueError):
+    """A recipe key has a wrong or inconsistent value; the message names the key."""
+
+
+@dataclass
+class ModelArguments:
+    """Which model is trained: a pretrained checkpoint or a config built from scratch."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint to continue pretraining or fine-tune: a local directory or a Hub id "
+                  "(for example bigcode/starcoder2-3b). Leave unset to pretrain from `model_config`."},
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "Architecture for pretraining from scratch: a preset name (starcoder2-3b, "
+                  "starcoder2-7b, starcoder2-15b, tiny, test) or the path of a config.json."},
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    torch_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "dtype of the weights as loaded or created: bfloat16, float16, float32 or auto."},
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "Attention kernel. auto: flash_attention_2 when flash-attn is installed and CUDA is "
+                  f"available, else sdpa. One of {', '.join(ATTENTION_CHOICES)}."},
+    )
+    rope_theta: float | None = field(
+        default=None, metadata={"help": "Override the RoPE base (the long-context stage uses 1e6)."}
+    )
+    max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "Override the longest position the model supports, in tokens."}
+    )
+    sliding_window: int | None = field(
+        default=None, metadata={"help": "Override the attention window in tokens (StarCoder2: 4096)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
+
+    def __post_init__(self):
+        if (self.model_name_or_path is None) == (self.model_config is None):
+            raise RecipeError(
+                "model_name_or_path / model_config: set exactly one of them: model_name_or_path to start "
+                "from a checkpoint, model_config (a preset such as starcoder2-3b) to pretrain from scratch."
+            )
+        if self.attn_implementation not in ATTENTION_CHOICES:
+            raise RecipeError(
+                f"attn_implementation: {self.attn_implementation!r} is not one of {', '.join(ATTENTION_CHOICES)}."
+            )
+        if self.torch_dtype not in ("bfloat16", "float16", "float32", "auto"):
+            raise RecipeError(f"torch_dtype: {self.torch_dtype!r} is not bfloat16, float16, float32 or auto.")
+        for key in ("rope_theta", "max_position_embeddings", "sliding_window"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise RecipeError(f"{key}: must be positive, got {value}.")
+
+
+@dataclass
+class DataArguments:
+    """Where the code comes from and how it becomes packed training sequences."""
+
+    dataset_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Stack v2-format parquet shards: a local directory (as written by scripts/ingest.py) "
+                  "or a Hub dataset id. Either per-repository rows with a `files` list, or per-file rows."},
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Sub-directory of the dataset to read, e.g. data/Python on the Hub."}
+    )
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "Parquet files or glob patterns, relative to dataset_name_or_path."}
+    )
+    eval_data_files: list[str] | None = field(
+        default=None, metadata={"help": "Held-out parquet files for evaluation (same schema as training)."}
+    )
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of repositories held out for evaluation when eval_data_files is unset, chosen "
+                  "by a hash of the repository name (stable across runs, shards and num_proc)."},
+    )
+    languages: list[str] | None = field(
+        default=None, metadata={"help": "Keep only files in these languages (Stack v2 names, e.g. Python). "
+                                "Unset: all languages."}
+    )
+    license_types: list[str] | None = field(
+        default=None, metadata={"help": "Keep only files whose license_type is listed (permissive, no_license). "
+                                "Unset: all."}
+    )
+    exclude_vendor: bool = field(default=True, metadata={"help": "Drop files marked is_vendor."})
+    exclude_generated: bool = field(default=True, metadata={"help": "Drop files marked is_generated."})
+    max_file_bytes: int = field(
+        default=1_000_000, metadata={"help": "Drop files larger than this many bytes of UTF-8 content."}
+    )
+    max_repositories: int | None = field(
+        default=None, metadata={"help": "Use only the first N repositories (quick runs, debugging)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer with StarCoder2's special tokens: a local directory or a Hub id. "
+                  "Defaults to model_name_or_path."},
+    )
+    seq_length: int = field(default=4096, metadata={"help": "Tokens per packed training sequence."})
+    fim_rate: float = field(
+        default=0.5, metadata={"help": "Probability that a repository example is a FIM candidate."}
+    )
+    fim_fragment_rate: float = field(
+        default=0.5, metadata={"help": "Probability that each file of a FIM candidate is FIM-transformed."}
+    )
+    fim_spm_rate: float = field(
+        default=0.5, metadata={"help": "Probability that a transformed file uses SPM rather than PSM order."}
+    )
+    repo_metadata_rate: float = field(
+        default=0.5, metadata={"help": "Probability that an example carries its repository name and file paths."}
+    )
+    cross_document_attention: bool = field(
+        default=False,
+        metadata={"help": "false: position_ids restart at each example so that packed examples cannot attend to "
+                  "each other. true: plain concatenation (examples attend across boundaries)."},
+    )
+    num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for preprocessing on this machine (datasets.map num_proc)."}
+    )
+    num_shards: int = field(
+        default=1, metadata={"help": "Split preprocessing across this many machines (see shard_index)."}
+    )
+    shard_index: int = field(
+        default=0, metadata={"help": "Which of the num_shards contiguous parts this machine preprocesses."}
+    )
+    prepared_data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Directory of token shards written by scripts/prepare_data.py; when set, training "
+                  "reads it instead of preprocessing."},
+    )
+
+    def __post_init__(self):
+        if self.dataset_name_or_path is None and self.prepared_data_dir is None:
+            raise RecipeError("dataset_name_or_path: no data given; set it (or prepared_data_dir).")
+        for key in ("fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate", "eval_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise RecipeError(f"{key}: must be a probability between 0 and 1, got {value}.")
+        if self.eval_fraction >= 1.0:
+            raise RecipeError("eval_fraction: must be below 1 so that some repositories remain for training.")
+        if self.seq_length < 2:
+            raise RecipeError(f"seq_length: must be at least 2 tokens, got {self.seq_length}.")
+        if self.max_file_bytes <= 0:
+            raise RecipeError(f"max_file_bytes: must be positive, got {self.max_file_bytes}.")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise RecipeError(f"num_proc: must be at least 1, got {self.num_proc}.")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise RecipeError(
+                f"shard_index: must be in [0, num_shards={self.num_shards}), got {self.shard_index}."
+            )
+        if self.max_repositories is not None and self.max_repositories < 1:
+            raise RecipeError(f"max_repositories: must be at least 1, got {self.max_repositories}.")
+
+
+@dataclass
+class PretrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments plus the keys of this project."""
+
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Validate the recipe, build the model on the meta device, print its size, tokens per "
+                  "optimizer step and a memory estimate per GPU, then exit without training."},
+    )
+    show_fim_example: bool = field(
+        default=False,
+        metadata={"help": "After training, infill a held-out file with the saved model and print the result."},
+    )
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _to_argv(key: str, value) -> list[str]:
+    """Render one recipe value as command-line words for HfArgumentParser."""
+    if isinstance(value, bool):
+        return [f"--{key}", "true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [f"--{key}", *[str(item) for item in value]]
+    if isinstance(value, dict):
+        return [f"--{key}", json.dumps(value)]
+    return [f"--{key}", str(value)]
+
+
+def parse_overrides(words: list[str]) -> dict:
+    """`--key value`, `--key=value` and `--key v1 v2` (lists) into a dict of strings."""
+    overrides, key = {}, None
+    for word in words:
+        if word.startswith("--"):
+            key, sep, value = word[2:].partition("=")
+            if not key:
+                raise RecipeError(f"command line: '{word}' names no key.")
+            overrides[key] = [value] if sep else []
+        elif key is None:
+            raise RecipeError(f"command line: '{word}' is not preceded by a --key.")
+        else:
+            overrides[key].append(word)
+    return {k: (v[0] if len(v) == 1 else v if v else "true") for k, v in overrides.items()}
+
+
+class RecipeParser(HfArgumentParser):
+    """Parse a recipe YAML and `--key value` overrides into (ModelArguments, DataArguments, PretrainingArguments)."""
+
+    def __init__(self, dataclass_types=(ModelArguments, DataArguments, PretrainingArguments)):
+        super().__init__(dataclass_types)
+        self.known_keys = {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype) if f.init}
+
+    def load(self, recipe_path: str | os.PathLike | None, override_words: list[str]) -> dict:
+        """The merged recipe: the YAML's keys, then the command line's, with unknown keys refused."""
+        values = {}
+        if recipe_path is not None:
+            if not os.path.isfile(recipe_path):
+                raise RecipeError(f"recipe {recipe_path}: no such file.")
+            with open(recipe_path) as handle:
+                try:
+                    values = yaml.safe_load(handle) or {}
+                except yaml.YAMLError as error:
+                    raise RecipeError(f"recipe {recipe_path}: not valid YAML: {error}") from error
+            if not isinstance(values, dict):
+                raise RecipeError(f"recipe {recipe_path}: must be a mapping of key: value lines.")
+        where = {key: f"recipe {recipe_path}" for key in values}
+        for key, value in parse_overrides(override_words).items():
+            values[key], where[key] = value, "the command line"
+        for key in values:
+            if key not in self.known_keys:
+                raise RecipeError(f"unknown key '{key}' in {where[key]}.{_suggest(key, self.known_keys)}")
+        return values
+
+    def parse(self, argv: list[str] | None = None):
+        """argv: [RECIPE.yaml] [--key value ...]; defaults to sys.argv[1:]."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        recipe = argv.pop(0) if argv and not argv[0].startswith("--") else None
+        values = self.load(recipe, argv)
+        words = []
+        for key, value in values.items():
+            if value is not None:
+                words += _to_argv(key, value)
+        try:
+            return self.parse_args_into_dataclasses(args=words, look_for_args_file=False)
+        except SystemExit as error:  # argparse exits on a bad value; say which key instead
+            raise RecipeError(f"recipe {recipe}: a value could not be parsed (see the message above).") from error
