@@ -1,0 +1,174 @@
+"""The data pipeline: Stack v2 shards → repository examples → FIM → tokens → packed windows.
+
+`build_token_rows` runs the first steps as one batched, cached `datasets.map` (num_proc processes on
+one machine; num_shards/shard_index to split the work across machines); `build_packed_datasets`
+adds packing. `DataReport` gathers what each step counted, skipped rows included.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import datasets
+
+from .configs import DataArguments, RecipeError
+from .fim import FimRates, apply_fim
+from .packing import PackedDataset
+from .repo_examples import build_example
+from .stack_v2 import SkipReport, load_repositories, repository_split, shard_repositories
+from .special_tokens import SpecialTokenIds
+from .tokenization import PieceTokenizer
+
+logger = logging.getLogger(__name__)
+
+TOKEN_COLUMNS = ("input_ids", "num_tokens", "repo_name", "language", "num_files", "num_fim_psm", "num_fim_spm")
+
+
+@dataclass
+class ExampleTransform:
+    """repository rows (repo_name, files) → token rows; a function of (seed, epoch, row) alone."""
+
+    tokenizer: PieceTokenizer
+    rates: FimRates
+    repo_metadata_rate: float
+    seed: int
+    epoch: int
+
+    def __call__(self, batch: dict) -> dict:
+        pieces, out = [], {key: [] for key in TOKEN_COLUMNS if key != "input_ids"}
+        for repo_name, files in zip(batch["repo_name"], batch["files"]):
+            example = build_example(repo_name, files, self.seed, self.epoch, self.repo_metadata_rate)
+            result = apply_fim(example, self.rates, self.seed, self.epoch)
+            pieces.append(result.pieces)
+            sizes = Counter()
+            for f in files:
+                sizes[f["language"]] += len(f["content"])
+            out["repo_name"].append(repo_name)
+            out["language"].append(sizes.most_common(1)[0][0] if sizes else "")
+            out["num_files"].append(len(files))
+            out["num_fim_psm"].append(result.num_psm)
+            out["num_fim_spm"].append(result.num_spm)
+        out["input_ids"] = self.tokenizer.encode(pieces)
+        out["num_tokens"] = [len(ids) for ids in out["input_ids"]]
+        return out
+
+
+def _fingerprint(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def tokenize_repositories(repositories: datasets.Dataset, tokenizer, data_args: DataArguments, seed: int,
+                          epoch: int = 0, tokenizer_name: str = "the tokenizer") -> datasets.Dataset:
+    """Examples, FIM and tokens for every repository row, cached by datasets under an explicit fingerprint."""
+    piece_tokenizer = PieceTokenizer(tokenizer, tokenizer_name)
+    transform = ExampleTransform(
+        tokenizer=piece_tokenizer,
+        rates=FimRates(data_args.fim_rate, data_args.fim_fragment_rate, data_args.fim_spm_rate),
+        repo_metadata_rate=data_args.repo_metadata_rate, seed=seed, epoch=epoch,
+    )
+    fingerprint = _fingerprint(
+        "token-rows-v1", repositories._fingerprint, piece_tokenizer.backend.to_str(),
+        asdict(transform.rates), data_args.repo_metadata_rate, seed, epoch,
+    )
+    return repositories.map(
+        transform, batched=True, batch_size=64, num_proc=data_args.num_proc,
+        remove_columns=repositories.column_names, new_fingerprint=fingerprint,
+        desc=f"examples + FIM + tokens (epoch {epoch})",
+    )
+
+
+@dataclass
+class DataReport:
+    """What the pipeline saw, made and skipped: printed by inspect_data and logged by training."""
+
+    repositories: int = 0
+    files: int = 0
+    files_fim_psm: int = 0
+    files_fim_spm: int = 0
+    tokens: int = 0
+    windows: int = 0
+    padding_tokens: int = 0
+    skipped: dict = field(default_factory=dict)
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.tokens / max(1, self.tokens + self.padding_tokens)
+
+    @classmethod
+    def of(cls, token_rows: datasets.Dataset, packed: PackedDataset, skips: SkipReport) -> "DataReport":
+        columns = token_rows.select_columns(["num_files", "num_fim_psm", "num_fim_spm"]).to_pandas().sum()
+        return cls(
+            repositories=len(token_rows), files=int(columns["num_files"]), files_fim_psm=int(columns["num_fim_psm"]),
+            files_fim_spm=int(columns["num_fim_spm"]), tokens=packed.total_tokens, windows=len(packed),
+            padding_tokens=packed.padding_tokens, skipped=skips.as_dict(),
+        )
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"repositories: {self.repositories:,}", f"files: {self.files:,}",
+            f"files FIM-transformed: {self.files_fim_psm:,} PSM, {self.files_fim_spm:,} SPM",
+            f"tokens: {self.tokens:,} in {self.windows:,} windows",
+            f"packing efficiency: {100 * self.packing_efficiency:.3f}% real tokens "
+            f"({self.padding_tokens:,} padding, 0 dropped)",
+        ]
+        skipped = [f"  {reason}: {count:,}" for reason, count in sorted(self.skipped.items())]
+        return lines + (["skipped:"] + skipped if skipped else ["skipped: nothing"])
+
+
+def load_token_rows(data_args: DataArguments, tokenizer, seed: int, epoch: int = 0,
+                    split: str = "train") -> tuple[datasets.Dataset, SkipReport]:
+    """Token rows of one split, from prepared shards when `prepared_data_dir` is set, else from the raw shards."""
+    if data_args.prepared_data_dir is not None:
+        return load_prepared(data_args.prepared_data_dir, split, epoch), SkipReport.load(data_args.prepared_data_dir, split)
+    tokenizer_name = data_args.tokenizer_name_or_path or "the tokenizer"
+    if split == "eval" and data_args.eval_data_files:
+        repositories, skips = load_repositories(data_args, data_files=data_args.eval_data_files)
+    else:
+        repositories, skips = load_repositories(data_args)
+        if data_args.eval_data_files is None and data_args.eval_fraction > 0:
+            train, held_out = repository_split(repositories, data_args.eval_fraction)
+            repositories = held_out if split == "eval" else train
+        elif split == "eval":
+            return None, skips
+    repositories = shard_repositories(repositories, data_args.num_shards, data_args.shard_index)
+    if len(repositories) == 0:
+        raise RecipeError(f"dataset_name_or_path: no repository left for the {split} split after filtering "
+                          f"({'; '.join(skips.summary_lines())}). Loosen languages/license_types/max_file_bytes.")
+    return tokenize_repositories(repositories, tokenizer, data_args, seed, epoch, tokenizer_name), skips
+
+
+def prepared_path(directory: str, split: str, epoch: int, shard_index: int, num_shards: int) -> str:
+    return os.path.join(directory, split, f"epoch-{epoch}", f"shard-{shard_index:05d}-of-{num_shards:05d}")
+
+
+def load_prepared(directory: str, split: str, epoch: int) -> datasets.Dataset:
+    """Concatenate the shards written by scripts/prepare_data.py in shard order (= one machine's output)."""
+    root = os.path.join(directory, split, f"epoch-{epoch}")
+    if not os.path.isdir(root):
+        raise RecipeError(f"prepared_data_dir: {root} does not exist; run scripts/prepare_data.py for epoch {epoch}.")
+    names = sorted(os.listdir(root))
+    expected = int(names[0].rsplit("-", 1)[1]) if names else 0
+    if not names or len(names) != expected:
+        raise RecipeError(f"prepared_data_dir: {root} holds {len(names)} of {expected} shards; "
+                          "run scripts/prepare_data.py for the missing --shard_index values.")
+    return datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(root, n)) for n in names])
+
+
+def build_packed_dataset(data_args: DataArguments, tokenizer, seed: int, epoch: int = 0, split: str = "train",
+                         shuffle: bool = True):
+    """(PackedDataset, DataReport) for one split and epoch; (None, None) when the split has no data."""
+    token_rows, skips = load_token_rows(data_args, tokenizer, seed, epoch, split)
+    if token_rows is None:
+        return None, None
+    packed = PackedDataset(
+        token_rows, data_args.seq_length, SpecialTokenIds.from_tokenizer(tokenizer),
+        cross_document_attention=data_args.cross_document_attention,
+        shuffle_seed=(seed * 1_000_003 + epoch) if shuffle else None,
+    )
+    return packed, DataReport.of(token_rows, packed, skips)

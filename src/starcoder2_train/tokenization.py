@@ -1,0 +1,56 @@
+"""Pieces → token ids, with structure tokens by id and source text never parsed for special tokens.
+
+Tokenizing the rendered string with special-token parsing on (what most pipelines do) lets a source
+file that contains the text `<fim_middle>` or `<|endoftext|>` inject control tokens. Here each text
+piece is encoded by the Rust tokenizer with `encode_special_tokens=True` (special tokens' text is
+split like any other text), and structure tokens are inserted by their real ids. All text pieces of a
+batch go through one `encode_batch_fast` call, so the overhead over raw tokenization stays small.
+"""
+
+import copy
+
+from .repo_examples import Piece
+from .special_tokens import STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
+
+
+class PieceTokenizer:
+    """Encodes lists of pieces; picklable, so datasets can ship it to `num_proc` workers."""
+
+    def __init__(self, tokenizer, name: str = "the tokenizer"):
+        self.special = SpecialTokenIds.from_tokenizer(tokenizer, name)
+        vocab = tokenizer.get_vocab()
+        self.token_ids = {token: vocab[token] for token in STARCODER2_SPECIAL_TOKENS if token in vocab}
+        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        self.backend = copy.deepcopy(backend)
+        self.backend.encode_special_tokens = True
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.check_no_injection(name)
+
+    def check_no_injection(self, name: str) -> None:
+        """Refuse a tokenizer whose ordinary merges can spell a special token (it would leak control ids)."""
+        literal = "".join(f" {token} x{token}\n" for token in self.token_ids)
+        leaked = set(self.encode_texts([literal])[0]) & set(self.token_ids.values())
+        if leaked:
+            raise ValueError(
+                f"tokenizer_name_or_path: {name} encodes the literal text of special tokens to their ids "
+                f"{sorted(leaked)} even with special-token parsing off; retrain it with scripts/train_tokenizer.py."
+            )
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode(self, examples: list[list[Piece]]) -> list[list[int]]:
+        """Token ids of each example; source text and structure tokens never mix."""
+        texts = [text for pieces in examples for is_token, text in pieces if not is_token and text]
+        encoded = iter(self.encode_texts(texts))
+        results = []
+        for pieces in examples:
+            ids = []
+            for is_token, text in pieces:
+                if is_token:
+                    ids.append(self.token_ids[text])
+                elif text:
+                    ids += next(encoded)
+            results.append(ids)
+        return results

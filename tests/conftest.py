@@ -1,0 +1,65 @@
+"""Shared fixtures: everything a test needs is made here, offline (no Hub, no network)."""
+
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+SNIPPETS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        self.items.append(x)\n",
+    "import os\nimport sys\n\nfor name in os.listdir('.'):\n    print(name, file=sys.stderr)\n",
+    "#include <stdio.h>\nint main(void) {\n    printf(\"hello %d\\n\", 42);\n    return 0;\n}\n",
+    "function greet(name) {\n  return `Hello, ${name}!`;\n}\nmodule.exports = { greet };\n",
+    "fn main() {\n    let v: Vec<u32> = (0..10).collect();\n    println!(\"{:?}\", v);\n}\n",
+    "SELECT id, name FROM users WHERE age > 30 ORDER BY name;\n",
+    "# Title\n\nSome *markdown* text with `code` and ünïcödé — 日本語.\n",
+]
+
+
+def random_code(rng: random.Random, min_lines: int = 1, max_lines: int = 12) -> str:
+    """Plausible source text made of known snippets and random identifiers, unicode included."""
+    lines = []
+    for _ in range(rng.randint(min_lines, max_lines)):
+        if rng.random() < 0.5:
+            lines.append(rng.choice(SNIPPETS))
+        else:
+            name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz_éλ") for _ in range(rng.randint(1, 10)))
+            lines.append(f"{name} = {rng.randint(0, 10**6)}  # {name}\n")
+    return "".join(lines)
+
+
+def random_repositories(num_repos: int, seed: int = 0, max_files: int = 5) -> list[dict]:
+    rng = random.Random(seed)
+    repos = []
+    for r in range(num_repos):
+        files = []
+        for f in range(rng.randint(1, max_files)):
+            ext = rng.choice([("py", "Python"), ("c", "C"), ("js", "JavaScript"), ("rs", "Rust")])
+            files.append({"path": f"src/dir{f % 2}/file_{f}.{ext[0]}", "content": random_code(rng), "language": ext[1]})
+        repos.append({"repo_name": f"owner{r % 7}/repo-{r}", "files": files})
+    return repos
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE with StarCoder2's special tokens, trained here on synthetic code."""
+    from starcoder2_train.tokenizer_training import save_tokenizer, train_bpe
+
+    texts = [r["files"][0]["content"] for r in random_repositories(300, seed=123)]
+    texts += ["<fim_middle> <|endoftext|> <file_sep>" * 20]  # literal special-token text in the corpus
+    path = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(train_bpe(texts, vocab_size=600), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
