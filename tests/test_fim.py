@@ -32,7 +32,9 @@ def test_round_trip_restores_every_file_exactly(tokenizer):
         repo_name, files, modes = undo_example(example_ids, tokenizer, ids_of)
         assert repo_name == (example.repo_name if example.with_metadata else None)
         assert files == [example.file_header(p) + c for p, c in example.files]
-        assert modes.count("psm") == result.num_psm and modes.count("spm") == result.num_spm
+        # PSM with an empty prefix is written exactly like SPM, so only the total is recoverable.
+        assert modes.count("psm") + modes.count("spm") == result.num_psm + result.num_spm
+        assert modes.count("psm") <= result.num_psm
         seen_modes.update(modes)
     assert seen_modes == {"plain", "psm", "spm"}
 

@@ -180,6 +180,14 @@ class DataArguments:
 class PretrainingArguments(TrainingArguments):
     """transformers' TrainingArguments plus the keys of this project."""
 
+    train_sampling_strategy: str = field(
+        default="sequential",
+        metadata={"help": "The packed dataset shuffles its windows itself (seeded), so the trainer reads them in "
+                  "order: resuming continues exactly where a run stopped, and inspect_data shows what training sees."},
+    )
+    report_to: str | list[str] | None = field(
+        default="tensorboard", metadata={"help": "Loggers: tensorboard (default), wandb, trackio, none."}
+    )
     dry_run: bool = field(
         default=False,
         metadata={"help": "Validate the recipe, build the model on the meta device, print its size, tokens per "

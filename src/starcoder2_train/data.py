@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import datasets
+import torch
 
 from .configs import DataArguments, RecipeError
 from .fim import FimRates, apply_fim
@@ -172,3 +173,28 @@ def build_packed_dataset(data_args: DataArguments, tokenizer, seed: int, epoch: 
         shuffle_seed=(seed * 1_000_003 + epoch) if shuffle else None,
     )
     return packed, DataReport.of(token_rows, packed, skips)
+
+
+def windows_per_step(training_args) -> int:
+    """Packed windows consumed by one optimizer step across all processes."""
+    return training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+
+
+def build_training_data(data_args: DataArguments, tokenizer, training_args):
+    """The training set over as many data epochs as the run needs, each with its own file order and FIM.
+
+    With max_steps set, enough epochs are prepared to cover max_steps; otherwise ceil(num_train_epochs)
+    of them, and num_train_epochs is rescaled to the share of the concatenation that it asks for.
+    Returns (dataset, DataReport of epoch 0).
+    """
+    seed = training_args.seed
+    first, report = build_packed_dataset(data_args, tokenizer, seed, epoch=0)
+    if training_args.max_steps > 0:
+        num_epochs = max(1, -(-training_args.max_steps * windows_per_step(training_args) // len(first)))
+    else:
+        num_epochs = max(1, int(-(-training_args.num_train_epochs // 1)))
+        training_args.num_train_epochs = training_args.num_train_epochs / num_epochs
+    epochs = [first] + [build_packed_dataset(data_args, tokenizer, seed, epoch=e)[0] for e in range(1, num_epochs)]
+    if num_epochs > 1:
+        logger.info("prepared %d data epochs (each with its own file order and FIM draws)", num_epochs)
+    return (epochs[0] if num_epochs == 1 else torch.utils.data.ConcatDataset(epochs)), report

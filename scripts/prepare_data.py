@@ -1,0 +1,42 @@
+"""Preprocess a recipe's data ahead of training, on one machine or split across many.
+
+    python scripts/prepare_data.py recipes/starcoder2-3b/pretrain.yaml --output DIR \
+        --num_shards 16 --shard_index $SLURM_ARRAY_TASK_ID [--epochs 1]
+
+Each machine tokenizes a disjoint, contiguous part of the repositories; training with
+`--prepared_data_dir DIR` reads the shards back in index order, which gives exactly what one machine
+would have produced. Skip counts are written beside each shard.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from starcoder2_train.configs import RecipeParser
+from starcoder2_train.data import load_token_rows, prepared_path
+from starcoder2_train.tokenizer_training import load_tokenizer
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--output", required=True, help="Directory for the token shards.")
+    own.add_argument("--epochs", type=int, default=1, help="Data epochs to prepare (each has its own FIM draws).")
+    own_args, recipe_argv = own.parse_known_args(argv)
+    model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
+    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    for split in ("train", "eval"):
+        for epoch in range(own_args.epochs if split == "train" else 1):
+            rows, skips = load_token_rows(data_args, tokenizer, training_args.seed, epoch, split)
+            if rows is None:
+                continue
+            path = prepared_path(own_args.output, split, epoch, data_args.shard_index, data_args.num_shards)
+            rows.save_to_disk(path)
+            with open(os.path.join(path, "skipped.json"), "w") as handle:
+                json.dump(skips.as_dict(), handle, indent=1, sort_keys=True)
+            print(f"{split} epoch {epoch}: {len(rows):,} repositories, {sum(rows['num_tokens']):,} tokens -> {path}")
+
+
+if __name__ == "__main__":
+    main()
