@@ -39,8 +39,9 @@ class ModelArguments:
     )
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
     torch_dtype: str = field(
-        default="bfloat16",
-        metadata={"help": "dtype of the weights as loaded or created: bfloat16, float16, float32 or auto."},
+        default="float32",
+        metadata={"help": "dtype of the weights as loaded or created: float32 (default: master weights for mixed "
+                  "precision, with `bf16: true` computing in bfloat16), bfloat16, float16 or auto."},
     )
     attn_implementation: str = field(
         default="auto",
@@ -185,7 +186,7 @@ class PretrainingArguments(TrainingArguments):
         metadata={"help": "The packed dataset shuffles its windows itself (seeded), so the trainer reads them in "
                   "order: resuming continues exactly where a run stopped, and inspect_data shows what training sees."},
     )
-    report_to: str | list[str] | None = field(
+    report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Loggers: tensorboard (default), wandb, trackio, none."}
     )
     dry_run: bool = field(

@@ -138,6 +138,8 @@ def load_token_rows(data_args: DataArguments, tokenizer, seed: int, epoch: int =
         elif split == "eval":
             return None, skips
     repositories = shard_repositories(repositories, data_args.num_shards, data_args.shard_index)
+    if split == "eval" and len(repositories) == 0:
+        return None, skips
     if len(repositories) == 0:
         raise RecipeError(f"dataset_name_or_path: no repository left for the {split} split after filtering "
                           f"({'; '.join(skips.summary_lines())}). Loosen languages/license_types/max_file_bytes.")

@@ -1,0 +1,54 @@
+"""The embedded default run: StarCoder2's recipe in miniature, on the CPU, with nothing downloaded.
+
+    python scripts/quickstart.py --output outputs/quickstart      (what `make quickstart` runs)
+
+1. ingest the standard library of this Python into Stack v2-format parquet shards,
+2. train a byte-level BPE tokenizer with StarCoder2's special tokens on them,
+3. train recipes/tiny/pretrain.yaml (repository context, FIM 0.5, packed sequences),
+4. load the saved model with transformers alone and infill a line of a held-out file.
+
+Each step is printed as the command that runs it, so that any step can be rerun by hand.
+"""
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def run(step: str, words: list[str]) -> None:
+    print(f"\n=== {step}\n$ {shlex.join(words)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(words, check=True, cwd=ROOT)
+    print(f"=== {step}: done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="outputs/quickstart", help="Directory for data, tokenizer and model.")
+    parser.add_argument("--recipe", default="recipes/tiny/pretrain.yaml")
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="Extra --key value recipe overrides.")
+    args = parser.parse_args(argv)
+    data, tokenizer, model = (os.path.join(args.output, name) for name in ("data", "tokenizer", "model"))
+    python = sys.executable
+    start = time.perf_counter()
+    run("1/4 ingest the standard library", [python, "scripts/ingest.py", "--output", data])
+    run("2/4 train the tokenizer",
+        [python, "scripts/train_tokenizer.py", "--data", data, "--vocab_size", str(args.vocab_size), "--output", tokenizer])
+    run("3/4 train the tiny model", [
+        python, "scripts/run_pretrain.py", args.recipe, "--dataset_name_or_path", data,
+        "--tokenizer_name_or_path", tokenizer, "--output_dir", model, *args.overrides,
+    ])
+    run("4/4 infill a held-out file with transformers alone",
+        [python, "scripts/infill.py", model, "--recipe", args.recipe, "--dataset_name_or_path", data])
+    print(f"\nquickstart finished in {(time.perf_counter() - start) / 60:.1f} min; the model is in {model}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Train a byte-level BPE tokenizer with StarCoder2's special tokens on Stack v2-format parquet shards.
+
+    python scripts/train_tokenizer.py --data data/shards --vocab_size 8192 --output outputs/tokenizer
+
+The special tokens get ids 0..33 in StarCoder2's order; the output directory loads with
+`AutoTokenizer.from_pretrained`. Training reads the `content` of every file (per-repository `files`
+lists or per-file rows) in sorted shard order; `--max_files` stops after that many files.
+"""
+
+import argparse
+import json
+import logging
+import sys
+
+from starcoder2_train.configs import RecipeError
+from starcoder2_train.tokenizer_training import DEFAULT_MODEL_MAX_LENGTH, train_tokenizer_from_parquet
+
+logger = logging.getLogger("train_tokenizer")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="Directory of parquet shards (searched recursively).")
+    parser.add_argument(
+        "--vocab_size",
+        type=int,
+        required=True,
+        help="Tokens in all: 34 special, 256 bytes, the rest learned merges (StarCoder2: 49152).",
+    )
+    parser.add_argument("--output", required=True, help="Directory to write tokenizer.json and tokenizer_config.json.")
+    parser.add_argument("--max_files", type=int, default=None, help="Train on at most this many source files.")
+    parser.add_argument(
+        "--model_max_length",
+        type=int,
+        default=DEFAULT_MODEL_MAX_LENGTH,
+        help="Longest sequence the tokenizer reports (tokenizer.model_max_length), in tokens.",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.max_files is not None and args.max_files < 1:
+        raise RecipeError(f"--max_files: must be at least 1, got {args.max_files}.")
+    counts = train_tokenizer_from_parquet(
+        args.data, args.vocab_size, args.output, args.max_files, args.model_max_length
+    )
+    logger.info(
+        "trained on %d files (%.1f MB) in %.1f s; %d tokens saved to %s",
+        counts["files"],
+        counts["bytes"] / 1e6,
+        counts["seconds"],
+        counts["vocab_size"],
+        args.output,
+    )
+    print(json.dumps(counts))
+    return counts
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecipeError as error:
+        sys.exit(f"error: {error}")

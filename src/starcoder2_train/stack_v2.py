@@ -1,0 +1,418 @@
+"""Stack v2-format parquet shards → one row per repository, with every file left out counted by reason.
+
+Two layouts are accepted, recognised per parquet file by its columns:
+- per repository (the-stack-v2-train-*-ids with contents added, and what scripts/ingest.py writes):
+  `repo_name` and `files`, a list of structs with at least `path` and `content`;
+- per file (the-stack-v2 and -dedup with contents added): `repo_name`, `path`, `content`. Rows are
+  grouped by `repo_name` across all the files read, repositories and their files in first-seen order.
+Optional file fields, used when present: `language` (else derived from the path), `license_type`,
+`is_vendor`, `is_generated`, `src_encoding` (to decode contents stored as bytes; default UTF-8).
+
+Output rows: `repo_name: str`, `files: list of {path: str, content: str, language: str}`, in an
+order that depends on the input only (not on num_proc).
+"""
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets import Dataset, Features, List, Value, concatenate_datasets, load_dataset
+from datasets.exceptions import DatasetGenerationError
+
+from .configs import DataArguments, RecipeError
+from .languages import language_of
+
+logger = logging.getLogger(__name__)
+
+# Why a file, repository or parquet file is left out (the keys of SkipReport's counters).
+MISSING_REPO_NAME = "missing repo_name"
+MISSING_PATH = "missing path"
+MISSING_CONTENT = "missing content"
+VENDOR = "vendor file (is_vendor, exclude_vendor)"
+GENERATED = "generated file (is_generated, exclude_generated)"
+LICENSE_NOT_SELECTED = "license_type not in license_types"
+UNKNOWN_LANGUAGE = "unknown language (no language given, none derivable from the path)"
+LANGUAGE_NOT_SELECTED = "language not in languages"
+EMPTY = "empty content"
+TOO_LARGE = "larger than max_file_bytes"
+BINARY = "binary content (NUL byte)"
+UNDECODABLE = "content not decodable as its src_encoding"
+NO_FILE_LEFT = "no file left after filtering"
+BEYOND_MAX_REPOSITORIES = "beyond max_repositories"
+UNREADABLE_PARQUET = "unreadable parquet file"
+
+DEFAULT_DATA_FILES = "**/*.parquet"
+REPOSITORIES_PER_BATCH = 64
+OPTIONAL_FILE_COLUMNS = ("language", "license_type", "is_vendor", "is_generated", "src_encoding")
+FILE_FEATURES = {"path": Value("string"), "content": Value("string"), "language": Value("string")}
+REPOSITORY_FEATURES = Features({"repo_name": Value("string"), "files": List(FILE_FEATURES)})
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass
+class SkipReport:
+    """What was left out, counted by reason, per unit; `+` and `update` merge reports."""
+
+    files: Counter = field(default_factory=Counter)
+    repositories: Counter = field(default_factory=Counter)
+    parquet_files: Counter = field(default_factory=Counter)
+    directories: Counter = field(default_factory=Counter)
+    details: list[str] = field(default_factory=list)  # one line per item worth naming (an unreadable file)
+
+    UNITS = ("files", "repositories", "parquet_files", "directories")
+
+    def update(self, other: "SkipReport") -> "SkipReport":
+        for unit in self.UNITS:
+            getattr(self, unit).update(getattr(other, unit))
+        self.details.extend(other.details)
+        return self
+
+    def __add__(self, other: "SkipReport") -> "SkipReport":
+        return SkipReport().update(self).update(other)
+
+    def total(self, unit: str) -> int:
+        return sum(getattr(self, unit).values())
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat {"<unit>: <reason>": count}, as written beside prepared shards and shown in data reports."""
+        return {
+            f"{unit.replace('_', ' ')}: {reason}": count
+            for unit in self.UNITS
+            for reason, count in getattr(self, unit).items()
+        }
+
+    @classmethod
+    def load(cls, directory: str, split: str) -> "SkipReport":
+        """The as_dict() saved beside prepared shards (skipped.json). Every machine counts the whole input
+        before it takes its shard, so any one shard's file holds the totals."""
+        report, paths = cls(), sorted(glob.glob(os.path.join(directory, split, "epoch-*", "*", "skipped.json")))
+        for key, count in (json.loads(Path(paths[0]).read_text()) if paths else {}).items():
+            unit, _, reason = key.partition(": ")
+            getattr(report, unit.replace(" ", "_"))[reason] += count
+        return report
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        for unit in self.UNITS:
+            counter = getattr(self, unit)
+            if counter:
+                lines.append(f"skipped {self.total(unit):,} {unit.replace('_', ' ')}:")
+                for reason, count in sorted(counter.items(), key=lambda item: (-item[1], item[0])):
+                    lines.append(f"  {count:>10,}  {reason}")
+        return (lines + self.details) or ["skipped nothing"]
+
+
+def decode_content(content, src_encoding: str | None, max_file_bytes: int) -> tuple[str | None, str | None]:
+    """(text, None) for usable file contents, (None, reason) otherwise; bytes are decoded as src_encoding."""
+    if content is None:
+        return None, MISSING_CONTENT
+    if len(content) == 0:
+        return None, EMPTY
+    if isinstance(content, bytes):
+        try:
+            content = content.decode(src_encoding or "utf-8")
+        except LookupError:  # an encoding name Python does not know: UTF-8 is the best guess
+            return decode_content(content, "utf-8", max_file_bytes)
+        except UnicodeDecodeError:
+            return None, BINARY if b"\x00" in content else UNDECODABLE
+    # A character takes 1 to 4 bytes in UTF-8: encode only when the length alone cannot decide.
+    if len(content) > max_file_bytes or (
+        4 * len(content) > max_file_bytes and len(content.encode("utf-8", "surrogatepass")) > max_file_bytes
+    ):
+        return None, TOO_LARGE
+    if "\x00" in content:
+        return None, BINARY
+    return content, None
+
+
+def _check_file(file: dict, filters: dict) -> tuple[dict | None, str | None]:
+    """A file as {path, content, language} and None, or None and the reason it is left out."""
+    path = file.get("path")
+    if not path:
+        return None, MISSING_PATH
+    if filters["exclude_vendor"] and file.get("is_vendor"):
+        return None, VENDOR
+    if filters["exclude_generated"] and file.get("is_generated"):
+        return None, GENERATED
+    if (
+        filters["license_types"] is not None
+        and (file.get("license_type") or "").lower() not in filters["license_types"]
+    ):
+        return None, LICENSE_NOT_SELECTED
+    language = file.get("language") or language_of(path)
+    if language is None:
+        return None, UNKNOWN_LANGUAGE
+    if filters["languages"] is not None and language.lower() not in filters["languages"]:
+        return None, LANGUAGE_NOT_SELECTED
+    text, reason = decode_content(file.get("content"), file.get("src_encoding"), filters["max_file_bytes"])
+    if reason is not None:
+        return None, reason
+    return {"path": path, "content": text, "language": language}, None
+
+
+def _filter_repository_rows(batch: dict, filters: dict) -> dict:
+    """Per-repository layout: keep each repository's usable files; list the reasons of the others."""
+    out = {"repo_name": [], "files": [], "skipped": [], "repo_skip": []}
+    for name, files in zip(batch["repo_name"], batch["files"]):
+        kept, skipped = [], []
+        for file in files or []:
+            checked, reason = _check_file(file, filters)
+            if reason is None:
+                kept.append(checked)
+            else:
+                skipped.append(reason)
+        out["repo_name"].append(name or "")
+        out["files"].append(kept if name else [])
+        out["skipped"].append(skipped if name else [])
+        out["repo_skip"].append(MISSING_REPO_NAME if not name else "" if kept else NO_FILE_LEFT)
+    return out
+
+
+def _filter_file_rows(batch: dict, filters: dict) -> dict:
+    """Per-file layout: one output row per input row, its `skip` reason empty when the file is kept."""
+    out = {"repo_name": [], "path": [], "content": [], "language": [], "skip": []}
+    for values in zip(*batch.values()):
+        row = dict(zip(batch, values))
+        checked, reason = _check_file(row, filters) if row["repo_name"] else (None, MISSING_REPO_NAME)
+        for key, value in (checked or {"path": "", "content": "", "language": ""}).items():
+            out[key].append(value)
+        out["repo_name"].append(row["repo_name"] or "")
+        out["skip"].append(reason or "")
+    return out
+
+
+def _generate_repositories(rows: Dataset, bounds: tuple):
+    """Rows sorted so that each repository's files are contiguous; bounds[i]:bounds[i+1] is repository i."""
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        batch = rows[start:end]
+        files = [dict(zip(FILE_FEATURES, values)) for values in zip(*(batch[key] for key in FILE_FEATURES))]
+        yield {"repo_name": batch["repo_name"][0], "files": files}
+
+
+def _group_by_repository(rows: Dataset, report: SkipReport) -> Dataset:
+    """Per-file rows → repositories, repositories and files in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    names, skips = rows.data.column("repo_name").to_pylist(), rows.data.column("skip").to_pylist()
+    for index, (name, skip) in enumerate(zip(names, skips)):
+        if name:
+            indices = groups.setdefault(name, [])
+            if not skip:
+                indices.append(index)
+    report.repositories[NO_FILE_LEFT] += sum(1 for indices in groups.values() if not indices)
+    order, bounds = [], [0]
+    for indices in groups.values():
+        if indices:
+            order += indices
+            bounds.append(len(order))
+    if not order:
+        return Dataset.from_dict({"repo_name": [], "files": []}, features=REPOSITORY_FEATURES)
+    sorted_rows = rows.select(order).select_columns(["repo_name", *FILE_FEATURES])
+    return Dataset.from_generator(
+        _generate_repositories, features=REPOSITORY_FEATURES, gen_kwargs={"rows": sorted_rows, "bounds": tuple(bounds)}
+    )
+
+
+def resolve_data_files(data_args: DataArguments, data_files: list[str] | None = None) -> list[str]:
+    """The parquet files to read: each pattern, relative to dataset_name_or_path/data_dir, must match."""
+    source, key = data_args.dataset_name_or_path, "data_files" if data_files is None else "eval_data_files"
+    patterns = list(data_files or data_args.data_files or [DEFAULT_DATA_FILES])
+    if source is None:
+        raise RecipeError("dataset_name_or_path: not set; it names the parquet shards to read.")
+    if os.path.isfile(source):
+        return [source]
+    if os.path.isdir(source):
+        root = os.path.join(source, data_args.data_dir or "")
+        if not os.path.isdir(root):
+            raise RecipeError(f"data_dir: {root} is not a directory.")
+        found = [
+            sorted(p for p in glob.glob(os.path.join(root, pattern), recursive=True) if os.path.isfile(p))
+            for pattern in patterns
+        ]
+    elif _HUB_ID.fullmatch(source):
+        root = f"datasets/{source}/{data_args.data_dir or ''}".rstrip("/")
+        try:
+            filesystem = fsspec.filesystem("hf")
+            found = [sorted(f"hf://{p}" for p in filesystem.glob(f"{root}/{pattern}")) for pattern in patterns]
+        except OSError as error:
+            raise RecipeError(
+                f"dataset_name_or_path: {source} is not a local directory, and listing it as a Hub dataset failed "
+                f"({type(error).__name__}: {error}); check the path or id, the network and HF_TOKEN."
+            ) from error
+    else:
+        raise RecipeError(
+            f"dataset_name_or_path: {source} is neither a local directory or file nor a Hub id (owner/name)."
+        )
+    for pattern, files in zip(patterns, found):
+        if not files:
+            raise RecipeError(f"{key}: the pattern {pattern!r} matches no file under {root}.")
+    return list(dict.fromkeys(path for files in found for path in files))
+
+
+def _layout_of(path: str, schema: pa.Schema, filters: dict) -> tuple[str, list[str]]:
+    """("repository" | "file", columns to read), or RecipeError naming the file and what it lacks."""
+    names = set(schema.names)
+    if "files" in names:
+        files_type = schema.field("files").type
+        item = files_type.value_type if pa.types.is_list(files_type) or pa.types.is_large_list(files_type) else None
+        fields = {item.field(i).name for i in range(item.num_fields)} if pa.types.is_struct(item) else set()
+        missing = [f"files.{name}" for name in ("path", "content") if name not in fields]
+        missing += [] if "repo_name" in names else ["repo_name"]
+        layout, columns, has_license = "repository", ["repo_name", "files"], "license_type" in fields
+    else:
+        fields = names
+        missing = [name for name in ("repo_name", "path", "content") if name not in names]
+        columns = ["repo_name", "path", "content", *[name for name in OPTIONAL_FILE_COLUMNS if name in names]]
+        layout, has_license = "file", "license_type" in names
+    if missing:
+        hint = (
+            " It looks like a content-less Stack v2 -ids/metadata shard (blob_id without content): fetch "
+            "the contents from Software Heritage first (s3://softwareheritage/content/{blob_id}, gzip, "
+            "decoded with src_encoding; see the dataset card)."
+            if "blob_id" in fields
+            else ""
+        )
+        raise RecipeError(
+            f"{path}: missing column(s) {', '.join(missing)}. Accepted layouts: one row per repository with "
+            "repo_name and files (a list of structs with path and content), or one row per file with "
+            f"repo_name, path and content.{hint}"
+        )
+    if filters["license_types"] is not None and not has_license:
+        raise RecipeError(f"license_types: is set but {path} has no license_type; unset license_types to read it.")
+    return layout, columns
+
+
+def _read_file(path: str, filters: dict, num_proc: int | None, report: SkipReport) -> tuple[str, Dataset] | None:
+    """One parquet file, filtered; None (and counted) when it cannot be read."""
+    try:
+        with fsspec.open(path, "rb") as handle:
+            schema = pq.read_schema(handle)
+    except (pa.ArrowException, OSError) as error:
+        _unreadable(path, error, report)
+        return None
+    layout, columns = _layout_of(path, schema, filters)
+    try:
+        dataset = load_dataset("parquet", data_files={"train": [path]}, split="train", columns=columns)
+    except (DatasetGenerationError, pa.ArrowException, OSError) as error:
+        _unreadable(path, error, report)
+        return None
+    if layout == "repository":  # a repository row can hold thousands of files: small batches bound memory
+        function, batch_size = _filter_repository_rows, REPOSITORIES_PER_BATCH
+        features = Features({**REPOSITORY_FEATURES, "skipped": List(Value("string")), "repo_skip": Value("string")})
+    else:
+        function, batch_size = _filter_file_rows, 1000
+        features = Features({"repo_name": Value("string"), **FILE_FEATURES, "skip": Value("string")})
+    dataset = dataset.map(
+        function,
+        batched=True,
+        batch_size=batch_size,
+        writer_batch_size=batch_size,
+        fn_kwargs={"filters": filters},
+        features=features,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc=f"Checking files of {os.path.basename(path)}",
+    )
+    return layout, dataset
+
+
+def _unreadable(path: str, error: Exception, report: SkipReport) -> None:
+    cause = error.__cause__ or error  # datasets wraps the reader's error in DatasetGenerationError
+    logger.warning("Skipping %s: not a readable parquet file (%s: %s).", path, type(cause).__name__, cause)
+    report.parquet_files[UNREADABLE_PARQUET] += 1
+    report.details.append(f"{UNREADABLE_PARQUET}: {path} ({type(cause).__name__}: {cause})")
+
+
+def _count(dataset: Dataset, column: str, counter: Counter, flatten: bool = False) -> None:
+    values = dataset.data.column(column)
+    for item in pc.value_counts(pc.list_flatten(values) if flatten else values).to_pylist():
+        if item["values"]:
+            counter[item["values"]] += item["counts"]
+
+
+def _lowered(values: list[str] | None) -> list[str] | None:
+    return None if values is None else sorted({value.lower() for value in values})
+
+
+def _kept(repo_skips: list[str]) -> list[bool]:
+    return [not skip for skip in repo_skips]
+
+
+def load_repositories(data_args: DataArguments, data_files: list[str] | None = None) -> tuple[Dataset, SkipReport]:
+    """Read, check and filter Stack v2-format shards; `data_files` (e.g. eval files) overrides data_args'."""
+    filters = {  # plain, sorted values: datasets hashes them into the cache fingerprint of the map
+        "languages": _lowered(data_args.languages),
+        "license_types": _lowered(data_args.license_types),
+        "exclude_vendor": data_args.exclude_vendor,
+        "exclude_generated": data_args.exclude_generated,
+        "max_file_bytes": data_args.max_file_bytes,
+    }
+    paths, report = resolve_data_files(data_args, data_files), SkipReport()
+    parts = {}
+    for path in paths:
+        result = _read_file(path, filters, data_args.num_proc, report)
+        if result is not None:
+            parts.setdefault(result[0], []).append((path, result[1]))
+    if not parts:
+        raise RecipeError(f"no readable parquet file among {', '.join(paths)}:\n" + "\n".join(report.details))
+    if len(parts) > 1:
+        raise RecipeError(
+            f"{parts['repository'][0][0]} has one row per repository but {parts['file'][0][0]} one "
+            "row per file; read the two layouts separately (data_files)."
+        )
+    ((layout, read),) = parts.items()
+    rows = concatenate_datasets([dataset for _, dataset in read])
+    if layout == "repository":
+        _count(rows, "skipped", report.files, flatten=True)
+        _count(rows, "repo_skip", report.repositories)
+        rows = rows.filter(_kept, input_columns=["repo_skip"], batched=True, num_proc=data_args.num_proc)
+        rows = rows.select_columns(["repo_name", "files"])
+    else:
+        _count(rows, "skip", report.files)
+        rows = _group_by_repository(rows, report)
+    if data_args.max_repositories is not None and len(rows) > data_args.max_repositories:
+        report.repositories[BEYOND_MAX_REPOSITORIES] += len(rows) - data_args.max_repositories
+        rows = rows.select(range(data_args.max_repositories))
+    if len(rows) == 0:
+        raise RecipeError(
+            f"no repository left after filtering {', '.join(paths)}:\n"
+            + "\n".join(report.summary_lines())
+            + "\nCheck languages, license_types and max_file_bytes."
+        )
+    return rows, report
+
+
+def shard_repositories(dataset: Dataset, num_shards: int, shard_index: int) -> Dataset:
+    """Contiguous part `shard_index` of `num_shards`; the parts in index order concatenate to `dataset`."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise RecipeError(f"shard_index: must be in [0, num_shards={num_shards}), got {shard_index}.")
+    return dataset.shard(num_shards=num_shards, index=shard_index, contiguous=True)
+
+
+def eval_share(repo_name: str) -> float:
+    """A stable number in [0, 1) for a repository name (blake2b: the same across runs and processes)."""
+    digest = hashlib.blake2b(repo_name.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def repository_split(dataset: Dataset, eval_fraction: float) -> tuple[Dataset, Dataset]:
+    """(train, eval): a repository is held out when eval_share(repo_name) < eval_fraction."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise RecipeError(f"eval_fraction: must be in [0, 1), got {eval_fraction}.")
+    held_out = [eval_share(name) < eval_fraction for name in dataset["repo_name"]]
+    train = dataset.select([i for i, flag in enumerate(held_out) if not flag])
+    evaluation = dataset.select([i for i, flag in enumerate(held_out) if flag])
+    if eval_fraction > 0 and len(evaluation) == 0:
+        logger.warning(
+            "eval_fraction=%s held out no repository of %d; evaluation will be empty.", eval_fraction, len(dataset)
+        )
+    return train, evaluation

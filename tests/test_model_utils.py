@@ -1,0 +1,181 @@
+import json
+import random
+
+import pytest
+import torch
+from transformers import Starcoder2Config
+
+from starcoder2_train.configs import ModelArguments, RecipeError
+from starcoder2_train.model_utils import (
+    MODEL_PRESETS,
+    build_config,
+    choose_attention,
+    count_parameters,
+    create_model,
+    estimate_memory_per_gpu,
+    validate_model_and_data,
+)
+from starcoder2_train.tokenizer_training import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghij", k=rng.randint(2, 7))) for _ in range(400)]
+    texts = [" ".join(rng.choices(words, k=200)) + "\n" for _ in range(50)]
+    return train_tokenizer(iter(texts), vocab_size=700, output_dir=tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("starcoder2-3b", 3_030_371_328), ("starcoder2-7b", 7_173_923_840), ("starcoder2-15b", 15_957_889_024)],
+)
+def test_released_presets_have_the_released_parameter_counts(name, expected):
+    config = build_config(ModelArguments(model_config=name), tokenizer_vocab_size=700)
+    assert config.vocab_size == 49152  # a smaller tokenizer leaves the released vocabulary alone
+    assert count_parameters(config) == expected
+
+
+def test_released_presets_avoid_the_config_defaults():
+    for name in ("starcoder2-3b", "starcoder2-7b", "starcoder2-15b"):
+        config = Starcoder2Config(**MODEL_PRESETS[name])
+        assert (config.bos_token_id, config.eos_token_id, config.sliding_window) == (0, 0, 4096)
+        assert (config.max_position_embeddings, config.vocab_size, config.norm_epsilon) == (16384, 49152, 1e-5)
+        assert config.hidden_act == "gelu_pytorch_tanh" and config.use_bias
+    assert Starcoder2Config(**MODEL_PRESETS["starcoder2-3b"]).rope_parameters["rope_theta"] == 999999.4420358813
+    assert Starcoder2Config(**MODEL_PRESETS["starcoder2-15b"]).tie_word_embeddings is False
+
+
+def test_small_presets_take_the_tokenizer_vocabulary_and_overrides(tmp_path):
+    args = ModelArguments(model_config="tiny", rope_theta=5e5, max_position_embeddings=2048, sliding_window=256)
+    config = build_config(args, tokenizer_vocab_size=8193)
+    assert config.vocab_size == 8256  # rounded up to a multiple of 64
+    assert config.rope_parameters["rope_theta"] == 5e5
+    assert (config.max_position_embeddings, config.sliding_window) == (2048, 256)
+    tiny = build_config(ModelArguments(model_config="tiny"), 8192)
+    assert 4e6 <= count_parameters(tiny) <= 10e6
+    assert (tiny.num_attention_heads, tiny.num_key_value_heads, tiny.sliding_window) == (8, 2, 512)
+    test = build_config(ModelArguments(model_config="test"), 700)
+    assert 100e3 <= count_parameters(test) <= 500e3
+    # A larger tokenizer grows a released preset; a config.json path works like a preset.
+    assert build_config(ModelArguments(model_config="starcoder2-3b"), 50_000).vocab_size == 50_048
+    path = tmp_path / "config.json"
+    test.to_json_file(path)
+    from_file = build_config(ModelArguments(model_config=str(path), sliding_window=16), 700)
+    assert (from_file.hidden_size, from_file.sliding_window, from_file.vocab_size) == (64, 16, 704)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(RecipeError, match="model_config: 'starcoder2-4b' is neither a preset"):
+        build_config(ModelArguments(model_config="starcoder2-4b"), 700)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(RecipeError, match="model_config: .* model_type 'llama'"):
+        build_config(ModelArguments(model_config=str(path)), 700)
+
+
+def test_choose_attention():
+    import importlib.util
+
+    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    assert choose_attention("auto") == ("flash_attention_2" if has_flash else "sdpa")
+    assert choose_attention("eager") == "eager"
+    if not has_flash:
+        with pytest.raises(RecipeError, match="attn_implementation"):
+            choose_attention("flash_attention_2")
+
+
+def test_create_from_scratch_trains_one_step(tokenizer):
+    args = ModelArguments(model_config="test", torch_dtype="float32")
+    model = create_model(args, tokenizer=tokenizer)
+    assert model.config.use_cache is False and model.config._attn_implementation == "sdpa"
+    assert model.get_input_embeddings().weight.shape[0] == 704 and model.dtype == torch.float32
+    ids = torch.tensor([tokenizer("abc def ghij abc")["input_ids"] * 4])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad is not None
+    assert create_model(ModelArguments(model_config="test"), tokenizer=tokenizer).dtype == torch.bfloat16
+
+
+def test_load_pretrained_resizes_and_applies_overrides(tmp_path, tokenizer):
+    small = build_config(ModelArguments(model_config="test"), 600)  # a checkpoint with 640 rows
+    checkpoint = create_model(ModelArguments(model_config="test", torch_dtype="float32"), small)
+    checkpoint.save_pretrained(tmp_path / "ckpt")
+    args = ModelArguments(model_name_or_path=str(tmp_path / "ckpt"), torch_dtype="auto", rope_theta=1e6)
+    config = build_config(args, len(tokenizer))
+    assert config.vocab_size == 640 and config.rope_parameters["rope_theta"] == 1e6
+    validate_model_and_data(config, tokenizer, seq_length=128, from_scratch=False)  # ids 0..6 inside 640
+    model = create_model(args, config, tokenizer, "eager")
+    assert model.config._attn_implementation == "eager"
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.shape[0] == 704 and model.config.vocab_size == 704  # 700 tokens, padded to 64
+    assert model.get_output_embeddings().weight.data_ptr() == embeddings.data_ptr()  # still tied
+    assert torch.equal(embeddings[:640], checkpoint.get_input_embeddings().weight)  # trained rows kept
+    assert model.config.rope_parameters["rope_theta"] == 1e6 and model.config.use_cache is False
+    assert model.dtype == torch.float32
+    meta = create_model(args, build_config(args, len(tokenizer)), tokenizer, device="meta")
+    assert meta.get_input_embeddings().weight.is_meta
+
+
+def test_validate_model_and_data(tokenizer):
+    config = build_config(ModelArguments(model_config="test"), len(tokenizer))
+    assert validate_model_and_data(config, tokenizer, seq_length=1024).fim_middle == 2
+    with pytest.raises(RecipeError, match="seq_length: 2048 exceeds .* max_position_embeddings"):
+        validate_model_and_data(config, tokenizer, seq_length=2048)
+    # A checkpoint whose vocabulary ends before the structure tokens: not this tokenizer's model.
+    config.vocab_size = 5
+    with pytest.raises(RecipeError, match=r"tokenizer_name_or_path: .*\[5, 6\]"):
+        validate_model_and_data(config, tokenizer, seq_length=128, from_scratch=False)
+    validate_model_and_data(config, tokenizer, seq_length=128)  # from scratch the vocabulary is sized to fit
+
+
+def test_memory_estimate_known_values():
+    config = Starcoder2Config(**MODEL_PRESETS["starcoder2-3b"])
+    n = 3_030_371_328
+    h, i, s = 3072, 12288, 16384
+    plain = estimate_memory_per_gpu(
+        config,
+        n,
+        zero_stage=0,
+        num_gpus=8,
+        micro_batch_size=1,
+        seq_length=s,
+        gradient_checkpointing=True,
+        attn_implementation="flash_attention_2",
+    )
+    states = plain["weights"] + plain["gradients"] + plain["optimizer_states"]
+    assert states == pytest.approx(16 * n / 1e9)  # 2 + 2 + 12 bytes per parameter
+    assert plain["logits"] == pytest.approx(3 * 3.22, abs=0.01)  # 3 × REFERENCE's 3.2 GB fp32 logits at 16k
+    # Checkpointed: 30 layer inputs (2h) + one layer rebuilt ((12 + 4·2/24)h + 4i) + final norm (4h), per token.
+    per_token = 30 * 2 * h + (12 + 4 * 2 / 24) * h + 4 * i + 4 * h
+    assert plain["activations"] == pytest.approx(s * per_token / 1e9)
+    assert plain["total"] == pytest.approx(states + plain["activations"] + plain["logits"])
+
+    z1 = estimate_memory_per_gpu(config, n, 1, 8, 1, s, True)
+    z2 = estimate_memory_per_gpu(config, n, 2, 8, 1, s, True)
+    z3 = estimate_memory_per_gpu(config, n, 3, 8, 1, s, True)
+    assert z1["optimizer_states"] == pytest.approx(12 * n / 8 / 1e9) and z1["gradients"] == plain["gradients"]
+    assert z2["gradients"] == pytest.approx(2 * n / 8 / 1e9) and z2["weights"] == plain["weights"]
+    assert z3["weights"] == pytest.approx(2 * n / 8 / 1e9)
+    assert z3["total"] < z2["total"] < z1["total"]
+    offloaded = estimate_memory_per_gpu(config, n, 2, 8, 1, s, True, offload=True)
+    assert offloaded["optimizer_states"] == 0.0 and offloaded["optimizer_states_cpu"] == z2["optimizer_states"]
+
+    # Without checkpointing, 2 × 4096 tokens. flash: no s² term, keys/values at kv width.
+    flash = estimate_memory_per_gpu(config, n, 0, 1, 2, 4096, False, attn_implementation="flash_attention_2")
+    per_layer = (12 + 4 * 2 / 24) * h + 4 * i
+    assert flash["activations"] == pytest.approx(2 * 4096 * (30 * per_layer + 4 * h) / 1e9)
+    # sdpa with packed documents (the default): a 2·s² mask per layer and keys/values repeated to 24 heads.
+    sdpa = estimate_memory_per_gpu(config, n, 0, 1, 2, 4096, False)
+    masked = 2 * 4096 * (30 * (16 * h + 4 * i) + 4 * h) + 30 * 2 * 2 * 4096**2
+    assert sdpa["activations"] == pytest.approx(masked / 1e9)
+    # Unpacked sequences shorter than the window build no mask; at the window's length they do.
+    unpacked = estimate_memory_per_gpu(config, n, 0, 1, 2, 2048, False, cross_document_attention=True)
+    assert unpacked == estimate_memory_per_gpu(config, n, 0, 1, 2, 2048, False, attn_implementation="flex_attention")
+    assert estimate_memory_per_gpu(config, n, 0, 1, 2, 4096, False, cross_document_attention=True) == sdpa
+    eager = estimate_memory_per_gpu(config, n, 0, 1, 2, 4096, False, attn_implementation="eager")
+    assert eager["activations"] - sdpa["activations"] == pytest.approx(30 * 2 * (6 * 24 - 2) * 4096**2 / 1e9)
+    with pytest.raises(RecipeError, match="zero_stage"):
+        estimate_memory_per_gpu(config, n, 4, 8, 1, 4096, True)
+    with pytest.raises(RecipeError, match="attn_implementation"):
+        estimate_memory_per_gpu(config, n, 0, 1, 1, 4096, True, attn_implementation="auto")
