@@ -63,3 +63,23 @@ def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def write_repository_shards(directory, repos: list[dict], num_files: int = 2) -> str:
+    """Write `repos` as Stack v2 per-repository parquet shards; returns the directory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(directory, exist_ok=True)
+    per_file = -(-len(repos) // num_files)
+    for index in range(num_files):
+        part = repos[index * per_file:(index + 1) * per_file]
+        table = pa.Table.from_pylist([{"repo_name": r["repo_name"], "files": r["files"]} for r in part])
+        pq.write_table(table, os.path.join(directory, f"train-{index:05d}-of-{num_files:05d}.parquet"))
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def code_shards(tmp_path_factory):
+    """Two per-repository parquet shards of 120 synthetic repositories."""
+    return write_repository_shards(tmp_path_factory.mktemp("shards"), random_repositories(120, seed=11))

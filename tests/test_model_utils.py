@@ -57,8 +57,10 @@ def test_small_presets_take_the_tokenizer_vocabulary_and_overrides(tmp_path):
     assert (tiny.num_attention_heads, tiny.num_key_value_heads, tiny.sliding_window) == (8, 2, 512)
     test = build_config(ModelArguments(model_config="test"), 700)
     assert 100e3 <= count_parameters(test) <= 500e3
-    # A larger tokenizer grows a released preset; a config.json path works like a preset.
-    assert build_config(ModelArguments(model_config="starcoder2-3b"), 50_000).vocab_size == 50_048
+    # A larger tokenizer does not fit a released preset: refused, naming the key.
+    with pytest.raises(RecipeError, match="tokenizer_name_or_path: the tokenizer has 50000 tokens"):
+        build_config(ModelArguments(model_config="starcoder2-3b"), 50_000)
+    # A config.json path works like a preset.
     path = tmp_path / "config.json"
     test.to_json_file(path)
     from_file = build_config(ModelArguments(model_config=str(path), sliding_window=16), 700)
@@ -94,7 +96,7 @@ def test_create_from_scratch_trains_one_step(tokenizer):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad is not None
-    assert create_model(ModelArguments(model_config="test"), tokenizer=tokenizer).dtype == torch.bfloat16
+    assert create_model(ModelArguments(model_config="test", torch_dtype="bfloat16"), tokenizer=tokenizer).dtype == torch.bfloat16
 
 
 def test_load_pretrained_resizes_and_applies_overrides(tmp_path, tokenizer):

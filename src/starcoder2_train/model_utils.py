@@ -3,8 +3,9 @@ parameter count and a memory estimate per GPU.
 
 Vocabulary rule. The embedding matrix must hold every id the tokenizer can produce:
 - from scratch, the tiny/test presets take the tokenizer's length rounded up to a multiple of 64;
-  the released presets and config.json files keep their vocab_size (49152 for StarCoder2) unless the
-  tokenizer is larger, in which case they grow to its length rounded up to a multiple of 64;
+  the released presets and config.json files keep their vocab_size (49152 for StarCoder2), and a
+  tokenizer larger than that is refused (`tokenizer_name_or_path`) rather than silently changing the
+  released architecture;
 - from a checkpoint, `create_model` resizes the embeddings (again to a multiple of 64) when the
   tokenizer is larger; `validate_model_and_data` refuses a tokenizer whose structure tokens lie
   beyond the checkpoint's vocabulary, since their embeddings would be untrained new rows.
@@ -151,7 +152,7 @@ def build_config(model_args: ModelArguments, tokenizer_vocab_size: int):
     needed = round_up(tokenizer_vocab_size)
     if name in MODEL_PRESETS:
         kwargs = copy.deepcopy(MODEL_PRESETS[name])
-        kwargs["vocab_size"] = max(kwargs.get("vocab_size", 0), needed)
+        kwargs.setdefault("vocab_size", needed)  # tiny and test take the tokenizer's size
         config = Starcoder2Config(**kwargs)
     elif os.path.isfile(name):
         try:
@@ -160,10 +161,16 @@ def build_config(model_args: ModelArguments, tokenizer_vocab_size: int):
             raise RecipeError(f"model_config: {name} is not a readable config.json: {error}") from error
         if config.model_type != "starcoder2":
             raise RecipeError(f"model_config: {name} has model_type {config.model_type!r}, not 'starcoder2'.")
-        config.vocab_size = max(config.vocab_size, needed)
     else:
         raise RecipeError(
             f"model_config: {name!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing config.json."
+        )
+    if tokenizer_vocab_size > config.vocab_size:
+        # A released architecture is reproduced exactly: a larger tokenizer is a mistake, not a resize.
+        raise RecipeError(
+            f"tokenizer_name_or_path: the tokenizer has {tokenizer_vocab_size} tokens but model_config {name} has an "
+            f"embedding of {config.vocab_size}; use the StarCoder2 tokenizer (49152 tokens) or a config.json with "
+            "a larger vocab_size."
         )
     return _apply_overrides(config, model_args)
 

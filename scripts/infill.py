@@ -1,0 +1,78 @@
+"""Fill in a masked line of a held-out file with a trained model, using transformers alone.
+
+    python scripts/infill.py outputs/quickstart/model --recipe recipes/tiny/pretrain.yaml
+
+The file comes from the recipe's held-out repositories (eval_fraction); `--file PATH` infills any
+file instead. Inference needs nothing of this project: AutoTokenizer, AutoModelForCausalLM and the PSM
+prompt `<fim_prefix>before<fim_suffix>after<fim_middle>`, with the code tokenized with special-token
+parsing off (split_special_tokens=True) so that text in the file can never act as a control token.
+"""
+
+import argparse
+import random
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def held_out_file(recipe_argv: list[str]) -> dict:
+    """The first file of the first held-out repository of the recipe (this part uses the project's reader)."""
+    from starcoder2_train.configs import RecipeParser
+    from starcoder2_train.stack_v2 import load_repositories, repository_split
+
+    _, data_args, _ = RecipeParser().parse(recipe_argv)
+    repositories, _ = load_repositories(data_args)
+    _, held_out = repository_split(repositories, max(data_args.eval_fraction, 0.01))
+    if len(held_out) == 0:
+        sys.exit("no held-out repository: raise --eval_fraction or pass --file PATH")
+    repo = held_out[0]
+    return {"repo_name": repo["repo_name"], **repo["files"][0]}
+
+
+def infill(model, tokenizer, before: str, after: str, max_new_tokens: int = 48) -> str:
+    """Greedy PSM infilling; stops at <|endoftext|> or <file_sep>."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids  # noqa: E731
+    token = tokenizer.convert_tokens_to_ids
+    prompt = [token("<fim_prefix>"), *ids(before), token("<fim_suffix>"), *ids(after), token("<fim_middle>")]
+    with torch.no_grad():
+        output = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=[token("<|endoftext|>"), token("<file_sep>")], pad_token_id=token("<|endoftext|>"),
+        )
+    return tokenizer.decode(output[0, len(prompt):], skip_special_tokens=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="A saved model directory (or Hub id).")
+    parser.add_argument("--file", help="Infill this file instead of a held-out one.")
+    parser.add_argument("--recipe", help="Recipe whose held-out repositories to draw the file from.")
+    parser.add_argument("--seed", type=int, default=0, help="Chooses the masked line.")
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    args, recipe_overrides = parser.parse_known_args(argv)
+    if args.file:
+        with open(args.file, encoding="utf-8") as handle:
+            source = {"path": args.file, "content": handle.read()}
+    elif args.recipe:
+        source = held_out_file([args.recipe, *recipe_overrides])
+    else:
+        parser.error("give --file PATH or --recipe RECIPE.yaml")
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    lines = source["content"].splitlines(keepends=True)
+    candidates = [i for i, line in enumerate(lines) if line.strip() and 0 < i < len(lines) - 1] or [0]
+    masked = random.Random(args.seed).choice(candidates)
+    before, after = "".join(lines[max(0, masked - 30):masked]), "".join(lines[masked + 1:masked + 15])
+    middle = infill(model, tokenizer, before, after, args.max_new_tokens)
+    print(f"file: {source.get('repo_name', '')} {source['path']}, line {masked + 1} masked")
+    print("----- before (last lines)\n" + "".join(lines[max(0, masked - 4):masked]), end="")
+    print(f"----- expected: {lines[masked].rstrip()!r}")
+    print(f"----- generated: {middle.splitlines()[0] if middle.strip() else middle!r}")
+    print("----- after (first lines)\n" + "".join(lines[masked + 1:masked + 4]), end="")
+    return middle
+
+
+if __name__ == "__main__":
+    main()

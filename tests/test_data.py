@@ -1,0 +1,117 @@
+"""The whole data pipeline on real parquet shards: determinism, sharding, resume, reporting."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import random_repositories, write_repository_shards
+
+from starcoder2_train.configs import DataArguments, RecipeError
+from starcoder2_train.data import build_packed_dataset, load_token_rows
+from starcoder2_train.packing import PackedCollator
+
+
+def data_args(shards, tokenizer_dir, **overrides):
+    values = dict(dataset_name_or_path=shards, tokenizer_name_or_path=tokenizer_dir, seq_length=64, num_proc=None)
+    values.update(overrides)
+    return DataArguments(**values)
+
+
+def windows(dataset):
+    return [tuple(dataset[i]["input_ids"].tolist()) for i in range(len(dataset))]
+
+
+def test_same_samples_with_one_or_two_processes(code_shards, tokenizer_dir, tokenizer):
+    one, _ = build_packed_dataset(data_args(code_shards, tokenizer_dir, num_proc=1), tokenizer, seed=3)
+    two, _ = build_packed_dataset(data_args(code_shards, tokenizer_dir, num_proc=2), tokenizer, seed=3)
+    assert len(one) > 50 and windows(one) == windows(two)
+
+
+def test_shards_merged_equal_one_machine(code_shards, tokenizer_dir, tokenizer):
+    import datasets
+
+    whole, _ = load_token_rows(data_args(code_shards, tokenizer_dir), tokenizer, seed=3)
+    parts = [load_token_rows(data_args(code_shards, tokenizer_dir, num_shards=2, shard_index=i), tokenizer, seed=3)[0]
+             for i in range(2)]
+    assert 0 < len(parts[0]) < len(whole)
+    merged = datasets.concatenate_datasets(parts)
+    assert merged["input_ids"] == whole["input_ids"] and merged["repo_name"] == whole["repo_name"]
+
+
+def test_restarting_at_sample_k_gives_the_same_samples(code_shards, tokenizer_dir, tokenizer):
+    import torch
+
+    dataset, _ = build_packed_dataset(data_args(code_shards, tokenizer_dir), tokenizer, seed=3)
+    k = 17
+    full = [b["input_ids"] for b in torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=PackedCollator())]
+    resumed_dataset, _ = build_packed_dataset(data_args(code_shards, tokenizer_dir), tokenizer, seed=3)
+    subset = torch.utils.data.Subset(resumed_dataset, range(k, len(resumed_dataset)))
+    resumed = [b["input_ids"] for b in torch.utils.data.DataLoader(subset, batch_size=1, collate_fn=PackedCollator(), num_workers=2)]
+    assert all(torch.equal(a, b) for a, b in zip(full[k:], resumed)) and len(resumed) == len(full) - k
+
+
+def test_different_epochs_draw_different_fim_but_keep_every_token_count_close(code_shards, tokenizer_dir, tokenizer):
+    zero, _ = load_token_rows(data_args(code_shards, tokenizer_dir), tokenizer, seed=3, epoch=0)
+    one, _ = load_token_rows(data_args(code_shards, tokenizer_dir), tokenizer, seed=3, epoch=1)
+    assert zero["input_ids"] != one["input_ids"] and zero["repo_name"] == one["repo_name"]
+
+
+def test_report_counts_fim_tokens_and_skips(tmp_path, tokenizer_dir, tokenizer):
+    repos = random_repositories(60, seed=5)
+    repos[0]["files"].append({"path": "empty.py", "content": "", "language": "Python"})
+    repos[1]["files"].append({"path": "big.py", "content": "x" * 5000, "language": "Python"})
+    shards = write_repository_shards(tmp_path / "shards", repos)
+    (tmp_path / "shards" / "train-00002-of-00002.parquet").write_bytes(b"PAR1 this is not parquet")
+    args = data_args(shards, tokenizer_dir, max_file_bytes=4000, fim_rate=1.0, fim_fragment_rate=1.0)
+    packed, report = build_packed_dataset(args, tokenizer, seed=0, shuffle=False)
+    assert report.repositories == 60 and report.files == sum(len(r["files"]) for r in repos) - 2
+    assert report.files_fim_psm + report.files_fim_spm == report.files  # every file transformed at rate 1
+    assert report.tokens == packed.total_tokens and report.windows == len(packed)
+    assert report.packing_efficiency > 0.95
+    skipped = " ".join(f"{k}={v}" for k, v in report.skipped.items())
+    assert "empty content=1" in skipped and "larger than max_file_bytes=1" in skipped
+    assert "unreadable parquet file=1" in skipped
+    assert any(line.startswith("packing efficiency") for line in report.summary_lines())
+
+
+def test_held_out_split_is_disjoint(code_shards, tokenizer_dir, tokenizer):
+    args = data_args(code_shards, tokenizer_dir, eval_fraction=0.2)
+    train, _ = load_token_rows(args, tokenizer, seed=0, split="train")
+    held_out, _ = load_token_rows(args, tokenizer, seed=0, split="eval")
+    assert len(held_out) > 5 and not set(train["repo_name"]) & set(held_out["repo_name"])
+    assert len(train) + len(held_out) == 120
+
+
+def test_a_tokenizer_without_fim_tokens_is_refused_by_the_pipeline(code_shards, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.add_special_tokens(["<|endoftext|>"])
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    with pytest.raises(ValueError, match="lacks the special token"):
+        build_packed_dataset(data_args(code_shards, "plain-tok"), plain, seed=0)
+
+
+def test_inspect_data_writes_what_the_trainer_receives(code_shards, tokenizer_dir, tokenizer, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("inspect_data", Path(__file__).parents[1] / "scripts" / "inspect_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "samples.jsonl"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_config: test\ndataset_name_or_path: {code_shards}\ntokenizer_name_or_path: {tokenizer_dir}\n"
+                      "seq_length: 64\nmax_steps: 5\nper_device_train_batch_size: 2\n")
+    report = script.main([str(recipe), "--num_samples", "3", "--output", str(out), "--seq_length", "48",
+                          "--output_dir", str(tmp_path / "o")])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3 and all(len(s["input_ids"]) == 48 for s in lines)
+    dataset, _ = build_packed_dataset(data_args(code_shards, tokenizer_dir, seq_length=48), tokenizer, seed=42)
+    assert [s["input_ids"] for s in lines] == [dataset[i]["input_ids"].tolist() for i in range(3)]
+    assert lines[0]["text"] == tokenizer.decode(lines[0]["input_ids"])
+    printed = capsys.readouterr().out
+    assert "packing efficiency" in printed and "files FIM-transformed" in printed and report.repositories == 120
