@@ -200,6 +200,12 @@ class PretrainingArguments(TrainingArguments):
     )
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _suggest(key: str, known) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     return f" Did you mean '{close[0]}'?" if close else ""
@@ -255,6 +261,9 @@ class RecipeParser(HfArgumentParser):
         where = {key: f"recipe {recipe_path}" for key in values}
         for key, value in parse_overrides(override_words).items():
             values[key], where[key] = value, "the command line"
+        if str(values.get("dry_run", "false")).lower() in ("true", "1", "yes") and not _has_accelerator():
+            # transformers refuses bf16 on a machine without a GPU; a dry run only plans, so plan from here too.
+            values.pop("bf16", None)
         for key in values:
             if key not in self.known_keys:
                 raise RecipeError(f"unknown key '{key}' in {where[key]}.{_suggest(key, self.known_keys)}")

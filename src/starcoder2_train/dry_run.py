@@ -34,7 +34,7 @@ def print_dry_run(config, model_args, data_args, training_args, attn_implementat
     print(f"dry run: {source}")
     print(f"parameters: {num_params:,}")
     print(f"attention: {attn_implementation}")
-    print(f"config: {config.to_json_string(use_diff=False)}")
+    print(f"config: {json.dumps(config.to_dict(), sort_keys=True, default=str)}")
     print(f"tokens per optimizer step: {tokens_per_step:,} = seq_length {data_args.seq_length} x micro batch "
           f"{training_args.per_device_train_batch_size} x accumulation {training_args.gradient_accumulation_steps} "
           f"x {world_size} process(es)")
