@@ -51,7 +51,7 @@ def test_restarting_at_sample_k_gives_the_same_samples(code_shards, tokenizer_di
     assert all(torch.equal(a, b) for a, b in zip(full[k:], resumed)) and len(resumed) == len(full) - k
 
 
-def test_different_epochs_draw_different_fim_but_keep_every_token_count_close(code_shards, tokenizer_dir, tokenizer):
+def test_each_epoch_draws_its_own_order_and_fim(code_shards, tokenizer_dir, tokenizer):
     zero, _ = load_token_rows(data_args(code_shards, tokenizer_dir), tokenizer, seed=3, epoch=0)
     one, _ = load_token_rows(data_args(code_shards, tokenizer_dir), tokenizer, seed=3, epoch=1)
     assert zero["input_ids"] != one["input_ids"] and zero["repo_name"] == one["repo_name"]
@@ -115,3 +115,28 @@ def test_inspect_data_writes_what_the_trainer_receives(code_shards, tokenizer_di
     assert lines[0]["text"] == tokenizer.decode(lines[0]["input_ids"])
     printed = capsys.readouterr().out
     assert "packing efficiency" in printed and "files FIM-transformed" in printed and report.repositories == 120
+
+
+def test_prepared_shards_from_two_machines_train_like_one(code_shards, tokenizer_dir, tokenizer, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("prepare_data", Path(__file__).parents[1] / "scripts" / "prepare_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_config: test\ndataset_name_or_path: {code_shards}\ntokenizer_name_or_path: {tokenizer_dir}\n"
+                      f"seq_length: 64\neval_fraction: 0.1\noutput_dir: {tmp_path / 'o'}\n")
+    for index in range(2):  # two machines, e.g. a SLURM array of 2
+        script.main([str(recipe), "--output", str(tmp_path / "prepared"), "--num_shards", "2", "--shard_index", str(index)])
+    args = data_args(code_shards, tokenizer_dir, eval_fraction=0.1)
+    direct, direct_report = build_packed_dataset(args, tokenizer, seed=42)
+    prepared, prepared_report = build_packed_dataset(
+        data_args(None, tokenizer_dir, prepared_data_dir=str(tmp_path / "prepared")), tokenizer, seed=42)
+    assert windows(direct) == windows(prepared)
+    assert prepared_report.skipped == direct_report.skipped and prepared_report.tokens == direct_report.tokens
+    with pytest.raises(RecipeError, match="holds 1 of 2 shards"):
+        import shutil
+
+        shutil.rmtree(tmp_path / "prepared" / "train" / "epoch-0" / "shard-00001-of-00002")
+        build_packed_dataset(data_args(None, tokenizer_dir, prepared_data_dir=str(tmp_path / "prepared")), tokenizer, seed=42)
