@@ -18,24 +18,42 @@ import transformers
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from starcoder2_train.configs import RecipeParser
-from starcoder2_train.data import build_packed_dataset, build_training_data
+from starcoder2_train.configs import RecipeError, RecipeParser
+from starcoder2_train.data import build_training_data, load_split_repositories, load_token_rows, windows_per_step
 from starcoder2_train.dry_run import print_dry_run
+from starcoder2_train.evaluation import EvaluationCallback, build_fim_problems
+from starcoder2_train.model_card import ModelCardCallback, push_to_hub, write_model_card
 from starcoder2_train.model_utils import build_config, choose_attention, create_model, validate_model_and_data
-from starcoder2_train.packing import PackedCollator
+from starcoder2_train.packing import PackedCollator, PackedDataset
+from starcoder2_train.special_tokens import SpecialTokenIds
 from starcoder2_train.tokenizer_training import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
+def held_out_fim_problems(data_args, training_args) -> list:
+    """Single-line FIM problems from the held-out repositories' files (none with prepared data)."""
+    if "fim" not in training_args.eval_tasks or data_args.prepared_data_dir is not None:
+        return []
+    held_out, _ = load_split_repositories(data_args, "eval")
+    if held_out is None:
+        return []
+    files = [file for repo in held_out for file in repo["files"]]
+    return build_fim_problems(files, seed=training_args.seed)[: training_args.fim_eval_problems]
+
+
 def main(argv=None):
-    model_args, data_args, training_args = RecipeParser().parse(argv)
+    parser = RecipeParser()
+    model_args, data_args, training_args = parser.parse(argv)
 
     # Logging: the main process at INFO, the others at WARNING.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
     level = training_args.get_process_log_level()
     for log in (logger, logging.getLogger("starcoder2_train"), datasets.utils.logging, transformers.utils.logging):
         log.setLevel(level) if isinstance(log, logging.Logger) else log.set_verbosity(level)
+
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise RecipeError("hub_model_id: push_to_hub needs the repository to push to (user-or-org/model-name).")
 
     # Tokenizer and model config first: a wrong recipe fails here, before any data or weights are touched.
     tokenizer_name = data_args.tokenizer_name_or_path or model_args.model_name_or_path
@@ -58,7 +76,12 @@ def main(argv=None):
     # Data: shards → examples → FIM → tokens → packed windows (cached by datasets).
     with training_args.main_process_first(desc="data preprocessing"):
         train_dataset, report = build_training_data(data_args, tokenizer, training_args)
-        eval_dataset, _ = build_packed_dataset(data_args, tokenizer, training_args.seed, split="eval", shuffle=False)
+        eval_rows, _ = load_token_rows(data_args, tokenizer, training_args.seed, split="eval")
+        fim_problems = held_out_fim_problems(data_args, training_args)
+    eval_dataset = None
+    if eval_rows is not None:
+        eval_dataset = PackedDataset(eval_rows, data_args.seq_length, SpecialTokenIds.from_tokenizer(tokenizer),
+                                     cross_document_attention=data_args.cross_document_attention)
     for line in report.summary_lines():
         logger.info("data: %s", line)
 
@@ -66,6 +89,8 @@ def main(argv=None):
     model = create_model(model_args, config, tokenizer, attn_implementation)
     logger.info("model: %s parameters, attention %s", f"{model.num_parameters():,}", attn_implementation)
 
+    # The Hub upload is ours (model card, dry run), not the Trainer's.
+    push, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -74,6 +99,19 @@ def main(argv=None):
         data_collator=PackedCollator(flatten=attn_implementation == "flash_attention_2"),
         processing_class=tokenizer,
     )
+    evaluation = None
+    if eval_rows is not None and ("loss" in training_args.eval_tasks or fim_problems):
+        evaluation = EvaluationCallback(
+            trainer, tokenizer, loss_dataset=eval_rows if "loss" in training_args.eval_tasks else None,
+            fim_problems=fim_problems, seq_length=data_args.seq_length, max_new_tokens=min(64, data_args.seq_length // 4),
+        )
+        trainer.add_callback(evaluation)
+    tokens_per_step = windows_per_step(training_args) * data_args.seq_length
+    trainer.add_callback(ModelCardCallback(
+        parser.recipe_values, tokens_per_step=tokens_per_step, evaluation=evaluation,
+        hub_model_id=training_args.hub_model_id, private=bool(training_args.hub_private_repo),
+        push_checkpoints=push and training_args.hub_dry_run_dir is None and training_args.hub_strategy == "checkpoint",
+    ))
 
     # Train.
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
@@ -91,11 +129,21 @@ def main(argv=None):
         tokenizer.save_pretrained(training_args.output_dir)
         logger.info("saved the model and tokenizer to %s", training_args.output_dir)
 
-    # Evaluate.
+    # Evaluate: the Trainer's loss, plus loss per language and FIM exact match on held-out repositories.
     if eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+
+    # Model card, then the upload (or, with hub_dry_run_dir, the folder that would be uploaded).
+    if trainer.is_world_process_zero():
+        write_model_card(
+            training_args.output_dir, parser.recipe_values, tokens_seen=trainer.state.global_step * tokens_per_step,
+            eval_results=evaluation.latest_results if evaluation else None, hub_model_id=training_args.hub_model_id,
+        )
+        if push:
+            push_to_hub(training_args.output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo),
+                        revision=training_args.hub_revision, dry_run_dir=training_args.hub_dry_run_dir)
     return trainer
 
 

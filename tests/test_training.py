@@ -133,3 +133,28 @@ def test_bad_recipes_fail_before_training_naming_the_key(overrides, message, tmp
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
         run_pretrain.main(tiny_recipe(tmp_path, code_shards, tokenizer_dir) + words)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_recipe_evaluates_writes_a_model_card_and_dry_runs_the_upload(tmp_path, code_shards, tokenizer_dir):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    trainer = run_pretrain.main(tiny_recipe(
+        tmp_path, code_shards, tokenizer_dir, max_steps=6, eval_fraction=0.2, eval_strategy="steps", eval_steps=3,
+        fim_eval_problems=8, push_to_hub=True, hub_model_id="me/tiny-starcoder2", hub_dry_run_dir=str(tmp_path / "upload"),
+    ))
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"eval_loss", "eval_loss/loss", "eval_fim/exact_match"} <= logged
+    assert any(key.startswith("eval_loss/loss/") for key in logged)  # per language
+    upload = tmp_path / "upload"
+    card = ModelCard.load(upload / "README.md")
+    assert card.data.model_name == "me/tiny-starcoder2" and card.data.eval_results
+    assert "<fim_prefix>" in card.text and "fim_rate" in card.text
+    assert not (upload / "optimizer.pt").exists()
+    AutoModelForCausalLM.from_pretrained(upload)  # the uploaded folder is a loadable model
+
+
+def test_push_without_hub_model_id_fails_before_work(tmp_path, code_shards, tokenizer_dir):
+    with pytest.raises(RecipeError, match="hub_model_id: push_to_hub needs"):
+        run_pretrain.main(tiny_recipe(tmp_path, code_shards, tokenizer_dir, push_to_hub=True))
+    assert not (tmp_path / "out").exists()

@@ -189,6 +189,19 @@ class PretrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Loggers: tensorboard (default), wandb, trackio, none."}
     )
+    eval_tasks: list[str] = field(
+        default_factory=lambda: ["loss", "fim"],
+        metadata={"help": "Tasks run on the held-out repositories at every evaluation (eval_strategy/eval_steps): "
+                  "loss (per language) and fim (single-line exact match). HumanEval runs in scripts/evaluate.py."},
+    )
+    fim_eval_problems: int = field(
+        default=200, metadata={"help": "Single-line FIM problems built from held-out files for each evaluation."}
+    )
+    hub_dry_run_dir: str | None = field(
+        default=None,
+        metadata={"help": "With push_to_hub: write exactly the folder that would be uploaded here instead of "
+                  "uploading (check it offline, then push it with huggingface-cli upload)."},
+    )
     dry_run: bool = field(
         default=False,
         metadata={"help": "Validate the recipe, build the model on the meta device, print its size, tokens per "
@@ -274,6 +287,7 @@ class RecipeParser(HfArgumentParser):
         argv = list(sys.argv[1:] if argv is None else argv)
         recipe = argv.pop(0) if argv and not argv[0].startswith("--") else None
         values = self.load(recipe, argv)
+        self.recipe_values = dict(values)  # for the model card
         words = []
         for key, value in values.items():
             if value is not None:

@@ -122,27 +122,34 @@ class DataReport:
         return lines + (["skipped:"] + skipped if skipped else ["skipped: nothing"])
 
 
+def load_split_repositories(data_args: DataArguments, split: str = "train"):
+    """(repositories of one split or None, SkipReport): eval is eval_data_files, or the eval_fraction hold-out."""
+    if split == "eval" and data_args.eval_data_files:
+        return load_repositories(data_args, data_files=data_args.eval_data_files)
+    repositories, skips = load_repositories(data_args)
+    if data_args.eval_data_files is None and data_args.eval_fraction > 0:
+        train, held_out = repository_split(repositories, data_args.eval_fraction)
+        return (held_out if split == "eval" else train), skips
+    return (None if split == "eval" else repositories), skips
+
+
 def load_token_rows(data_args: DataArguments, tokenizer, seed: int, epoch: int = 0,
                     split: str = "train") -> tuple[datasets.Dataset, SkipReport]:
     """Token rows of one split, from prepared shards when `prepared_data_dir` is set, else from the raw shards."""
     if data_args.prepared_data_dir is not None:
+        if split == "eval" and not os.path.isdir(os.path.join(data_args.prepared_data_dir, "eval")):
+            return None, SkipReport()
         return load_prepared(data_args.prepared_data_dir, split, epoch), SkipReport.load(data_args.prepared_data_dir, split)
-    tokenizer_name = data_args.tokenizer_name_or_path or "the tokenizer"
-    if split == "eval" and data_args.eval_data_files:
-        repositories, skips = load_repositories(data_args, data_files=data_args.eval_data_files)
-    else:
-        repositories, skips = load_repositories(data_args)
-        if data_args.eval_data_files is None and data_args.eval_fraction > 0:
-            train, held_out = repository_split(repositories, data_args.eval_fraction)
-            repositories = held_out if split == "eval" else train
-        elif split == "eval":
-            return None, skips
+    repositories, skips = load_split_repositories(data_args, split)
+    if repositories is None:
+        return None, skips
     repositories = shard_repositories(repositories, data_args.num_shards, data_args.shard_index)
     if split == "eval" and len(repositories) == 0:
         return None, skips
     if len(repositories) == 0:
         raise RecipeError(f"dataset_name_or_path: no repository left for the {split} split after filtering "
                           f"({'; '.join(skips.summary_lines())}). Loosen languages/license_types/max_file_bytes.")
+    tokenizer_name = data_args.tokenizer_name_or_path or "the tokenizer"
     return tokenize_repositories(repositories, tokenizer, data_args, seed, epoch, tokenizer_name), skips
 
 

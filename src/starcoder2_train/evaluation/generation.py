@@ -1,0 +1,85 @@
+"""Batched generation for the evaluation tasks: left padding, stop tokens and stop texts.
+
+Prompts are token ids made by the caller, with source text encoded by tokenization.PieceTokenizer
+(special-token parsing off, so that code containing the text `<fim_middle>` never yields that id).
+"""
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+
+class StopOnTexts(StoppingCriteria):
+    """Finish a row once its generated text contains any of `stop_texts`.
+
+    Only the last `window` generated tokens are decoded at each step: enough for stop texts of a few
+    characters, and it keeps each step's cost independent of the length generated so far.
+    """
+
+    def __init__(self, tokenizer, prompt_length: int, stop_texts, window: int = 16):
+        self.tokenizer, self.prompt_length, self.stop_texts, self.window = tokenizer, prompt_length, stop_texts, window
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        tails = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :][:, -self.window :])
+        return torch.tensor(
+            [any(stop in tail for stop in self.stop_texts) for tail in tails],
+            dtype=torch.bool,
+            device=input_ids.device,
+        )
+
+
+@torch.no_grad()
+def generate_batched(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    stop_token_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_texts: tuple[str, ...] = (),
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    pad_token_id: int | None = None,
+) -> list[list[int]]:
+    """Generate after each prompt, `batch_size` prompts at a time; the new ids of each, in order.
+
+    Prompts are sorted by length so that a batch holds similar lengths, then left-padded (the attention
+    mask covers the pads; generate derives position ids from it). Each result is cut before its first
+    stop token; rows that hit a stop text end there (the caller cuts the text at it).
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("generate_batched: batch_size and max_new_tokens must be at least 1.")
+    pad_token_id = stop_token_ids[0] if pad_token_id is None else pad_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=list(stop_token_ids),
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+        **({"temperature": temperature, "top_p": top_p, "top_k": None} if do_sample else {}),
+    )
+    was_training, model_device = model.training, model.device
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    stop_set = set(stop_token_ids)
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = [prompts[index] for index in order[start : start + batch_size]]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.tensor([[pad_token_id] * (width - len(ids)) + list(ids) for ids in batch])
+            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+            criteria = StoppingCriteriaList([StopOnTexts(tokenizer, width, stop_texts)] if stop_texts else [])
+            sequences = model.generate(
+                input_ids=input_ids.to(model_device),
+                attention_mask=attention_mask.to(model_device),
+                generation_config=config,
+                stopping_criteria=criteria,
+            )
+            for index, row in zip(order[start : start + batch_size], sequences[:, width:].tolist()):
+                cut = next((position for position, token in enumerate(row) if token in stop_set), len(row))
+                outputs[index] = row[:cut]
+    finally:
+        model.train(was_training)
+    return outputs

@@ -1,0 +1,347 @@
+"""The model card (README.md) written with every saved model, and the upload to the Hub.
+
+`write_model_card(output_dir, recipe, ...)` describes what was trained: the base model or architecture,
+the recipe, the data (languages, tokens seen), the FIM settings, the evaluation results (also as model-index
+metadata, which the Hub shows and huggingface_hub's ModelCard parses) and a FIM usage example.
+`update_model_card_results` replaces the results after a later `scripts/evaluate.py` run.
+
+`ModelCardCallback` writes the card into every checkpoint the Trainer saves, and pushes the checkpoint when
+asked. `push_to_hub(output_dir, hub_model_id, ...)` uploads what a user needs (weights, config, tokenizer, card,
+results) and leaves out optimizer states, pickles, logs and sub-checkpoints. With `dry_run_dir` it writes
+exactly the folder it would upload, and uploads nothing.
+"""
+
+import fnmatch
+import os
+import re
+import shutil
+import tempfile
+
+import yaml
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers import TrainerCallback
+
+from .configs import DataArguments
+
+RESULTS_START, RESULTS_END = "<!-- evaluation results -->", "<!-- end of evaluation results -->"
+FIM_KEYS = ("fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate")
+# Never uploaded: training state (large, and pickles run code when loaded), logs, nested checkpoints.
+UPLOAD_IGNORE_PATTERNS = (
+    "checkpoint-*",
+    "global_step*",
+    "runs",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "training_args.bin",
+    "zero_to_fp32.py",
+    "latest",
+    ".*",
+    "*.lock",
+)
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not os.path.exists(name) and bool(HUB_ID.match(name))
+
+
+def model_index(results: dict[str, dict]) -> list[EvalResult]:
+    """Evaluation results nested by task (as scripts/evaluate.py writes them) as model-index entries."""
+    entries = []
+    for key, value in results.get("humaneval", {}).items():
+        if key.startswith("pass@"):
+            args = {
+                name: results["humaneval"][setting]
+                for name, setting in (("n", "samples"), ("temperature", "temperature"))
+                if setting in results["humaneval"]
+            }
+            entries.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="Code generation",
+                    dataset_type="openai_humaneval",
+                    dataset_name="HumanEval",
+                    metric_type=key,
+                    metric_name=key,
+                    metric_value=value,
+                    metric_args=args or None,
+                )
+            )
+    # Loss and FIM need distinct dataset names and types: the Hub groups results by (task type, dataset).
+    for task, metrics, task_name, dataset_type, dataset_name in (
+        (
+            "fim",
+            ("exact_match",),
+            "Single-line infilling (FIM)",
+            "held-out-single-line-fim",
+            "Held-out single-line infilling",
+        ),
+        ("loss", ("perplexity", "loss"), "Language modelling", "held-out-files", "Held-out files"),
+    ):
+        for key, value in results.get(task, {}).items():
+            metric, _, language = key.partition("/")
+            if metric in metrics:
+                entries.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        task_name=task_name,
+                        dataset_type=dataset_type,
+                        dataset_name=f"{dataset_name} ({language or 'all languages'})",
+                        dataset_config=language or None,
+                        metric_type=metric,
+                        metric_value=value,
+                    )
+                )
+    return entries
+
+
+def _results_section(results: dict[str, dict]) -> str:
+    rows = [
+        f"| {task} | {key} | {value:.4g} |" if isinstance(value, float) else f"| {task} | {key} | {value} |"
+        for task, metrics in results.items()
+        for key, value in metrics.items()
+    ]
+    table = (
+        "\n".join(["| task | metric | value |", "|---|---|---|", *rows])
+        if rows
+        else "Not evaluated yet: run `python scripts/evaluate.py MODEL_DIR --update_model_card`."
+    )
+    return f"{RESULTS_START}\n{table}\n{RESULTS_END}"
+
+
+def _fim_example(checkpoint: str) -> str:
+    return f'''```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+checkpoint = "{checkpoint}"
+tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+model = AutoModelForCausalLM.from_pretrained(checkpoint)
+
+before = "def mean(values):\\n    total = sum(values)\\n"
+after = "\\n    return average\\n"
+prompt = f"<fim_prefix>{{before}}<fim_suffix>{{after}}<fim_middle>"
+inputs = tokenizer(prompt, return_tensors="pt")
+stop = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<file_sep>"])
+output = model.generate(**inputs, max_new_tokens=32, eos_token_id=stop, pad_token_id=stop[0])
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```'''
+
+
+def write_model_card(
+    output_dir: str,
+    recipe: dict,
+    *,
+    tokens_seen: int | None = None,
+    eval_results: dict[str, dict] | None = None,
+    model_name: str | None = None,
+    hub_model_id: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """Write output_dir/README.md and return the card.
+
+    recipe: the recipe's keys and values (e.g. `RecipeParser().load(path, overrides)`); keys naming tokens
+    are left out. eval_results: nested by task, e.g. `{"fim": {"exact_match": 0.4, "exact_match/Python": 0.5}}`.
+    """
+    recipe = {key: value for key, value in recipe.items() if not key.endswith("token")}
+    eval_results = eval_results or {}
+    name = model_name or hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    base, architecture = recipe.get("model_name_or_path"), recipe.get("model_config")
+    dataset = recipe.get("dataset_name_or_path")
+    card_data = ModelCardData(
+        model_name=name,
+        base_model=base if _is_hub_id(base) else None,
+        license=license,
+        datasets=[dataset] if _is_hub_id(dataset) else None,
+        language=["code"],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["code", "starcoder2", "fill-in-the-middle", "starcoder2-train"],
+        eval_results=model_index(eval_results) or None,
+    )
+    origin = f"continued from `{base}`" if base else f"trained from scratch with the `{architecture}` architecture"
+    languages = ", ".join(recipe.get("languages") or []) or "every language in the data"
+    tokens = f"{tokens_seen:,}" if tokens_seen is not None else "not recorded"
+    defaults = {field: DataArguments.__dataclass_fields__[field].default for field in FIM_KEYS}
+    fim_rows = "\n".join(f"| {key} | {recipe.get(key, defaults[key])} |" for key in FIM_KEYS)
+    body = f"""
+# {name}
+
+A StarCoder2 code model, {origin}, with the starcoder2-train recipe below.
+
+## Training data
+
+- Dataset: `{dataset or recipe.get("prepared_data_dir", "not recorded")}`
+- Languages: {languages}
+- Tokens seen: {tokens}
+- Sequence length: {recipe.get("seq_length", DataArguments.__dataclass_fields__["seq_length"].default)} tokens
+
+## Fill-in-the-middle
+
+StarCoder2's repository-context, file-level FIM: an example is a FIM candidate with probability `fim_rate`,
+each of its files is then transformed with probability `fim_fragment_rate`, in SPM order with probability
+`fim_spm_rate` (PSM otherwise).
+
+| setting | value |
+|---|---|
+{fim_rows}
+
+## Evaluation
+
+{_results_section(eval_results)}
+
+## Use: fill in the middle
+
+{_fim_example(hub_model_id or output_dir)}
+
+The structure tokens are parsed from the prompt text here. When `before` or `after` may contain text such as
+`<fim_middle>` (code from elsewhere), tokenize the code with `split_special_tokens=True` and insert the
+structure tokens by id.
+
+## Recipe
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False).strip()}
+```
+"""
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+    card.save(os.path.join(output_dir, "README.md"))
+    return card
+
+
+def update_model_card_results(output_dir: str, eval_results: dict[str, dict]) -> ModelCard:
+    """Replace the evaluation results (metadata and table) of output_dir/README.md."""
+    path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no model card to update; training writes one with every saved model "
+            "(starcoder2_train.model_card.write_model_card)."
+        )
+    card = ModelCard.load(path)
+    if RESULTS_START not in card.text or RESULTS_END not in card.text:
+        raise ValueError(
+            f"{path}: has no evaluation section written by starcoder2_train; rewrite the card with write_model_card."
+        )
+    head, rest = card.text.split(RESULTS_START, 1)
+    card.text = head + _results_section(eval_results) + rest.split(RESULTS_END, 1)[1]
+    card.data.eval_results = model_index(eval_results) or None
+    if card.data.eval_results and not card.data.model_name:
+        card.data.model_name = os.path.basename(os.path.abspath(output_dir))
+    card.save(path)
+    return card
+
+
+def files_to_upload(output_dir: str) -> list[str]:
+    """Paths (relative, sorted) that push_to_hub uploads from output_dir."""
+    selected = []
+    for root, directories, files in os.walk(output_dir):
+        directories[:] = [
+            d for d in directories if not any(fnmatch.fnmatch(d, pattern) for pattern in UPLOAD_IGNORE_PATTERNS)
+        ]
+        for file in files:
+            if not any(fnmatch.fnmatch(file, pattern) for pattern in UPLOAD_IGNORE_PATTERNS):
+                selected.append(os.path.relpath(os.path.join(root, file), output_dir))
+    return sorted(selected)
+
+
+def _stage(output_dir: str, files: list[str], target: str, link: bool) -> None:
+    """Put `files` of output_dir into target: hard links where asked and possible, else copies."""
+    for relative in files:
+        source, destination = os.path.join(output_dir, relative), os.path.join(target, relative)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        if link:
+            try:
+                os.link(source, destination)  # no second copy of multi-GB weights
+                continue
+            except OSError:
+                pass
+        shutil.copy2(source, destination)
+
+
+def push_to_hub(
+    output_dir: str,
+    hub_model_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    dry_run_dir: str | None = None,
+    token: str | None = None,
+) -> list[str]:
+    """Upload output_dir (a checkpoint or the final model) to `hub_model_id`; return the uploaded paths.
+
+    revision: a branch, made when missing (e.g. one per checkpoint). dry_run_dir: write the folder that would
+    be uploaded there (it must be empty or absent) and upload nothing. Both paths stage the same file list.
+    """
+    if not os.path.isfile(os.path.join(output_dir, "config.json")):
+        raise FileNotFoundError(f"{output_dir}: no config.json; push_to_hub takes a saved model or checkpoint.")
+    if not os.path.isfile(os.path.join(output_dir, "README.md")):
+        raise FileNotFoundError(
+            f"{output_dir}: no README.md model card; write one first (starcoder2_train.model_card.write_model_card)."
+        )
+    if not HUB_ID.match(hub_model_id):
+        raise ValueError(f"hub_model_id: {hub_model_id!r} is not of the form 'user-or-org/model-name'.")
+    files = files_to_upload(output_dir)
+    if dry_run_dir is not None:
+        if os.path.isdir(dry_run_dir) and os.listdir(dry_run_dir):
+            raise FileExistsError(f"dry_run_dir {dry_run_dir} is not empty; give an empty or new folder.")
+        _stage(output_dir, files, dry_run_dir, link=False)
+        return files
+    api = HfApi(token=token)
+    api.create_repo(hub_model_id, private=private, exist_ok=True, repo_type="model")
+    if revision and revision != "main":
+        api.create_branch(hub_model_id, branch=revision, exist_ok=True)
+    # Staged next to output_dir, on the same file system, so that the weights are linked rather than copied.
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    with tempfile.TemporaryDirectory(prefix=".upload-", dir=parent) as staged:
+        _stage(output_dir, files, staged, link=True)
+        api.upload_folder(
+            repo_id=hub_model_id,
+            folder_path=staged,
+            revision=revision,
+            commit_message=commit_message or f"Upload {os.path.basename(os.path.abspath(output_dir))}",
+        )
+    return files
+
+
+class ModelCardCallback(TrainerCallback):
+    """Write the model card into each checkpoint the Trainer saves; with `push_checkpoints`, upload it too.
+
+        ModelCardCallback(recipe, tokens_per_step=..., evaluation=evaluation_callback, hub_model_id="me/model")
+
+    Use it instead of TrainingArguments.push_to_hub, whose upload writes the Trainer's own README.
+    tokens seen: the Trainer's count when it keeps one (include_num_input_tokens_seen), else
+    global_step * tokens_per_step. evaluation: an EvaluationCallback, whose latest results go into the card.
+    """
+
+    def __init__(
+        self,
+        recipe: dict,
+        *,
+        tokens_per_step: int | None = None,
+        evaluation=None,
+        hub_model_id: str | None = None,
+        private: bool = False,
+        push_checkpoints: bool = False,
+    ):
+        if push_checkpoints and not hub_model_id:
+            raise ValueError("ModelCardCallback: push_checkpoints needs hub_model_id.")
+        self.recipe, self.tokens_per_step, self.evaluation = recipe, tokens_per_step, evaluation
+        self.hub_model_id, self.private, self.push_checkpoints = hub_model_id, private, push_checkpoints
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        tokens = state.num_input_tokens_seen or (
+            state.global_step * self.tokens_per_step if self.tokens_per_step else None
+        )
+        results = self.evaluation.latest_results if self.evaluation is not None else None
+        write_model_card(
+            checkpoint, self.recipe, tokens_seen=tokens, eval_results=results, hub_model_id=self.hub_model_id
+        )
+        if self.push_checkpoints:
+            push_to_hub(
+                checkpoint, self.hub_model_id, private=self.private, revision=f"checkpoint-{state.global_step}"
+            )
