@@ -15,11 +15,13 @@ import sys
 
 import datasets
 import transformers
-from transformers import Trainer, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from starcoder2_train.attention import SDPA_VARLEN, DocumentBoundaryCollator
 from starcoder2_train.configs import RecipeError, RecipeParser
 from starcoder2_train.data import build_training_data, load_split_repositories, load_token_rows, windows_per_step
+from starcoder2_train.distributed import close_process_group, match_process_group
 from starcoder2_train.dry_run import print_dry_run
 from starcoder2_train.evaluation import EvaluationCallback, build_fim_problems
 from starcoder2_train.model_card import ModelCardCallback, push_to_hub, write_model_card
@@ -27,6 +29,7 @@ from starcoder2_train.model_utils import build_config, choose_attention, create_
 from starcoder2_train.packing import PackedCollator, PackedDataset
 from starcoder2_train.special_tokens import SpecialTokenIds
 from starcoder2_train.tokenizer_training import load_tokenizer
+from starcoder2_train.trainer import PretrainingTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ def held_out_fim_problems(data_args, training_args) -> list:
 def main(argv=None):
     parser = RecipeParser()
     model_args, data_args, training_args = parser.parse(argv)
+    training_args = match_process_group(training_args)  # DeepSpeed on CPUs: see distributed.py
 
     # Logging: the main process at INFO, the others at WARNING.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
@@ -91,12 +95,17 @@ def main(argv=None):
 
     # The Hub upload is ours (model card, dry run), not the Trainer's.
     push, training_args.push_to_hub = training_args.push_to_hub, False
-    trainer = Trainer(
+    # PretrainingTrainer: the Trainer plus tokens/s, MFU, peak memory and data wait on every log line, and the
+    # fast-path keys (loss_chunk_size, gradient_checkpointing_layers, compile_layers).
+    collator = PackedCollator(flatten=attn_implementation == "flash_attention_2")
+    if attn_implementation == SDPA_VARLEN:
+        collator = DocumentBoundaryCollator(collator)  # document offsets computed on the CPU, not per layer
+    trainer = PretrainingTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=PackedCollator(flatten=attn_implementation == "flash_attention_2"),
+        data_collator=collator,
         processing_class=tokenizer,
     )
     evaluation = None
@@ -124,6 +133,8 @@ def main(argv=None):
 
     # Save: a plain Hugging Face model directory (weights gathered to 16 bits under ZeRO-3).
     trainer.model.config.use_cache = True
+    if trainer.is_fsdp_enabled:  # FSDP saves sharded state during training; the final model is one file
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
@@ -144,6 +155,7 @@ def main(argv=None):
         if push:
             push_to_hub(training_args.output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo),
                         revision=training_args.hub_revision, dry_run_dir=training_args.hub_dry_run_dir)
+    close_process_group()
     return trainer
 
 
