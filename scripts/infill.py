@@ -26,8 +26,9 @@ def held_out_file(recipe_argv: list[str]) -> dict:
     _, held_out = repository_split(repositories, max(data_args.eval_fraction, 0.01))
     if len(held_out) == 0:
         sys.exit("no held-out repository: raise --eval_fraction or pass --file PATH")
-    repo = held_out[0]
-    return {"repo_name": repo["repo_name"], **repo["files"][0]}
+    files = [{"repo_name": repo["repo_name"], **f} for repo in held_out for f in repo["files"]]
+    # A file of ordinary length shows infilling best; fall back to any held-out file.
+    return next((f for f in files if 30 <= f["content"].count("\n") <= 400), files[0])
 
 
 def infill(model, tokenizer, before: str, after: str, max_new_tokens: int = 48) -> str:

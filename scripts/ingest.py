@@ -23,13 +23,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_file_bytes", type=int, default=1_000_000, help="Skip larger files (bytes).")
     parser.add_argument("--repos_per_shard", type=int, default=1000, help="Repositories per parquet file.")
     parser.add_argument(
+        "--exclude", action="append", default=[], metavar="NAME",
+        help="Leave out directories of this name wherever they occur (repeatable), e.g. --exclude test.",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="Replace shards in --output that an earlier ingest did not write (its own are always replaced).",
     )
     args = parser.parse_args(argv)
     try:
-        summary, report = ingest(args.paths, args.output, args.max_file_bytes, args.repos_per_shard, args.overwrite)
+        summary, report = ingest(
+            args.paths, args.output, args.max_file_bytes, args.repos_per_shard, args.overwrite, tuple(args.exclude)
+        )
     except IngestError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
