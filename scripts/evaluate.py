@@ -28,7 +28,7 @@ from starcoder2_train.configs import DataArguments
 from starcoder2_train.evaluation import TASKS, build_fim_problems, evaluate_fim, evaluate_humaneval, evaluate_loss
 from starcoder2_train.execution import require_code_execution_allowed
 from starcoder2_train.model_card import update_model_card_results
-from starcoder2_train.stack_v2 import load_repositories
+from starcoder2_train.stack_v2 import load_repositories, repository_split
 from starcoder2_train.tokenization import PieceTokenizer
 from starcoder2_train.tokenizer_training import load_tokenizer
 
@@ -38,6 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("model_dir", help="A saved model directory (config, weights, tokenizer) or a Hub id.")
     parser.add_argument("--tasks", default="loss,fim", help=f"Comma-separated, among {', '.join(TASKS)}.")
     parser.add_argument("--data", help="Held-out parquet shards (directory or file), for loss and fim.")
+    parser.add_argument("--eval_fraction", type=float, help="--data is a recipe's training set: score only the "
+                        "repositories that a recipe with this eval_fraction held out.")
     parser.add_argument("--languages", nargs="*", help="Keep only held-out files in these languages.")
     parser.add_argument("--limit", type=int, help="At most this many HumanEval problems / files per language.")
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward or generate call.")
@@ -67,9 +69,15 @@ def parse_args(argv=None):
     return args
 
 
-def load_held_out_files(data: str, languages: list[str] | None, limit: int | None) -> list[dict]:
-    """Files ({path, content, language}) of the held-out shards, at most `limit` per language."""
+def load_held_out_files(data: str, languages: list[str] | None, limit: int | None,
+                        eval_fraction: float | None = None) -> list[dict]:
+    """Files ({path, content, language}) of the held-out shards, at most `limit` per language.
+
+    eval_fraction: `data` is a training set; keep only the repositories a recipe with this eval_fraction held out.
+    """
     repositories, _ = load_repositories(DataArguments(dataset_name_or_path=data, languages=languages))
+    if eval_fraction:
+        repositories = repository_split(repositories, eval_fraction)[1]
     files, per_language = [], defaultdict(int)
     for repository in repositories:
         for file in repository["files"]:
@@ -127,7 +135,7 @@ def main(argv=None):
     model.eval()
 
     # Held-out data.
-    files = load_held_out_files(args.data, args.languages, args.limit) if {"loss", "fim"} & set(args.tasks) else []
+    files = load_held_out_files(args.data, args.languages, args.limit, args.eval_fraction) if {"loss", "fim"} & set(args.tasks) else []
 
     # Tasks, each timed.
     results, seconds = {}, {}
