@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
+ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention", "sdpa_varlen", "sdpa_blocked")
 
 
 class RecipeError(ValueError):
@@ -46,7 +46,8 @@ class ModelArguments:
     attn_implementation: str = field(
         default="auto",
         metadata={"help": "Attention kernel. auto: flash_attention_2 when flash-attn is installed and CUDA is "
-                  f"available, else sdpa. One of {', '.join(ATTENTION_CHOICES)}."},
+                  "available, else sdpa. sdpa_varlen (CUDA) and sdpa_blocked keep packed documents apart without "
+                  f"an s×s mask (attention.py). One of {', '.join(ATTENTION_CHOICES)}."},
     )
     rope_theta: float | None = field(
         default=None, metadata={"help": "Override the RoPE base (the long-context stage uses 1e6)."}
@@ -211,6 +212,40 @@ class PretrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "After training, infill a held-out file with the saved model and print the result."},
     )
+    loss_chunk_size: int = field(
+        default=0,
+        metadata={"help": "Positions per chunk of the training loss (loss.py): lm_head and cross-entropy run this "
+                  "many tokens at a time and the backward recomputes each chunk's logits, so the fp32 logits of the "
+                  "whole batch (3.2 GB per 16k-token sequence at StarCoder2's vocabulary) never exist. 0: "
+                  "transformers' loss over all logits at once."},
+    )
+    gradient_checkpointing_layers: int | None = field(
+        default=None,
+        metadata={"help": "With gradient_checkpointing: checkpoint only the first N decoder layers and keep the "
+                  "others' activations; each layer left out saves recomputing its forward (about 1/3 of its "
+                  "training FLOPs). Unset: every layer (or every_n_layers of gradient_checkpointing_kwargs)."},
+    )
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer (regional compilation: the layers share one compiled "
+                  "graph, so the first step compiles one layer rather than the whole model as torch_compile does)."},
+    )
+    peak_flops: float | None = field(
+        default=None,
+        metadata={"help": "Dense bf16 peak FLOP/s of one device, for the mfu_causal log field. Unset: looked up from "
+                  "the GPU's name (A100, H100, H200); on a CPU no MFU is logged."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_chunk_size < 0:
+            raise RecipeError(f"loss_chunk_size: must be 0 (off) or a number of tokens, got {self.loss_chunk_size}.")
+        if self.gradient_checkpointing_layers is not None and self.gradient_checkpointing_layers < 0:
+            raise RecipeError(
+                f"gradient_checkpointing_layers: must be 0 or more, got {self.gradient_checkpointing_layers}."
+            )
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise RecipeError(f"peak_flops: must be positive (FLOP/s, e.g. 989e12), got {self.peak_flops}.")
 
 
 def _has_accelerator() -> bool:
