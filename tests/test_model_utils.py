@@ -80,7 +80,8 @@ def test_choose_attention():
     import importlib.util
 
     has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-    assert choose_attention("auto") == ("flash_attention_2" if has_flash else "sdpa")
+    expected = ("flash_attention_2" if has_flash else "sdpa_varlen") if torch.cuda.is_available() else "sdpa_blocked"
+    assert choose_attention("auto") == expected
     assert choose_attention("eager") == "eager"
     if not has_flash:
         with pytest.raises(RecipeError, match="attn_implementation"):
@@ -90,7 +91,7 @@ def test_choose_attention():
 def test_create_from_scratch_trains_one_step(tokenizer):
     args = ModelArguments(model_config="test", torch_dtype="float32")
     model = create_model(args, tokenizer=tokenizer)
-    assert model.config.use_cache is False and model.config._attn_implementation == "sdpa"
+    assert model.config.use_cache is False and model.config._attn_implementation == choose_attention("auto")
     assert model.get_input_embeddings().weight.shape[0] == 704 and model.dtype == torch.float32
     ids = torch.tensor([tokenizer("abc def ghij abc")["input_ids"] * 4])
     loss = model(input_ids=ids, labels=ids).loss

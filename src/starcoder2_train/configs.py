@@ -208,10 +208,6 @@ class PretrainingArguments(TrainingArguments):
         metadata={"help": "Validate the recipe, build the model on the meta device, print its size, tokens per "
                   "optimizer step and a memory estimate per GPU, then exit without training."},
     )
-    show_fim_example: bool = field(
-        default=False,
-        metadata={"help": "After training, infill a held-out file with the saved model and print the result."},
-    )
     loss_chunk_size: int = field(
         default=0,
         metadata={"help": "Positions per chunk of the training loss (loss.py): lm_head and cross-entropy run this "
