@@ -69,6 +69,19 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
+def load_script(name: str):
+    """Import scripts/NAME.py by its path; scripts/ never goes on sys.path, where evaluate.py would shadow
+    the `evaluate` library."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_repository_shards(directory, repos: list[dict], num_files: int = 2) -> str:
     """Write `repos` as Stack v2 per-repository parquet shards; returns the directory."""
     import pyarrow as pa

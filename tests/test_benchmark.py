@@ -1,20 +1,11 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
-SCRIPTS = Path(__file__).parents[1] / "scripts"
 FIGURES = ("tokens_per_second_per_device", "real_tokens_per_second_per_device", "tflops_per_device_causal",
            "mfu_causal", "peak_memory_gb", "seconds_per_step")
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

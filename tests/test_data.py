@@ -2,10 +2,8 @@
 
 import json
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from conftest import random_repositories, write_repository_shards
+from conftest import load_script, random_repositories, write_repository_shards
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data import build_packed_dataset, load_token_rows
@@ -96,12 +94,7 @@ def test_a_tokenizer_without_fim_tokens_is_refused_by_the_pipeline(code_shards, 
 
 
 def test_inspect_data_writes_what_the_trainer_receives(code_shards, tokenizer_dir, tokenizer, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("inspect_data", Path(__file__).parents[1] / "scripts" / "inspect_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("inspect_data")
     out = tmp_path / "samples.jsonl"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model_config: test\ndataset_name_or_path: {code_shards}\ntokenizer_name_or_path: {tokenizer_dir}\n"
@@ -118,12 +111,7 @@ def test_inspect_data_writes_what_the_trainer_receives(code_shards, tokenizer_di
 
 
 def test_prepared_shards_from_two_machines_train_like_one(code_shards, tokenizer_dir, tokenizer, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("prepare_data", Path(__file__).parents[1] / "scripts" / "prepare_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("prepare_data")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model_config: test\ndataset_name_or_path: {code_shards}\ntokenizer_name_or_path: {tokenizer_dir}\n"
                       f"seq_length: 64\neval_fraction: 0.1\noutput_dir: {tmp_path / 'o'}\n")

@@ -1,6 +1,5 @@
 """Local folders and the stdlib → Stack v2-format shards: names, licenses, skips, determinism, the script."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 import datasets
 import pyarrow.parquet as pq
 import pytest
+from conftest import load_script
 
 from starcoder2_train import ingest as ingest_module
 from starcoder2_train import stack_v2
@@ -218,9 +218,7 @@ def test_default_run_ingests_the_standard_library(tmp_path):
 
 
 def test_script_prints_the_summary_and_fails_clearly(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("ingest_script", Path(__file__).parents[1] / "scripts" / "ingest.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("ingest")
     root = make_tree(tmp_path / "proj", {"m.py": "m = 1\n", "e.py": ""})
     summary = script.main([str(root), "--output", str(tmp_path / "out"), "--max_file_bytes", "100"])
     printed = capsys.readouterr().out

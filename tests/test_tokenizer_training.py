@@ -4,6 +4,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import load_script
 from tokenizers import pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
@@ -50,18 +51,12 @@ def write_repo_shard(path, files, repos=4):
 
 
 def test_script_trains_a_tokenizer_that_autotokenizer_loads(tmp_path):
-    import importlib.util
-    import pathlib
 
     data = tmp_path / "data" / "Python"
     data.mkdir(parents=True)
     files = make_code(0, 200)
     write_repo_shard(data / "train-00000-of-00001.parquet", files)
-    spec = importlib.util.spec_from_file_location(
-        "train_tokenizer_script", pathlib.Path(__file__).parents[1] / "scripts" / "train_tokenizer.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train_tokenizer")
     counts = script.main(["--data", str(tmp_path / "data"), "--vocab_size", "600", "--output", str(tmp_path / "tok")])
     assert counts["files"] == 200 and counts["bytes"] == sum(len(t.encode()) for t in files)
 

@@ -8,22 +8,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import random_repositories, write_repository_shards
+from conftest import load_script, random_repositories, write_repository_shards
 
 from starcoder2_train.configs import RecipeError
 
 ROOT = Path(__file__).parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "tiny_pretrain_losses.json"
-
-
-def load_script(name: str):
-    """Import scripts/NAME.py without putting scripts/ on sys.path (scripts/evaluate.py would shadow `evaluate`)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 run_pretrain = load_script("run_pretrain")
