@@ -53,11 +53,25 @@ from starcoder2_train.special_tokens import SpecialTokenIds
 from starcoder2_train.trainer import PretrainingTrainer
 
 # Training keys the plain path shares with ours: the same optimisation problem, batch and precision.
-SHARED_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "learning_rate",
-               "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type",
-               "warmup_steps", "seed", "dataloader_num_workers")
-SYNTHETIC_SPECIAL = SpecialTokenIds(eos=0, fim_prefix=1, fim_middle=2, fim_suffix=3, fim_pad=4, repo_name=5,
-                                    file_sep=6)
+SHARED_KEYS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "bf16",
+    "fp16",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "seed",
+    "dataloader_num_workers",
+)
+SYNTHETIC_SPECIAL = SpecialTokenIds(
+    eos=0, fim_prefix=1, fim_middle=2, fim_suffix=3, fim_pad=4, repo_name=5, file_sep=6
+)
 
 
 def parse_args(argv):
@@ -67,21 +81,32 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=2, help="Untimed optimizer steps first (compilation, caches).")
     parser.add_argument("--baseline", action="store_true", help="Also measure the plain path, on the same data.")
     parser.add_argument("--only_baseline", action="store_true", help="Measure the plain path alone.")
-    parser.add_argument("--plain", action="append", default=[], metavar="KEY=VALUE",
-                        help="TrainingArguments override for the plain path (repeatable).")
+    parser.add_argument(
+        "--plain",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="TrainingArguments override for the plain path (repeatable).",
+    )
     parser.add_argument("--token_file", help="Token rows from an .npz written by --save_token_file.")
     parser.add_argument("--synthetic", type=int, help="Use this many synthetic documents (log-normal lengths).")
     parser.add_argument("--save_token_file", help="Write the token rows used here to this .npz, for --token_file.")
-    parser.add_argument("--max_tokens", type=int, default=None,
-                        help="Use only the first documents, up to this many tokens.")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="Run each path this many times, alternating; report each one's best (shared machines).")
+    parser.add_argument(
+        "--max_tokens", type=int, default=None, help="Use only the first documents, up to this many tokens."
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Run each path this many times, alternating; report each one's best (shared machines).",
+    )
     parser.add_argument("--label", default="benchmark", help="Name of this measurement in the output.")
     parser.add_argument("--output", help="Results JSON (default $OUT/benchmark-<label>.json if OUT is set).")
     return parser.parse_known_args(argv)
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
+
 
 def synthetic_documents(count: int, vocab_size: int, seed: int = 0) -> list[np.ndarray]:
     """Documents with log-normal lengths (median 2,000 tokens, many short, a long tail) and random tokens."""
@@ -99,37 +124,52 @@ def load_documents(args, model_args, data_args, training_args):
         return documents, SpecialTokenIds(*special.tolist()), int(tokens.max()) + 1, f"token file {args.token_file}"
     if args.synthetic:
         vocab = 49152 if model_args.model_config and model_args.model_config.startswith("starcoder2") else 4096
-        return synthetic_documents(args.synthetic, vocab, training_args.seed), SYNTHETIC_SPECIAL, vocab, \
-            f"{args.synthetic} synthetic documents (log-normal lengths, median 2000 tokens)"
+        return (
+            synthetic_documents(args.synthetic, vocab, training_args.seed),
+            SYNTHETIC_SPECIAL,
+            vocab,
+            f"{args.synthetic} synthetic documents (log-normal lengths, median 2000 tokens)",
+        )
     from starcoder2_train.data import load_token_rows  # the datasets library, only for this source
     from starcoder2_train.tokenizer_training import load_tokenizer
 
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path or model_args.model_name_or_path)
     rows, _ = load_token_rows(data_args, tokenizer, training_args.seed)
     documents = [np.asarray(ids, dtype=np.int64) for ids in rows["input_ids"]]
-    return documents, SpecialTokenIds.from_tokenizer(tokenizer), len(tokenizer), \
-        f"{data_args.dataset_name_or_path} through the project's pipeline ({len(documents)} repository examples)"
+    return (
+        documents,
+        SpecialTokenIds.from_tokenizer(tokenizer),
+        len(tokenizer),
+        f"{data_args.dataset_name_or_path} through the project's pipeline ({len(documents)} repository examples)",
+    )
 
 
 def save_documents(path: str, documents, special: SpecialTokenIds) -> None:
     tokens = np.concatenate(documents)
     dtype = np.uint16 if tokens.max() < 2**16 else np.int32
-    np.savez_compressed(path, tokens=tokens.astype(dtype), lengths=np.array([len(d) for d in documents]),
-                        special=np.array(dataclasses.astuple(special)))
+    np.savez_compressed(
+        path,
+        tokens=tokens.astype(dtype),
+        lengths=np.array([len(d) for d in documents]),
+        special=np.array(dataclasses.astuple(special)),
+    )
 
 
 def describe(documents, seq_length: int) -> dict:
     lengths = np.array([len(d) for d in documents])
-    return {"documents": len(lengths), "tokens": int(lengths.sum()),
-            "length_percentiles_10_50_90": [int(v) for v in np.percentile(lengths, [10, 50, 90])],
-            "share_of_documents_longer_than_seq_length": float((lengths > seq_length).mean())}
+    return {
+        "documents": len(lengths),
+        "tokens": int(lengths.sum()),
+        "length_percentiles_10_50_90": [int(v) for v in np.percentile(lengths, [10, 50, 90])],
+        "share_of_documents_longer_than_seq_length": float((lengths > seq_length).mean()),
+    }
 
 
 class PlainRows(torch.utils.data.Dataset):
     """One row per document piece of at most seq_length tokens, in document order (the Trainer shuffles)."""
 
     def __init__(self, documents, seq_length: int):
-        self.pieces = [d[i:i + seq_length] for d in documents for i in range(0, len(d), seq_length)]
+        self.pieces = [d[i : i + seq_length] for d in documents for i in range(0, len(d), seq_length)]
 
     def __len__(self):
         return len(self.pieces)
@@ -156,6 +196,7 @@ class PadToLongest:
 
 
 # ---- measurement -------------------------------------------------------------------------------------------------
+
 
 class TimedSteps(TrainerCallback):
     """Discard the warm-up steps, then take the ThroughputCallback's figures over the timed steps."""
@@ -191,8 +232,13 @@ def run_path(name, model_args, config, attention, training_args, dataset, collat
     try:
         device = "cuda" if torch.cuda.is_available() and not training_args.use_cpu else "cpu"
         model = create_model(model_args, config, None, attention, device=device)
-        trainer = PretrainingTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                                     callbacks=[throughput, timer])
+        trainer = PretrainingTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=dataset,
+            data_collator=collator,
+            callbacks=[throughput, timer],
+        )
         trainer.train()
         result = dict(timer.figures or {"error": "the timed steps did not complete"}, final_loss=timer.loss)
     except torch.OutOfMemoryError as error:
@@ -221,13 +267,22 @@ def plain_training_args(ours: PretrainingArguments, overrides: list[str], output
         if isinstance(values[key], str) and value.startswith("{"):
             values[key] = json.loads(value)
     return PretrainingArguments(
-        output_dir=output_dir, max_steps=ours.max_steps, logging_steps=ours.logging_steps, save_strategy="no",
-        eval_strategy="no", report_to="none", use_cpu=ours.use_cpu, peak_flops=ours.peak_flops,
-        disable_tqdm=True, train_sampling_strategy="random", **values,
+        output_dir=output_dir,
+        max_steps=ours.max_steps,
+        logging_steps=ours.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=ours.use_cpu,
+        peak_flops=ours.peak_flops,
+        disable_tqdm=True,
+        train_sampling_strategy="random",
+        **values,
     )
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
+
 
 def machine() -> str:
     if torch.cuda.is_available():
@@ -237,11 +292,15 @@ def machine() -> str:
 
 
 def print_table(report: dict) -> None:
-    columns = (("tokens/s/dev", "tokens_per_second_per_device", "{:,.0f}"),
-               ("useful tok/s/dev", "real_tokens_per_second_per_device", "{:,.0f}"),
-               ("TFLOP/s/dev", "tflops_per_device_causal", "{:.4g}"), ("MFU causal", "mfu_causal", "{:.1%}"),
-               ("peak GB", "peak_memory_gb", "{:.1f}"), ("data wait", "data_wait_share", "{:.1%}"),
-               ("s/step", "seconds_per_step", "{:.3f}"))
+    columns = (
+        ("tokens/s/dev", "tokens_per_second_per_device", "{:,.0f}"),
+        ("useful tok/s/dev", "real_tokens_per_second_per_device", "{:,.0f}"),
+        ("TFLOP/s/dev", "tflops_per_device_causal", "{:.4g}"),
+        ("MFU causal", "mfu_causal", "{:.1%}"),
+        ("peak GB", "peak_memory_gb", "{:.1f}"),
+        ("data wait", "data_wait_share", "{:.1%}"),
+        ("s/step", "seconds_per_step", "{:.3f}"),
+    )
     print(f"\n{report['label']}: {report['model']} at seq_length {report['seq_length']}, {report['machine']}")
     print(f"{'path':8}" + "".join(f"{title:>18}" for title, _, _ in columns))
     for path, result in report["results"].items():
@@ -259,9 +318,24 @@ def main(argv=None):
     args, recipe_argv = parse_args(command_words)
     total_steps = args.warmup + args.steps
     output_dir = tempfile.mkdtemp(prefix="benchmark-")  # the Trainer's; nothing is saved there
-    forced = ["--output_dir", output_dir, "--max_steps", str(total_steps), "--logging_steps", str(total_steps),
-              "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--push_to_hub", "false",
-              "--disable_tqdm", "true"]
+    forced = [
+        "--output_dir",
+        output_dir,
+        "--max_steps",
+        str(total_steps),
+        "--logging_steps",
+        str(total_steps),
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--push_to_hub",
+        "false",
+        "--disable_tqdm",
+        "true",
+    ]
     if args.recipe:
         words = [args.recipe, *recipe_argv, *forced]
     else:  # a named size: the data comes from --token_file or --synthetic
@@ -282,22 +356,34 @@ def main(argv=None):
     attention = choose_attention(model_args.attn_implementation)
 
     report = {
-        "label": args.label, "command": "python scripts/benchmark.py " + shlex.join(command_words),
-        "machine": machine(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "model": model_args.model_config or model_args.model_name_or_path, "seq_length": seq_length,
+        "label": args.label,
+        "command": "python scripts/benchmark.py " + shlex.join(command_words),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": model_args.model_config or model_args.model_name_or_path,
+        "seq_length": seq_length,
         "micro_batch": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-        "bf16": training_args.bf16, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "bf16": training_args.bf16,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
         "flops_per_token_causal_at_seq_length": model_flops_per_token(config, seq_length),
-        "data": {"source": source, **describe(documents, seq_length)}, "results": {},
+        "data": {"source": source, **describe(documents, seq_length)},
+        "results": {},
     }
     print(json.dumps({k: v for k, v in report.items() if k != "results"}), flush=True)
 
     paths = {}
     if not args.only_baseline:
         table = pa.table({"input_ids": pa.array([d.tolist() for d in documents], type=pa.list_(pa.int32()))})
-        packed = PackedDataset(table, seq_length, special, cross_document_attention=data_args.cross_document_attention,
-                               shuffle_seed=training_args.seed)
+        packed = PackedDataset(
+            table,
+            seq_length,
+            special,
+            cross_document_attention=data_args.cross_document_attention,
+            shuffle_seed=training_args.seed,
+        )
         collator = PackedCollator(flatten=attention == "flash_attention_2")
         if attention == SDPA_VARLEN:
             collator = DocumentBoundaryCollator(collator)
@@ -305,14 +391,20 @@ def main(argv=None):
         report["packing_efficiency"] = packed.efficiency
     if args.baseline or args.only_baseline:
         plain_model_args = dataclasses.replace(model_args, attn_implementation="sdpa")
-        paths["plain"] = (plain_model_args, "sdpa", plain_training_args(training_args, args.plain, output_dir),
-                          PlainRows(documents, seq_length), PadToLongest(special.eos))
+        paths["plain"] = (
+            plain_model_args,
+            "sdpa",
+            plain_training_args(training_args, args.plain, output_dir),
+            PlainRows(documents, seq_length),
+            PadToLongest(special.eos),
+        )
     # On a shared machine other work steals time: alternate the paths and keep each one's best repeat.
     runs = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name, (path_model_args, path_attention, path_args, dataset, path_collator) in paths.items():
-            runs[name].append(run_path(name, path_model_args, config, path_attention, path_args, dataset,
-                                       path_collator, args))
+            runs[name].append(
+                run_path(name, path_model_args, config, path_attention, path_args, dataset, path_collator, args)
+            )
     for name, results in runs.items():
         finished = [r for r in results if r.get("real_tokens_per_second_per_device")]
         best = max(finished, key=lambda r: r["real_tokens_per_second_per_device"]) if finished else results[-1]
@@ -321,8 +413,9 @@ def main(argv=None):
             report.setdefault("all_repeats", {})[name] = results
     ours, plain = report["results"].get("ours", {}), report["results"].get("plain", {})
     if ours.get("real_tokens_per_second_per_device") and plain.get("real_tokens_per_second_per_device"):
-        report["useful_tokens_per_second_ratio"] = (ours["real_tokens_per_second_per_device"]
-                                                    / plain["real_tokens_per_second_per_device"])
+        report["useful_tokens_per_second_ratio"] = (
+            ours["real_tokens_per_second_per_device"] / plain["real_tokens_per_second_per_device"]
+        )
 
     output = args.output
     if output is None and os.environ.get("OUT"):

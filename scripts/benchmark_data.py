@@ -48,12 +48,14 @@ def main(argv=None):
     from starcoder2_train.special_tokens import SpecialTokenIds
     from starcoder2_train.stack_v2 import load_repositories
     from starcoder2_train.tokenization import PieceTokenizer
-    from starcoder2_train.tokenizer_training import train_tokenizer_from_parquet, load_tokenizer
+    from starcoder2_train.tokenizer_training import load_tokenizer, train_tokenizer_from_parquet
 
     datasets.disable_caching()  # every timed map really runs
     work = args.output or tempfile.mkdtemp(prefix="benchmark_data_")
     shards, tokenizer_dir = os.path.join(work, "stdlib"), os.path.join(work, "tokenizer")
-    print(f"threads: RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'unset')}; python {sys.version.split()[0]}")
+    print(
+        f"threads: RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'unset')}; python {sys.version.split()[0]}"
+    )
 
     (summary, _), ingest_seconds = timed(ingest, [], shards, overwrite=True, repeat=1)
     megabytes = summary["bytes_kept"] / 1e6
@@ -75,12 +77,17 @@ def main(argv=None):
     _, no_fim_seconds = timed(tokenize_repositories, repositories, tokenizer, no_fim_args, seed=0)
 
     print("\n1. ingest + examples + FIM + tokenize (one core)")
-    print(f"   ingest of the stdlib: {megabytes:.1f} MB in {ingest_seconds:.2f} s = {megabytes / ingest_seconds:.1f} MB/s")
-    print(f"   tokenizers encode_batch (raw): {megabytes_read / raw_seconds:.2f} MB/s, {raw_tokens / raw_seconds:,.0f} tokens/s")
-    print(f"   pipeline, FIM 0.5:             {megabytes_read / pipeline_seconds:.2f} MB/s, {tokens / pipeline_seconds:,.0f} tokens/s")
+    ingest_rate = megabytes / ingest_seconds
+    print(f"   ingest of the stdlib: {megabytes:.1f} MB in {ingest_seconds:.2f} s = {ingest_rate:.1f} MB/s")
+    raw_rate, pipeline_rate = raw_tokens / raw_seconds, tokens / pipeline_seconds
+    print(f"   tokenizers encode_batch (raw): {megabytes_read / raw_seconds:.2f} MB/s, {raw_rate:,.0f} tokens/s")
+    pipeline_mb = megabytes_read / pipeline_seconds
+    print(f"   pipeline, FIM 0.5:             {pipeline_mb:.2f} MB/s, {pipeline_rate:,.0f} tokens/s")
     print(f"   pipeline, FIM off:             {megabytes_read / no_fim_seconds:.2f} MB/s")
-    print(f"   pipeline time / raw time: {pipeline_seconds / raw_seconds:.3f} (FIM 0.5), "
-          f"{no_fim_seconds / raw_seconds:.3f} (FIM off)  [goal: <= 1.10]")
+    print(
+        f"   pipeline time / raw time: {pipeline_seconds / raw_seconds:.3f} (FIM 0.5), "
+        f"{no_fim_seconds / raw_seconds:.3f} (FIM off)  [goal: <= 1.10]"
+    )
 
     special = SpecialTokenIds.from_tokenizer(tokenizer)
     packed = PackedDataset(rows, 4096, special, shuffle_seed=0)
@@ -94,8 +101,10 @@ def main(argv=None):
     packed_tokens, pack_seconds = timed(pack_and_collate)
     rate = packed_tokens / pack_seconds
     print("\n2. pack + collate, one data-loader worker (seq_length 4096, batches of 8, shuffled windows)")
-    print(f"   {rate:,.0f} tokens/s = {rate / H100_TOKENS_PER_SECOND:.0f}x one H100 training StarCoder2-3B "
-          f"(~{H100_TOKENS_PER_SECOND:,} tokens/s)  [goal: >= 20x]")
+    print(
+        f"   {rate:,.0f} tokens/s = {rate / H100_TOKENS_PER_SECOND:.0f}x one H100 training StarCoder2-3B "
+        f"(~{H100_TOKENS_PER_SECOND:,} tokens/s)  [goal: >= 20x]"
+    )
 
     print("\n3. packing efficiency (real tokens / all tokens) and tokens dropped")
     try:
@@ -109,8 +118,10 @@ def main(argv=None):
             trl_rows = pack_dataset(rows.select_columns(["input_ids"]), seq_length, strategy="bfd")
             kept = int(sum(len(ids) for ids in trl_rows["input_ids"]))
             slots = len(trl_rows) * seq_length
-            line += (f"; TRL bfd {100 * kept / slots:.3f}% of {len(trl_rows):,} rows, "
-                     f"{tokens - kept:,} tokens dropped ({100 * (tokens - kept) / tokens:.1f}%)")
+            line += (
+                f"; TRL bfd {100 * kept / slots:.3f}% of {len(trl_rows):,} rows, "
+                f"{tokens - kept:,} tokens dropped ({100 * (tokens - kept) / tokens:.1f}%)"
+            )
         print(line)
     print(f"\n{tokens:,} tokens in {len(rows):,} repositories; work directory {work}")
 

@@ -42,6 +42,7 @@ def parse_args(argv):
 
 # ---- step 1: attention kernels ---------------------------------------------------------------------------------
 
+
 def attention_pairs(documents_of_row, window) -> int:
     """Query-key pairs a causal, windowed, per-document attention computes (the model FLOPs' k, summed)."""
     total = 0
@@ -101,8 +102,10 @@ def kernel_check(args, output_path: str) -> list[dict]:
         boundaries = {key: value.to(device) if torch.is_tensor(value) else value for key, value in boundaries.items()}
         generator = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(1, heads, seq_length, dim, device=device, dtype=dtype, generator=generator)
-        k, v = (torch.randn(1, kv_heads, seq_length, dim, device=device, dtype=dtype, generator=generator)
-                for _ in range(2))
+        k, v = (
+            torch.randn(1, kv_heads, seq_length, dim, device=device, dtype=dtype, generator=generator)
+            for _ in range(2)
+        )
         grad_out = torch.randn(1, seq_length, heads, dim, device=device, dtype=dtype, generator=generator)
         documents_ids = document_ids(position_ids)[0]
         positions = torch.arange(seq_length, device=device)
@@ -113,12 +116,14 @@ def kernel_check(args, output_path: str) -> list[dict]:
             return sdpa_attention_forward(Module, q, k, v, mask, dropout=0.0, scaling=scale)[0]
 
         def varlen(q, k, v, dropout=0.0, boundaries=boundaries):
-            return varlen_attention_forward(Module, q, k, v, None, dropout=dropout, scaling=scale,
-                                            sliding_window=window, **boundaries)[0]
+            return varlen_attention_forward(
+                Module, q, k, v, None, dropout=dropout, scaling=scale, sliding_window=window, **boundaries
+            )[0]
 
         def blocked(q, k, v, position_ids=position_ids):
-            return blocked_sdpa_attention_forward(Module, q, k, v, None, scaling=scale, sliding_window=window,
-                                                  position_ids=position_ids)[0]
+            return blocked_sdpa_attention_forward(
+                Module, q, k, v, None, scaling=scale, sliding_window=window, position_ids=position_ids
+            )[0]
 
         kernels = {"sdpa (transformers' packed mask)": reference, "sdpa_blocked": blocked}
         if cuda:
@@ -127,17 +132,25 @@ def kernel_check(args, output_path: str) -> list[dict]:
                 kernels["flex_attention"] = make_flex(documents_ids, window, scale, seq_length, device)
             except Exception as error:  # reported when its turn comes
                 kernels["flex_attention"] = failing(error)
-        problems[seq_length] = dict(tensors=(q, k, v, grad_out), kernels=kernels, varlen=varlen,
-                                    documents=len(row_documents), pairs=attention_pairs(row_documents, window))
+        problems[seq_length] = dict(
+            tensors=(q, k, v, grad_out),
+            kernels=kernels,
+            varlen=varlen,
+            documents=len(row_documents),
+            pairs=attention_pairs(row_documents, window),
+        )
 
     def relative_errors(values, truth):
-        return [float((ours.float() - exact).abs().max() / exact.abs().max().clamp_min(1e-6))
-                for ours, exact in zip(values, truth)]
+        return [
+            float((ours.float() - exact).abs().max() / exact.abs().max().clamp_min(1e-6))
+            for ours, exact in zip(values, truth)
+        ]
 
     results, truths, reference_errors = [], {}, {}
     # flex_attention last: it compiles, and a slow compilation must not keep the others from being measured.
-    order = [(s, name) for name in ("sdpa (transformers' packed mask)", "sdpa_varlen", "sdpa_blocked")
-             for s in lengths] + [(s, "flex_attention") for s in lengths]
+    order = [
+        (s, name) for name in ("sdpa (transformers' packed mask)", "sdpa_varlen", "sdpa_blocked") for s in lengths
+    ] + [(s, "flex_attention") for s in lengths]
     for seq_length, name in order:
         problem = problems[seq_length]
         if name not in problem["kernels"]:
@@ -148,8 +161,9 @@ def kernel_check(args, output_path: str) -> list[dict]:
             if name.startswith("sdpa ("):
                 # The truth: transformers' masked sdpa in fp32. A kernel is correct when it is about as close
                 # to it as sdpa itself is in bf16 (a kernel that lets documents or the window leak is far off).
-                exact = time_kernel(problem["kernels"][name], q.float(), k.float(), v.float(), grad_out.float(),
-                                    device, repeats=0)
+                exact = time_kernel(
+                    problem["kernels"][name], q.float(), k.float(), v.float(), grad_out.float(), device, repeats=0
+                )
                 truths[seq_length] = [value.float() for value in exact["values"]]
             measured = time_kernel(problem["kernels"][name], q, k, v, grad_out, device, repeats=5 if cuda else 2)
             values = measured.pop("values")
@@ -265,6 +279,7 @@ def choose_kernel(results: list[dict], model_attention_dropout: float) -> str:
 
 # ---- steps 2-4: training benchmarks -------------------------------------------------------------------------------
 
+
 def run_step(name: str, words: list[str], limit: float, output_dir: str) -> dict:
     """Run benchmark.py in its own process, killed after `limit` seconds; its JSON report, or what went wrong."""
     output = os.path.join(output_dir, f"benchmark-{name}.json")
@@ -321,27 +336,61 @@ def main(argv=None):
     data = ["--token_file", args.token_file] if args.token_file else ["--synthetic", "400"]
     steps = str(args.steps or (2 if args.tiny else 4))
     if args.tiny:
-        common = ["--model_config", "tiny", "--steps", steps, "--warmup", "1", *data, "--max_tokens", "300000",
-                  "--attn_implementation", attention, "--use_cpu", "true"]
-        short, long = ["--seq_length", "1024", "--per_device_train_batch_size", "2"], \
-            ["--seq_length", "2048", "--per_device_train_batch_size", "1"]
+        common = [
+            "--model_config",
+            "tiny",
+            "--steps",
+            steps,
+            "--warmup",
+            "1",
+            *data,
+            "--max_tokens",
+            "300000",
+            "--attn_implementation",
+            attention,
+            "--use_cpu",
+            "true",
+        ]
+        short, long = (
+            ["--seq_length", "1024", "--per_device_train_batch_size", "2"],
+            ["--seq_length", "2048", "--per_device_train_batch_size", "1"],
+        )
         long_ours, long_plain = ["--loss_chunk_size", "1024"], []
         limits = {"4k": 150.0, "16k": 150.0, "4k-compiled": 0.0}
     else:
-        common = ["--model_config", "starcoder2-3b", "--steps", steps, "--warmup", "2", *data, "--bf16", "true",
-                  "--attn_implementation", attention, "--logging_nan_inf_filter", "false"]
+        common = [
+            "--model_config",
+            "starcoder2-3b",
+            "--steps",
+            steps,
+            "--warmup",
+            "2",
+            *data,
+            "--bf16",
+            "true",
+            "--attn_implementation",
+            attention,
+            "--logging_nan_inf_filter",
+            "false",
+        ]
         short = ["--seq_length", "4096", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4"]
         long = ["--seq_length", "16384", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"]
         # 16k: the logits of one sequence would take 9.7 GB (12 bytes x 49,152 per token): chunk the loss;
         # keep the activations of 16 of the 30 layers (about 1.7 GB each), checkpoint the other 14.
-        long_ours = ["--loss_chunk_size", "4096", "--gradient_checkpointing", "true",
-                     "--gradient_checkpointing_layers", "14",
-                     "--gradient_checkpointing_kwargs", '{"use_reentrant": false}']
+        long_ours = [
+            "--loss_chunk_size",
+            "4096",
+            "--gradient_checkpointing",
+            "true",
+            "--gradient_checkpointing_layers",
+            "14",
+            "--gradient_checkpointing_kwargs",
+            '{"use_reentrant": false}',
+        ]
         long_plain = ["--plain", "gradient_checkpointing=true"]
         limits = {"4k": 100.0, "16k": 110.0, "4k-compiled": 120.0}
 
-    plan = [("4k", common + short + ["--baseline"]),
-            ("16k", common + long + long_ours + ["--baseline"] + long_plain)]
+    plan = [("4k", common + short + ["--baseline"]), ("16k", common + long + long_ours + ["--baseline"] + long_plain)]
     for name, words in plan:
         if remaining() < 40:
             summary["steps"].append({"label": name, "skipped": f"{remaining():.0f} s of the budget left"})
@@ -350,14 +399,30 @@ def main(argv=None):
         ours = report.get("results", {}).get("ours", {})
         if name == "16k" and "out of memory" in ours.get("error", "") and remaining() > 60:
             # Fewer activations kept: checkpoint every layer, and measure ours alone.
-            words = common + long + ["--loss_chunk_size", "4096", "--gradient_checkpointing", "true",
-                                     "--gradient_checkpointing_kwargs", '{"use_reentrant": false}']
+            words = (
+                common
+                + long
+                + [
+                    "--loss_chunk_size",
+                    "4096",
+                    "--gradient_checkpointing",
+                    "true",
+                    "--gradient_checkpointing_kwargs",
+                    '{"use_reentrant": false}',
+                ]
+            )
             retry = run_step("16k-all-checkpointed", words, min(limits[name], remaining()), args.output_dir)
             report["results"]["ours (all layers checkpointed)"] = retry.get("results", {}).get("ours", retry)
         summary["steps"].append(report)
     if limits["4k-compiled"] and remaining() > 90:
-        summary["steps"].append(run_step("4k-compiled", common + short + ["--compile_layers", "true"],
-                                         min(limits["4k-compiled"], remaining()), args.output_dir))
+        summary["steps"].append(
+            run_step(
+                "4k-compiled",
+                common + short + ["--compile_layers", "true"],
+                min(limits["4k-compiled"], remaining()),
+                args.output_dir,
+            )
+        )
     summary["seconds"] = round(time.perf_counter() - start, 1)
     with open(os.path.join(args.output_dir, "device_check.json"), "w") as handle:
         json.dump(summary, handle, indent=1)
@@ -371,9 +436,11 @@ def print_summary(summary: dict) -> None:
         if "error" in entry:
             print(f"  kernel {entry['kernel']:34} s={entry['seq_length']:6}  {entry['error'][:90]}")
         else:
-            print(f"  kernel {entry['kernel']:34} s={entry['seq_length']:6}  {entry['forward_backward_ms']:8.2f} ms "
-                  f"fwd+bwd  {entry.get('attention_tflops', 0):8.3g} TFLOP/s  "
-                  f"correct={entry.get('correct', 'reference')}")
+            print(
+                f"  kernel {entry['kernel']:34} s={entry['seq_length']:6}  {entry['forward_backward_ms']:8.2f} ms "
+                f"fwd+bwd  {entry.get('attention_tflops', 0):8.3g} TFLOP/s  "
+                f"correct={entry.get('correct', 'reference')}"
+            )
     header = f"  {'case':22}{'path':32}{'useful tok/s/dev':>18}{'MFU causal':>12}{'peak GB':>9}{'data wait':>10}"
     print(header)
     for step in summary["steps"]:
@@ -385,9 +452,11 @@ def print_summary(summary: dict) -> None:
                 print(f"  {step['label']:22}{path:32}{result['error'][:70]}")
                 continue
             mfu = result.get("mfu_causal")
-            print(f"  {step['label']:22}{path:32}{result.get('real_tokens_per_second_per_device', 0):>18,.0f}"
-                  f"{(f'{mfu:.1%}' if mfu is not None else '-'):>12}{result.get('peak_memory_gb', 0):>9.1f}"
-                  f"{result.get('data_wait_share', 0):>10.1%}")
+            print(
+                f"  {step['label']:22}{path:32}{result.get('real_tokens_per_second_per_device', 0):>18,.0f}"
+                f"{(f'{mfu:.1%}' if mfu is not None else '-'):>12}{result.get('peak_memory_gb', 0):>9.1f}"
+                f"{result.get('data_wait_share', 0):>10.1%}"
+            )
         if step.get("useful_tokens_per_second_ratio"):
             ratio = step["useful_tokens_per_second_ratio"]
             print(f"  {step['label']:22}{'ours / plain, useful tokens/s':32}{ratio:>17.2f}x")

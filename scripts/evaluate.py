@@ -38,8 +38,12 @@ def parse_args(argv=None):
     parser.add_argument("model_dir", help="A saved model directory (config, weights, tokenizer) or a Hub id.")
     parser.add_argument("--tasks", default="loss,fim", help=f"Comma-separated, among {', '.join(TASKS)}.")
     parser.add_argument("--data", help="Held-out parquet shards (directory or file), for loss and fim.")
-    parser.add_argument("--eval_fraction", type=float, help="--data is a recipe's training set: score only the "
-                        "repositories that a recipe with this eval_fraction held out.")
+    parser.add_argument(
+        "--eval_fraction",
+        type=float,
+        help="--data is a recipe's training set: score only the "
+        "repositories that a recipe with this eval_fraction held out.",
+    )
     parser.add_argument("--languages", nargs="*", help="Keep only held-out files in these languages.")
     parser.add_argument("--limit", type=int, help="At most this many HumanEval problems / files per language.")
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward or generate call.")
@@ -69,8 +73,9 @@ def parse_args(argv=None):
     return args
 
 
-def load_held_out_files(data: str, languages: list[str] | None, limit: int | None,
-                        eval_fraction: float | None = None) -> list[dict]:
+def load_held_out_files(
+    data: str, languages: list[str] | None, limit: int | None, eval_fraction: float | None = None
+) -> list[dict]:
     """Files ({path, content, language}) of the held-out shards, at most `limit` per language.
 
     eval_fraction: `data` is a training set; keep only the repositories a recipe with this eval_fraction held out.
@@ -135,7 +140,11 @@ def main(argv=None):
     model.eval()
 
     # Held-out data.
-    files = load_held_out_files(args.data, args.languages, args.limit, args.eval_fraction) if {"loss", "fim"} & set(args.tasks) else []
+    files = (
+        load_held_out_files(args.data, args.languages, args.limit, args.eval_fraction)
+        if {"loss", "fim"} & set(args.tasks)
+        else []
+    )
 
     # Tasks, each timed.
     results, seconds = {}, {}

@@ -38,10 +38,13 @@ def infill(model, tokenizer, before: str, after: str, max_new_tokens: int = 48) 
     prompt = [token("<fim_prefix>"), *ids(before), token("<fim_suffix>"), *ids(after), token("<fim_middle>")]
     with torch.no_grad():
         output = model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=[token("<|endoftext|>"), token("<file_sep>")], pad_token_id=token("<|endoftext|>"),
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[token("<|endoftext|>"), token("<file_sep>")],
+            pad_token_id=token("<|endoftext|>"),
         )
-    return tokenizer.decode(output[0, len(prompt):], skip_special_tokens=True)
+    return tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True)
 
 
 def main(argv=None):
@@ -65,13 +68,13 @@ def main(argv=None):
     lines = source["content"].splitlines(keepends=True)
     candidates = [i for i, line in enumerate(lines) if line.strip() and 0 < i < len(lines) - 1] or [0]
     masked = random.Random(args.seed).choice(candidates)
-    before, after = "".join(lines[max(0, masked - 30):masked]), "".join(lines[masked + 1:masked + 15])
+    before, after = "".join(lines[max(0, masked - 30) : masked]), "".join(lines[masked + 1 : masked + 15])
     middle = infill(model, tokenizer, before, after, args.max_new_tokens)
     print(f"file: {source.get('repo_name', '')} {source['path']}, line {masked + 1} masked")
-    print("----- before (last lines)\n" + "".join(lines[max(0, masked - 4):masked]), end="")
+    print("----- before (last lines)\n" + "".join(lines[max(0, masked - 4) : masked]), end="")
     print(f"----- expected: {lines[masked].rstrip()!r}")
     print(f"----- generated: {middle.splitlines()[0] if middle.strip() else middle!r}")
-    print("----- after (first lines)\n" + "".join(lines[masked + 1:masked + 4]), end="")
+    print("----- after (first lines)\n" + "".join(lines[masked + 1 : masked + 4]), end="")
     return middle
 
 

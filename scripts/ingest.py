@@ -23,7 +23,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_file_bytes", type=int, default=1_000_000, help="Skip larger files (bytes).")
     parser.add_argument("--repos_per_shard", type=int, default=1000, help="Repositories per parquet file.")
     parser.add_argument(
-        "--exclude", action="append", default=[], metavar="NAME",
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="Leave out directories of this name wherever they occur (repeatable), e.g. --exclude test.",
     )
     parser.add_argument(

@@ -39,16 +39,53 @@ def main(argv=None):
     python = sys.executable
     start = time.perf_counter()
     # The stdlib's test suites are half of it and mostly fixtures: the tiny model learns more from the library.
-    run("1/4 ingest the standard library",
-        [python, "scripts/ingest.py", "--output", data, "--exclude", "test", "--exclude", "tests", "--exclude", "idle_test"])
-    run("2/4 train the tokenizer",
-        [python, "scripts/train_tokenizer.py", "--data", data, "--vocab_size", str(args.vocab_size), "--output", tokenizer])
-    run("3/4 train the tiny model", [
-        python, "scripts/run_pretrain.py", args.recipe, "--dataset_name_or_path", data,
-        "--tokenizer_name_or_path", tokenizer, "--output_dir", model, *args.overrides,
-    ])
-    run("4/4 infill a held-out file with transformers alone",
-        [python, "scripts/infill.py", model, "--recipe", args.recipe, "--dataset_name_or_path", data])
+    run(
+        "1/4 ingest the standard library",
+        [
+            python,
+            "scripts/ingest.py",
+            "--output",
+            data,
+            "--exclude",
+            "test",
+            "--exclude",
+            "tests",
+            "--exclude",
+            "idle_test",
+        ],
+    )
+    run(
+        "2/4 train the tokenizer",
+        [
+            python,
+            "scripts/train_tokenizer.py",
+            "--data",
+            data,
+            "--vocab_size",
+            str(args.vocab_size),
+            "--output",
+            tokenizer,
+        ],
+    )
+    run(
+        "3/4 train the tiny model",
+        [
+            python,
+            "scripts/run_pretrain.py",
+            args.recipe,
+            "--dataset_name_or_path",
+            data,
+            "--tokenizer_name_or_path",
+            tokenizer,
+            "--output_dir",
+            model,
+            *args.overrides,
+        ],
+    )
+    run(
+        "4/4 infill a held-out file with transformers alone",
+        [python, "scripts/infill.py", model, "--recipe", args.recipe, "--dataset_name_or_path", data],
+    )
     print(f"\nquickstart finished in {(time.perf_counter() - start) / 60:.1f} min; the model is in {model}")
 
 

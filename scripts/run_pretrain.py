@@ -51,7 +51,9 @@ def main(argv=None):
     training_args = match_process_group(training_args)  # DeepSpeed on CPUs: see distributed.py
 
     # Logging: the main process at INFO, the others at WARNING.
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     level = training_args.get_process_log_level()
     for log in (logger, logging.getLogger("starcoder2_train"), datasets.utils.logging, transformers.utils.logging):
         log.setLevel(level) if isinstance(log, logging.Logger) else log.set_verbosity(level)
@@ -63,7 +65,9 @@ def main(argv=None):
     tokenizer_name = data_args.tokenizer_name_or_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_name)
     config = build_config(model_args, len(tokenizer))
-    validate_model_and_data(config, tokenizer, data_args.seq_length, from_scratch=model_args.model_name_or_path is None)
+    validate_model_and_data(
+        config, tokenizer, data_args.seq_length, from_scratch=model_args.model_name_or_path is None
+    )
     attn_implementation = choose_attention(model_args.attn_implementation)
     if training_args.dry_run:
         print_dry_run(config, model_args, data_args, training_args, attn_implementation)
@@ -84,8 +88,12 @@ def main(argv=None):
         fim_problems = held_out_fim_problems(data_args, training_args)
     eval_dataset = None
     if eval_rows is not None:
-        eval_dataset = PackedDataset(eval_rows, data_args.seq_length, SpecialTokenIds.from_tokenizer(tokenizer),
-                                     cross_document_attention=data_args.cross_document_attention)
+        eval_dataset = PackedDataset(
+            eval_rows,
+            data_args.seq_length,
+            SpecialTokenIds.from_tokenizer(tokenizer),
+            cross_document_attention=data_args.cross_document_attention,
+        )
     for line in report.summary_lines():
         logger.info("data: %s", line)
 
@@ -111,16 +119,27 @@ def main(argv=None):
     evaluation = None
     if eval_rows is not None and ("loss" in training_args.eval_tasks or fim_problems):
         evaluation = EvaluationCallback(
-            trainer, tokenizer, loss_dataset=eval_rows if "loss" in training_args.eval_tasks else None,
-            fim_problems=fim_problems, seq_length=data_args.seq_length, max_new_tokens=min(64, data_args.seq_length // 4),
+            trainer,
+            tokenizer,
+            loss_dataset=eval_rows if "loss" in training_args.eval_tasks else None,
+            fim_problems=fim_problems,
+            seq_length=data_args.seq_length,
+            max_new_tokens=min(64, data_args.seq_length // 4),
         )
         trainer.add_callback(evaluation)
     tokens_per_step = windows_per_step(training_args) * data_args.seq_length
-    trainer.add_callback(ModelCardCallback(
-        parser.recipe_values, tokens_per_step=tokens_per_step, evaluation=evaluation,
-        hub_model_id=training_args.hub_model_id, private=bool(training_args.hub_private_repo),
-        push_checkpoints=push and training_args.hub_dry_run_dir is None and training_args.hub_strategy == "checkpoint",
-    ))
+    trainer.add_callback(
+        ModelCardCallback(
+            parser.recipe_values,
+            tokens_per_step=tokens_per_step,
+            evaluation=evaluation,
+            hub_model_id=training_args.hub_model_id,
+            private=bool(training_args.hub_private_repo),
+            push_checkpoints=push
+            and training_args.hub_dry_run_dir is None
+            and training_args.hub_strategy == "checkpoint",
+        )
+    )
 
     # Train.
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
@@ -149,12 +168,20 @@ def main(argv=None):
     # Model card, then the upload (or, with hub_dry_run_dir, the folder that would be uploaded).
     if trainer.is_world_process_zero():
         write_model_card(
-            training_args.output_dir, parser.recipe_values, tokens_seen=trainer.state.global_step * tokens_per_step,
-            eval_results=evaluation.latest_results if evaluation else None, hub_model_id=training_args.hub_model_id,
+            training_args.output_dir,
+            parser.recipe_values,
+            tokens_seen=trainer.state.global_step * tokens_per_step,
+            eval_results=evaluation.latest_results if evaluation else None,
+            hub_model_id=training_args.hub_model_id,
         )
         if push:
-            push_to_hub(training_args.output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo),
-                        revision=training_args.hub_revision, dry_run_dir=training_args.hub_dry_run_dir)
+            push_to_hub(
+                training_args.output_dir,
+                training_args.hub_model_id,
+                private=bool(training_args.hub_private_repo),
+                revision=training_args.hub_revision,
+                dry_run_dir=training_args.hub_dry_run_dir,
+            )
     close_process_group()
     return trainer
 

@@ -16,11 +16,12 @@ torch.set_num_threads(1)
 
 SNIPPETS = [
     "def add(a, b):\n    return a + b\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        self.items.append(x)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+    "    def push(self, x):\n        self.items.append(x)\n",
     "import os\nimport sys\n\nfor name in os.listdir('.'):\n    print(name, file=sys.stderr)\n",
-    "#include <stdio.h>\nint main(void) {\n    printf(\"hello %d\\n\", 42);\n    return 0;\n}\n",
+    '#include <stdio.h>\nint main(void) {\n    printf("hello %d\\n", 42);\n    return 0;\n}\n',
     "function greet(name) {\n  return `Hello, ${name}!`;\n}\nmodule.exports = { greet };\n",
-    "fn main() {\n    let v: Vec<u32> = (0..10).collect();\n    println!(\"{:?}\", v);\n}\n",
+    'fn main() {\n    let v: Vec<u32> = (0..10).collect();\n    println!("{:?}", v);\n}\n',
     "SELECT id, name FROM users WHERE age > 30 ORDER BY name;\n",
     "# Title\n\nSome *markdown* text with `code` and ünïcödé — 日本語.\n",
 ]
@@ -45,7 +46,9 @@ def random_repositories(num_repos: int, seed: int = 0, max_files: int = 5) -> li
         files = []
         for f in range(rng.randint(1, max_files)):
             ext = rng.choice([("py", "Python"), ("c", "C"), ("js", "JavaScript"), ("rs", "Rust")])
-            files.append({"path": f"src/dir{f % 2}/file_{f}.{ext[0]}", "content": random_code(rng), "language": ext[1]})
+            files.append(
+                {"path": f"src/dir{f % 2}/file_{f}.{ext[0]}", "content": random_code(rng), "language": ext[1]}
+            )
         repos.append({"repo_name": f"owner{r % 7}/repo-{r}", "files": files})
     return repos
 
@@ -90,7 +93,7 @@ def write_repository_shards(directory, repos: list[dict], num_files: int = 2) ->
     os.makedirs(directory, exist_ok=True)
     per_file = -(-len(repos) // num_files)
     for index in range(num_files):
-        part = repos[index * per_file:(index + 1) * per_file]
+        part = repos[index * per_file : (index + 1) * per_file]
         table = pa.Table.from_pylist([{"repo_name": r["repo_name"], "files": r["files"]} for r in part])
         pq.write_table(table, os.path.join(directory, f"train-{index:05d}-of-{num_files:05d}.parquet"))
     return str(directory)

@@ -37,7 +37,10 @@ def undo_example(ids: list[int], tokenizer, ids_of: SpecialTokenIds):
         while i < len(runs) - 1 and runs[i] != ids_of.file_sep:
             body.append(runs[i])
             i += 1
-        text = lambda k: decode(body[k]) if k < len(body) and isinstance(body[k], list) else ""  # noqa: E731
+
+        def text(k, body=body):
+            return decode(body[k]) if k < len(body) and isinstance(body[k], list) else ""
+
         if not body or body[0] != ids_of.fim_prefix:
             files.append(text(0))
             modes.append("plain")

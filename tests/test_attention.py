@@ -18,10 +18,12 @@ from starcoder2_train.packing import PackedCollator
 
 VOCAB = 96
 # Two rows of 100 tokens: documents of 40, 45 and 15 tokens, then 70 and 30 (the test preset's window is 32).
-POSITIONS = torch.stack([
-    torch.cat([torch.arange(40), torch.arange(45), torch.arange(15)]),
-    torch.cat([torch.arange(70), torch.arange(30)]),
-])
+POSITIONS = torch.stack(
+    [
+        torch.cat([torch.arange(40), torch.arange(45), torch.arange(15)]),
+        torch.cat([torch.arange(70), torch.arange(30)]),
+    ]
+)
 
 
 def model_with(attention: str):
@@ -67,10 +69,12 @@ def test_blocked_sdpa_equals_one_masked_sdpa(block_size, window):
     generator = torch.Generator().manual_seed(2)
     query = torch.randn(2, 4, 100, 8, generator=generator)
     key, value = (torch.randn(2, 2, 100, 8, generator=generator) for _ in range(2))
-    expected, _ = varlen_attention_forward(None, query, key, value, None, sliding_window=window,
-                                           position_ids=POSITIONS)
-    actual, _ = blocked_sdpa_attention_forward(None, query, key, value, None, sliding_window=window,
-                                               position_ids=POSITIONS, block_size=block_size)
+    expected, _ = varlen_attention_forward(
+        None, query, key, value, None, sliding_window=window, position_ids=POSITIONS
+    )
+    actual, _ = blocked_sdpa_attention_forward(
+        None, query, key, value, None, sliding_window=window, position_ids=POSITIONS, block_size=block_size
+    )
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -85,8 +89,9 @@ def test_padded_batches_and_generation_fall_back_to_sdpa(attention):
         model.config.use_cache = True
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5,
-                                       do_sample=False, pad_token_id=0)
+            generated = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+            )
         outputs[name] = logits, generated
     torch.testing.assert_close(outputs[attention][0], outputs["sdpa"][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(outputs[attention][1], outputs["sdpa"][1])

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from conftest import load_script
 
-FIGURES = ("tokens_per_second_per_device", "real_tokens_per_second_per_device", "tflops_per_device_causal",
-           "mfu_causal", "peak_memory_gb", "seconds_per_step")
+FIGURES = (
+    "tokens_per_second_per_device",
+    "real_tokens_per_second_per_device",
+    "tflops_per_device_causal",
+    "mfu_causal",
+    "peak_memory_gb",
+    "seconds_per_step",
+)
 
 
 @pytest.fixture(scope="module")
@@ -16,12 +22,37 @@ def benchmark():
 def test_benchmark_measures_both_paths_on_the_cpu(benchmark, tmp_path, capsys):
     output = tmp_path / "result.json"
     token_file = tmp_path / "tokens.npz"
-    report = benchmark.main([
-        "--model_config", "test", "--seq_length", "128", "--per_device_train_batch_size", "2", "--synthetic", "40",
-        "--steps", "2", "--warmup", "1", "--baseline", "--attn_implementation", "sdpa_blocked",
-        "--loss_chunk_size", "64", "--peak_flops", "1e12", "--use_cpu", "true", "--output", str(output),
-        "--save_token_file", str(token_file), "--max_tokens", "20000",
-    ])
+    report = benchmark.main(
+        [
+            "--model_config",
+            "test",
+            "--seq_length",
+            "128",
+            "--per_device_train_batch_size",
+            "2",
+            "--synthetic",
+            "40",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--baseline",
+            "--attn_implementation",
+            "sdpa_blocked",
+            "--loss_chunk_size",
+            "64",
+            "--peak_flops",
+            "1e12",
+            "--use_cpu",
+            "true",
+            "--output",
+            str(output),
+            "--save_token_file",
+            str(token_file),
+            "--max_tokens",
+            "20000",
+        ]
+    )
     for path in ("ours", "plain"):
         result = report["results"][path]
         assert "error" not in result, result
@@ -37,9 +68,24 @@ def test_benchmark_measures_both_paths_on_the_cpu(benchmark, tmp_path, capsys):
     assert "useful tokens/s, ours / plain" in printed.splitlines()[-1]
 
     # The token file written above feeds a run that needs neither the datasets library nor a tokenizer.
-    again = benchmark.main(["--model_config", "test", "--seq_length", "128", "--token_file", str(token_file),
-                            "--steps", "1", "--warmup", "1", "--use_cpu", "true",
-                            "--output", str(tmp_path / "b.json")])
+    again = benchmark.main(
+        [
+            "--model_config",
+            "test",
+            "--seq_length",
+            "128",
+            "--token_file",
+            str(token_file),
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--use_cpu",
+            "true",
+            "--output",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert again["data"]["tokens"] == report["data"]["tokens"]
     assert again["results"]["ours"]["real_tokens_per_second_per_device"] > 0
 

@@ -11,8 +11,16 @@ from starcoder2_train.model_utils import MODEL_PRESETS
 from starcoder2_train.trainer import PretrainingTrainer
 
 VOCAB = 96
-FIGURES = ("tokens_per_second_per_device", "tokens_per_second", "real_tokens_per_second_per_device",
-           "real_tokens_per_second", "tflops_per_device_causal", "mfu_causal", "peak_memory_gb", "data_wait_share")
+FIGURES = (
+    "tokens_per_second_per_device",
+    "tokens_per_second",
+    "real_tokens_per_second_per_device",
+    "real_tokens_per_second",
+    "tflops_per_device_causal",
+    "mfu_causal",
+    "peak_memory_gb",
+    "data_wait_share",
+)
 
 
 def tiny_model():
@@ -46,8 +54,15 @@ class Windows(torch.utils.data.Dataset):
 
 def train(tmp_path, dataset, **extra):
     args = PretrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, logging_steps=1, report_to="none",
-        save_strategy="no", use_cpu=True, dataloader_num_workers=0, **extra,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        **extra,
     )
     trainer = PretrainingTrainer(model=tiny_model(), args=args, train_dataset=dataset)
     trainer.train()
@@ -72,7 +87,8 @@ def test_every_training_log_line_has_the_figures(tmp_path):
         assert entry["real_tokens_per_second"] / entry["tokens_per_second"] == pytest.approx(88 / 96, rel=1e-3)
         config = trainer.model.config
         flops_per_second = (48 * model_flops_per_token(config, 48) + 40 * model_flops_per_token(config, 40)) / (
-            96 / entry["tokens_per_second"])
+            96 / entry["tokens_per_second"]
+        )
         assert entry["tflops_per_device_causal"] == pytest.approx(flops_per_second / 1e12, rel=1e-3)
         assert entry["mfu_causal"] == pytest.approx(entry["tflops_per_device_causal"], rel=1e-3)  # peak = 1 TFLOP/s
     # The callback runs first, so the figures are in what the other callbacks and the history see.
@@ -90,7 +106,12 @@ def test_waiting_for_data_is_measured(tmp_path):
 
 
 def test_gradient_checkpointing_only_on_the_first_layers(tmp_path):
-    trainer, logs = train(tmp_path, Windows(), gradient_checkpointing=True, gradient_checkpointing_layers=1,
-                          gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer, logs = train(
+        tmp_path,
+        Windows(),
+        gradient_checkpointing=True,
+        gradient_checkpointing_layers=1,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
     flags = [layer.gradient_checkpointing for layer in trainer.model.model.layers]
     assert flags == [True, False] and len(logs) == 3

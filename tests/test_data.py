@@ -30,8 +30,10 @@ def test_shards_merged_equal_one_machine(code_shards, tokenizer_dir, tokenizer):
     import datasets
 
     whole, _ = load_token_rows(data_args(code_shards, tokenizer_dir), tokenizer, seed=3)
-    parts = [load_token_rows(data_args(code_shards, tokenizer_dir, num_shards=2, shard_index=i), tokenizer, seed=3)[0]
-             for i in range(2)]
+    parts = [
+        load_token_rows(data_args(code_shards, tokenizer_dir, num_shards=2, shard_index=i), tokenizer, seed=3)[0]
+        for i in range(2)
+    ]
     assert 0 < len(parts[0]) < len(whole)
     merged = datasets.concatenate_datasets(parts)
     assert merged["input_ids"] == whole["input_ids"] and merged["repo_name"] == whole["repo_name"]
@@ -45,7 +47,10 @@ def test_restarting_at_sample_k_gives_the_same_samples(code_shards, tokenizer_di
     full = [b["input_ids"] for b in torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=PackedCollator())]
     resumed_dataset, _ = build_packed_dataset(data_args(code_shards, tokenizer_dir), tokenizer, seed=3)
     subset = torch.utils.data.Subset(resumed_dataset, range(k, len(resumed_dataset)))
-    resumed = [b["input_ids"] for b in torch.utils.data.DataLoader(subset, batch_size=1, collate_fn=PackedCollator(), num_workers=2)]
+    resumed = [
+        b["input_ids"]
+        for b in torch.utils.data.DataLoader(subset, batch_size=1, collate_fn=PackedCollator(), num_workers=2)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(full[k:], resumed)) and len(resumed) == len(full) - k
 
 
@@ -97,10 +102,23 @@ def test_inspect_data_writes_what_the_trainer_receives(code_shards, tokenizer_di
     script = load_script("inspect_data")
     out = tmp_path / "samples.jsonl"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model_config: test\ndataset_name_or_path: {code_shards}\ntokenizer_name_or_path: {tokenizer_dir}\n"
-                      "seq_length: 64\nmax_steps: 5\nper_device_train_batch_size: 2\n")
-    report = script.main([str(recipe), "--num_samples", "3", "--output", str(out), "--seq_length", "48",
-                          "--output_dir", str(tmp_path / "o")])
+    recipe.write_text(
+        f"model_config: test\ndataset_name_or_path: {code_shards}\ntokenizer_name_or_path: {tokenizer_dir}\n"
+        "seq_length: 64\nmax_steps: 5\nper_device_train_batch_size: 2\n"
+    )
+    report = script.main(
+        [
+            str(recipe),
+            "--num_samples",
+            "3",
+            "--output",
+            str(out),
+            "--seq_length",
+            "48",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 3 and all(len(s["input_ids"]) == 48 for s in lines)
     dataset, _ = build_packed_dataset(data_args(code_shards, tokenizer_dir, seq_length=48), tokenizer, seed=42)
@@ -113,18 +131,25 @@ def test_inspect_data_writes_what_the_trainer_receives(code_shards, tokenizer_di
 def test_prepared_shards_from_two_machines_train_like_one(code_shards, tokenizer_dir, tokenizer, tmp_path):
     script = load_script("prepare_data")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model_config: test\ndataset_name_or_path: {code_shards}\ntokenizer_name_or_path: {tokenizer_dir}\n"
-                      f"seq_length: 64\neval_fraction: 0.1\noutput_dir: {tmp_path / 'o'}\n")
+    recipe.write_text(
+        f"model_config: test\ndataset_name_or_path: {code_shards}\ntokenizer_name_or_path: {tokenizer_dir}\n"
+        f"seq_length: 64\neval_fraction: 0.1\noutput_dir: {tmp_path / 'o'}\n"
+    )
     for index in range(2):  # two machines, e.g. a SLURM array of 2
-        script.main([str(recipe), "--output", str(tmp_path / "prepared"), "--num_shards", "2", "--shard_index", str(index)])
+        script.main(
+            [str(recipe), "--output", str(tmp_path / "prepared"), "--num_shards", "2", "--shard_index", str(index)]
+        )
     args = data_args(code_shards, tokenizer_dir, eval_fraction=0.1)
     direct, direct_report = build_packed_dataset(args, tokenizer, seed=42)
     prepared, prepared_report = build_packed_dataset(
-        data_args(None, tokenizer_dir, prepared_data_dir=str(tmp_path / "prepared")), tokenizer, seed=42)
+        data_args(None, tokenizer_dir, prepared_data_dir=str(tmp_path / "prepared")), tokenizer, seed=42
+    )
     assert windows(direct) == windows(prepared)
     assert prepared_report.skipped == direct_report.skipped and prepared_report.tokens == direct_report.tokens
     with pytest.raises(RecipeError, match="holds 1 of 2 shards"):
         import shutil
 
         shutil.rmtree(tmp_path / "prepared" / "train" / "epoch-0" / "shard-00001-of-00002")
-        build_packed_dataset(data_args(None, tokenizer_dir, prepared_data_dir=str(tmp_path / "prepared")), tokenizer, seed=42)
+        build_packed_dataset(
+            data_args(None, tokenizer_dir, prepared_data_dir=str(tmp_path / "prepared")), tokenizer, seed=42
+        )

@@ -11,14 +11,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_repository_shards, random_repositories
+from conftest import random_repositories, write_repository_shards
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
 deepspeed = pytest.importorskip("deepspeed")
 
-ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-           PYTHONWARNINGS="ignore::FutureWarning", TORCH_CPP_LOG_LEVEL="ERROR", TOKENIZERS_PARALLELISM="false")
+ENV = dict(
+    os.environ,
+    CUDA_VISIBLE_DEVICES="",
+    DS_ACCELERATOR="cpu",
+    HF_HUB_OFFLINE="1",
+    OMP_NUM_THREADS="1",
+    PYTHONWARNINGS="ignore::FutureWarning",
+    TORCH_CPP_LOG_LEVEL="ERROR",
+    TOKENIZERS_PARALLELISM="false",
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +43,28 @@ def setup(tmp_path_factory, tokenizer_dir):
     tokenizer.save_pretrained(root / "start")
     shards = write_repository_shards(root / "shards", random_repositories(80, seed=31), num_files=1)
     recipe = root / "recipe.yaml"
-    recipe.write_text("\n".join([
-        f"model_name_or_path: {root / 'start'}", "torch_dtype: float32", "attn_implementation: sdpa",
-        f"dataset_name_or_path: {shards}", "seq_length: 64", "max_steps: 6", "learning_rate: 3.0e-3",
-        "warmup_steps: 1", "logging_steps: 1", "save_strategy: 'no'", "report_to: none", "seed: 5",
-        "bf16: false", "disable_tqdm: true", "dataloader_num_workers: 0",
-    ]) + "\n")
+    recipe.write_text(
+        "\n".join(
+            [
+                f"model_name_or_path: {root / 'start'}",
+                "torch_dtype: float32",
+                "attn_implementation: sdpa",
+                f"dataset_name_or_path: {shards}",
+                "seq_length: 64",
+                "max_steps: 6",
+                "learning_rate: 3.0e-3",
+                "warmup_steps: 1",
+                "logging_steps: 1",
+                "save_strategy: 'no'",
+                "report_to: none",
+                "seed: 5",
+                "bf16: false",
+                "disable_tqdm: true",
+                "dataloader_num_workers: 0",
+            ]
+        )
+        + "\n"
+    )
     return root, recipe
 
 
@@ -57,8 +81,19 @@ def run(words: list[str], timeout: int = 600) -> None:
 @pytest.fixture(scope="module")
 def one_process(setup):
     root, recipe = setup
-    run([sys.executable, "scripts/run_pretrain.py", str(recipe), "--per_device_train_batch_size", "4",
-         "--output_dir", str(root / "one"), "--use_cpu", "true"])
+    run(
+        [
+            sys.executable,
+            "scripts/run_pretrain.py",
+            str(recipe),
+            "--per_device_train_batch_size",
+            "4",
+            "--output_dir",
+            str(root / "one"),
+            "--use_cpu",
+            "true",
+        ]
+    )
     return losses(root / "one")
 
 
@@ -66,9 +101,25 @@ def one_process(setup):
 def test_two_processes_train_like_one_and_save_a_plain_model(stage, setup, one_process):
     root, recipe = setup
     out = root / f"zero{stage}"
-    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         f"accelerate_configs/deepspeed_zero{stage}.yaml", "--num_processes", "2", "--main_process_port", "0",
-         "scripts/run_pretrain.py", str(recipe), "--per_device_train_batch_size", "2", "--output_dir", str(out)])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            f"accelerate_configs/deepspeed_zero{stage}.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "0",
+            "scripts/run_pretrain.py",
+            str(recipe),
+            "--per_device_train_batch_size",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     two = losses(out)
     assert len(two) == len(one_process) == 6
     assert two == pytest.approx(one_process, rel=1e-5)
@@ -81,5 +132,7 @@ def test_two_processes_train_like_one_and_save_a_plain_model(stage, setup, one_p
         "out = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)\n"
         "assert out.shape[1] > ids.shape[1]; print('OK', out.shape[1] - ids.shape[1])\n"
     )
-    result = subprocess.run([sys.executable, "-I", "-c", program], env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", program], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.startswith("OK"), result.stderr[-2000:]

@@ -83,8 +83,12 @@ def test_choices_depend_on_seed_epoch_and_repository_only():
     rates = FimRates()
 
     def render(order, seed=0, epoch=0):
-        return {r["repo_name"]: apply_fim(build_example(r["repo_name"], r["files"], seed, epoch, 0.5), rates, seed, epoch).pieces
-                for r in order}
+        return {
+            r["repo_name"]: apply_fim(
+                build_example(r["repo_name"], r["files"], seed, epoch, 0.5), rates, seed, epoch
+            ).pieces
+            for r in order
+        }
 
     forward = render(repos)
     assert forward == render(list(reversed(repos)))

@@ -75,7 +75,8 @@ def test_logits_are_never_computed_for_more_than_one_chunk():
     model, inputs = tiny_model(), batch(rows=2, length=40)
     rows_seen = []
     model.lm_head.register_forward_hook(
-        lambda module, args, output: rows_seen.append(output.reshape(-1, VOCAB).shape[0]))
+        lambda module, args, output: rows_seen.append(output.reshape(-1, VOCAB).shape[0])
+    )
     enable_chunked_loss(model, 16)
     loss_and_gradients(model, inputs)
     assert rows_seen and max(rows_seen) <= 16
@@ -103,9 +104,18 @@ def test_recipe_key_is_validated():
 def _train_losses(tmp_path, args_class, **extra):
     model = tiny_model(seed=3)
     rows = [{key: value[0] for key, value in batch(seed=s, rows=1).items()} for s in range(8)]
-    args = args_class(output_dir=str(tmp_path / args_class.__name__), max_steps=4, per_device_train_batch_size=2,
-                      logging_steps=1, learning_rate=1e-2, report_to="none", save_strategy="no",
-                      use_cpu=True, seed=0, **extra)
+    args = args_class(
+        output_dir=str(tmp_path / args_class.__name__),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        **extra,
+    )
     trainer = PretrainingTrainer(model=model, args=args, train_dataset=rows)
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

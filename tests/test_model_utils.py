@@ -97,7 +97,10 @@ def test_create_from_scratch_trains_one_step(tokenizer):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad is not None
-    assert create_model(ModelArguments(model_config="test", torch_dtype="bfloat16"), tokenizer=tokenizer).dtype == torch.bfloat16
+    assert (
+        create_model(ModelArguments(model_config="test", torch_dtype="bfloat16"), tokenizer=tokenizer).dtype
+        == torch.bfloat16
+    )
 
 
 def test_load_pretrained_resizes_and_applies_overrides(tmp_path, tokenizer):

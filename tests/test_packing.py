@@ -31,7 +31,7 @@ def test_every_token_appears_in_order_even_beyond_three_windows():
     assert stream[:real].tolist() == [t for r in rows for t in r]
     assert len(packed) == -(-real // seq) and packed.padding_tokens == len(packed) * seq - real
     assert packed.efficiency == pytest.approx(real / (len(packed) * seq))
-    assert (windows[-1]["labels"][seq - packed.padding_tokens:] == IGNORE_INDEX).all()
+    assert (windows[-1]["labels"][seq - packed.padding_tokens :] == IGNORE_INDEX).all()
 
 
 def test_positions_restart_per_example_and_boundaries_are_not_targets():
@@ -59,7 +59,9 @@ def test_shuffled_windows_are_a_permutation_and_collator_flattens():
     plain, shuffled = PackedDataset(dataset, 16, SPECIAL), PackedDataset(dataset, 16, SPECIAL, shuffle_seed=3)
     as_tuples = lambda d: sorted(tuple(d[i]["input_ids"]) for i in range(len(d)))  # noqa: E731
     assert as_tuples(plain) == as_tuples(shuffled)
-    assert [tuple(plain[i]["input_ids"]) for i in range(len(plain))] != [tuple(shuffled[i]["input_ids"]) for i in range(len(plain))]
+    assert [tuple(plain[i]["input_ids"]) for i in range(len(plain))] != [
+        tuple(shuffled[i]["input_ids"]) for i in range(len(plain))
+    ]
     batch = PackedCollator(flatten=True)([plain[0], plain[1]])
     assert batch["input_ids"].shape == (1, 32) and "attention_mask" not in batch
     assert PackedCollator()([plain[0], plain[1]])["position_ids"].shape == (2, 16)
@@ -69,8 +71,16 @@ def test_shuffled_windows_are_a_permutation_and_collator_flattens():
 def test_packed_logits_equal_each_example_alone(attn):
     torch.manual_seed(0)
     config = Starcoder2Config(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, sliding_window=12, bos_token_id=0, eos_token_id=0,
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=12,
+        bos_token_id=0,
+        eos_token_id=0,
         use_cache=False,
     )
     model = Starcoder2ForCausalLM(config).eval()
@@ -84,7 +94,7 @@ def test_packed_logits_equal_each_example_alone(attn):
         start = 0
         for row in rows:
             alone = model(input_ids=torch.tensor([row]), use_cache=False).logits[0]
-            torch.testing.assert_close(logits[start:start + len(row)], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits[start : start + len(row)], alone, atol=1e-5, rtol=1e-5)
             start += len(row)
         # Control: without restarting positions the examples do see each other.
         plain = model(input_ids=window["input_ids"], use_cache=False).logits[0]

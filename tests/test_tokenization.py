@@ -3,9 +3,9 @@
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from starcoder2_train.fim import FimRates, apply_fim
 from starcoder2_train.repo_examples import build_example
 from starcoder2_train.special_tokens import STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
-from starcoder2_train.fim import FimRates, apply_fim
 from starcoder2_train.tokenization import PieceTokenizer
 
 

@@ -21,11 +21,25 @@ run_pretrain = load_script("run_pretrain")
 
 def tiny_recipe(tmp_path, shards, tokenizer_dir, **overrides) -> list[str]:
     values = dict(
-        model_config="test", torch_dtype="float32", attn_implementation="sdpa",
-        dataset_name_or_path=shards, tokenizer_name_or_path=tokenizer_dir, seq_length=64,
-        output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3,
-        warmup_steps=2, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to="none",
-        seed=7, dataloader_num_workers=0, use_cpu=True, disable_tqdm=True,
+        model_config="test",
+        torch_dtype="float32",
+        attn_implementation="sdpa",
+        dataset_name_or_path=shards,
+        tokenizer_name_or_path=tokenizer_dir,
+        seq_length=64,
+        output_dir=str(tmp_path / "out"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        lr_scheduler_type="cosine",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=7,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        disable_tqdm=True,
     )
     values.update(overrides)
     recipe = tmp_path / "recipe.yaml"
@@ -57,43 +71,101 @@ def test_trained_model_infills_with_transformers_alone(tmp_path, tokenizer_dir):
         for f in repo["files"]:
             f["content"] = f["content"].split("\n", 2)[0] + "\n"
     shards = write_repository_shards(tmp_path / "shards", repos, num_files=1)
-    run_pretrain.main(tiny_recipe(tmp_path, shards, tokenizer_dir, max_steps=300, learning_rate=3e-3, fim_rate=1.0, repo_metadata_rate=0.0,
-                                  fim_fragment_rate=1.0, per_device_train_batch_size=8))
+    run_pretrain.main(
+        tiny_recipe(
+            tmp_path,
+            shards,
+            tokenizer_dir,
+            max_steps=300,
+            learning_rate=3e-3,
+            fim_rate=1.0,
+            repo_metadata_rate=0.0,
+            fim_fragment_rate=1.0,
+            per_device_train_batch_size=8,
+        )
+    )
     program = textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained({str(tmp_path / 'out')!r})
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()
+        tok = AutoTokenizer.from_pretrained({str(tmp_path / "out")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "out")!r}).eval()
         ids = lambda s: tok(s, add_special_tokens=False, split_special_tokens=True).input_ids
         t = tok.convert_tokens_to_ids
         stops = [t("<|endoftext|>"), t("<file_sep>")]
-        prompt = [t("<file_sep>"), t("<fim_prefix>"), *ids("def add(a, b"), t("<fim_suffix>"), *ids(" a + b\\n"), t("<fim_middle>")]
+        prompt = [t("<file_sep>"), t("<fim_prefix>"), *ids("def add(a, b"), t("<fim_suffix>"), *ids(" a + b\\n"),
+                  t("<fim_middle>")]
         out = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=stops,
                              pad_token_id=stops[0])[0, len(prompt):].tolist()
         print("GENERATED", len(out), out[-1] in stops, repr(tok.decode(out)))
     """)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")  # transformers alone: no project code importable
-    result = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", program], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("GENERATED"))
     _, count, stopped, _text = line.split(" ", 3)
     assert int(count) >= 2 and stopped == "True", line
 
 
-@pytest.mark.parametrize("recipe,expected", [
-    ("starcoder2-3b/pretrain.yaml", {"parameters": 3_030_371_328, "num_hidden_layers": 30, "hidden_size": 3072,
-                                      "num_attention_heads": 24, "num_key_value_heads": 2, "intermediate_size": 12288}),
-    ("starcoder2-7b/pretrain.yaml", {"parameters": 7_173_923_840, "num_hidden_layers": 32, "hidden_size": 4608,
-                                      "num_attention_heads": 36, "num_key_value_heads": 4, "intermediate_size": 18432}),
-    ("starcoder2-15b/pretrain.yaml", {"parameters": 15_957_889_024, "num_hidden_layers": 40, "hidden_size": 6144,
-                                       "num_attention_heads": 48, "num_key_value_heads": 4, "intermediate_size": 24576}),
-])
+@pytest.mark.parametrize(
+    "recipe,expected",
+    [
+        (
+            "starcoder2-3b/pretrain.yaml",
+            {
+                "parameters": 3_030_371_328,
+                "num_hidden_layers": 30,
+                "hidden_size": 3072,
+                "num_attention_heads": 24,
+                "num_key_value_heads": 2,
+                "intermediate_size": 12288,
+            },
+        ),
+        (
+            "starcoder2-7b/pretrain.yaml",
+            {
+                "parameters": 7_173_923_840,
+                "num_hidden_layers": 32,
+                "hidden_size": 4608,
+                "num_attention_heads": 36,
+                "num_key_value_heads": 4,
+                "intermediate_size": 18432,
+            },
+        ),
+        (
+            "starcoder2-15b/pretrain.yaml",
+            {
+                "parameters": 15_957_889_024,
+                "num_hidden_layers": 40,
+                "hidden_size": 6144,
+                "num_attention_heads": 48,
+                "num_key_value_heads": 4,
+                "intermediate_size": 24576,
+            },
+        ),
+    ],
+)
 def test_dry_run_reports_the_released_model(recipe, expected, tokenizer_dir, tmp_path, capsys):
-    assert run_pretrain.main([str(ROOT / "recipes" / recipe), "--dry_run", "true", "--tokenizer_name_or_path",
-                              tokenizer_dir, "--dataset_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "o")]) is None
+    assert (
+        run_pretrain.main(
+            [
+                str(ROOT / "recipes" / recipe),
+                "--dry_run",
+                "true",
+                "--tokenizer_name_or_path",
+                tokenizer_dir,
+                "--dataset_name_or_path",
+                str(tmp_path),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        is None
+    )
     printed = capsys.readouterr().out
     assert f"parameters: {expected.pop('parameters'):,}" in printed
-    config = json.loads(next(line for line in printed.splitlines() if line.startswith("config: "))[len("config: "):])
+    config = json.loads(next(line for line in printed.splitlines() if line.startswith("config: "))[len("config: ") :])
     for key, value in expected.items():
         assert config[key] == value, key
     assert (config["vocab_size"], config["sliding_window"], config["max_position_embeddings"]) == (49152, 4096, 16384)
@@ -104,18 +176,26 @@ def test_dry_run_reports_the_released_model(recipe, expected, tokenizer_dir, tmp
 def test_long_context_recipe_sets_16k_and_rope_theta(tmp_path, tokenizer_dir, capsys):
     from starcoder2_train.configs import RecipeParser
 
-    model_args, data_args, _ = RecipeParser().parse([str(ROOT / "recipes/starcoder2-3b/long_context.yaml"), "--dry_run", "true"])
+    model_args, data_args, _ = RecipeParser().parse(
+        [str(ROOT / "recipes/starcoder2-3b/long_context.yaml"), "--dry_run", "true"]
+    )
     assert (data_args.seq_length, model_args.rope_theta, model_args.max_position_embeddings) == (16384, 1e6, 16384)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["--seq_lenght", "64"], "unknown key 'seq_lenght' in the command line. Did you mean 'seq_length'?"),
-    (["--seq_length", "5000"], "seq_length: 5000 exceeds the model's max_position_embeddings"),
-    (["--fim_rate", "1.5"], "fim_rate: must be a probability"),
-    (["--model_config", "starcoder2-3b", "--tokenizer_name_or_path", "LARGE"], "tokenizer_name_or_path: the tokenizer has"),
-    (["--tokenizer_name_or_path", "NOFIM"], "lacks the special token"),
-    (["--attn_implementation", "flash"], "attn_implementation: 'flash' is not one of"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--seq_lenght", "64"], "unknown key 'seq_lenght' in the command line. Did you mean 'seq_length'?"),
+        (["--seq_length", "5000"], "seq_length: 5000 exceeds the model's max_position_embeddings"),
+        (["--fim_rate", "1.5"], "fim_rate: must be a probability"),
+        (
+            ["--model_config", "starcoder2-3b", "--tokenizer_name_or_path", "LARGE"],
+            "tokenizer_name_or_path: the tokenizer has",
+        ),
+        (["--tokenizer_name_or_path", "NOFIM"], "lacks the special token"),
+        (["--attn_implementation", "flash"], "attn_implementation: 'flash' is not one of"),
+    ],
+)
 def test_bad_recipes_fail_before_training_naming_the_key(overrides, message, tmp_path, code_shards, tokenizer_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -125,10 +205,16 @@ def test_bad_recipes_fail_before_training_naming_the_key(overrides, message, tmp
         if word in ("LARGE", "NOFIM"):
             backend = Tokenizer(models.BPE())
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tokens = ["<|endoftext|>"] + (["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<repo_name>",
-                                           "<file_sep>"] + [f"<extra_{i}>" for i in range(50_000)] if word == "LARGE" else [])
+            tokens = ["<|endoftext|>"] + (
+                ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<repo_name>", "<file_sep>"]
+                + [f"<extra_{i}>" for i in range(50_000)]
+                if word == "LARGE"
+                else []
+            )
             backend.add_special_tokens(tokens)
-            PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path / word)
+            PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(
+                tmp_path / word
+            )
             word = str(tmp_path / word)
         words.append(word)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
@@ -140,10 +226,21 @@ def test_recipe_evaluates_writes_a_model_card_and_dry_runs_the_upload(tmp_path, 
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM
 
-    trainer = run_pretrain.main(tiny_recipe(
-        tmp_path, code_shards, tokenizer_dir, max_steps=6, eval_fraction=0.2, eval_strategy="steps", eval_steps=3,
-        fim_eval_problems=8, push_to_hub=True, hub_model_id="me/tiny-starcoder2", hub_dry_run_dir=str(tmp_path / "upload"),
-    ))
+    trainer = run_pretrain.main(
+        tiny_recipe(
+            tmp_path,
+            code_shards,
+            tokenizer_dir,
+            max_steps=6,
+            eval_fraction=0.2,
+            eval_strategy="steps",
+            eval_steps=3,
+            fim_eval_problems=8,
+            push_to_hub=True,
+            hub_model_id="me/tiny-starcoder2",
+            hub_dry_run_dir=str(tmp_path / "upload"),
+        )
+    )
     logged = {key for entry in trainer.state.log_history for key in entry}
     assert {"eval_loss", "eval_loss/loss", "eval_fim/exact_match"} <= logged
     assert any(key.startswith("eval_loss/loss/") for key in logged)  # per language

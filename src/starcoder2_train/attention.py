@@ -56,8 +56,12 @@ def document_boundaries(position_ids: torch.Tensor) -> dict:
     total = torch.tensor([batch * seq], device=starts.device)
     cu_seq_lens = torch.cat([starts, total]).to(torch.int32)
     max_length = int(cu_seq_lens.diff().max())
-    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": max_length,
-            "max_length_k": max_length}
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }
 
 
 class DocumentBoundaryCollator:
@@ -95,9 +99,20 @@ def _varlen_reference(query, key, value, cu_seq_lens, dropout, scale, window_lef
 
 
 @torch.compiler.disable  # compiled layers break the graph here: document lengths change with every batch
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, sliding_window: int | None = None,
-                             position_ids=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    position_ids=None,
+    cu_seq_lens_q=None,
+    max_length_q=None,
+    **kwargs,
+):
     """transformers attention function: (batch, heads, seq, dim) inputs → ((batch, seq, heads, dim), None)."""
     if attention_mask is not None or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
@@ -114,8 +129,18 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     window_left = sliding_window - 1 if sliding_window is not None and sliding_window < max_length_q else -1
     if query.device.type == "cuda":
         out = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, dropout, True, False,
-            scale=scaling, window_size_left=window_left if window_left >= 0 else None,
+            q,
+            k,
+            v,
+            cu_seq_lens_q,
+            cu_seq_lens_q,
+            max_length_q,
+            max_length_q,
+            dropout,
+            True,
+            False,
+            scale=scaling,
+            window_size_left=window_left if window_left >= 0 else None,
             window_size_right=0 if window_left >= 0 else None,
         )[0]
     else:
@@ -124,9 +149,19 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
 
 @torch.compiler.disable  # a Python loop over blocks: keep it out of compiled graphs
-def blocked_sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                                   scaling: float | None = None, sliding_window: int | None = None,
-                                   position_ids=None, block_size: int | None = None, **kwargs):
+def blocked_sdpa_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    position_ids=None,
+    block_size: int | None = None,
+    **kwargs,
+):
     """transformers attention function: sdpa over query blocks, each with the keys its window reaches."""
     if attention_mask is not None or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
@@ -151,10 +186,17 @@ def blocked_sdpa_attention_forward(module, query, key, value, attention_mask, dr
             allowed = allowed & (k_pos > q_pos - window)
         same_document = documents[:, q_begin:q_end, None] == documents[:, None, k_begin:q_end]
         mask = (allowed & same_document)[:, None]  # (batch, 1, block, keys)
-        outputs.append(nn.functional.scaled_dot_product_attention(
-            query[:, :, q_begin:q_end], key[:, :, k_begin:q_end], value[:, :, k_begin:q_end], attn_mask=mask,
-            dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != heads,
-        ))
+        outputs.append(
+            nn.functional.scaled_dot_product_attention(
+                query[:, :, q_begin:q_end],
+                key[:, :, k_begin:q_end],
+                value[:, :, k_begin:q_end],
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+                enable_gqa=key.shape[1] != heads,
+            )
+        )
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -162,8 +204,9 @@ def mask_only_when_needed(*, q_length: int, kv_length: int, attention_mask=None,
     """transformers mask function: None for a full, uncached batch (the kernels mask by themselves), else sdpa's."""
     if attention_mask is None and q_length == kv_length and q_offset == 0:
         return None
-    return sdpa_mask(q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, q_offset=q_offset,
-                     **kwargs)
+    return sdpa_mask(
+        q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, q_offset=q_offset, **kwargs
+    )
 
 
 def register_attention() -> None:

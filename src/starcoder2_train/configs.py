@@ -29,25 +29,33 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Checkpoint to continue pretraining or fine-tune: a local directory or a Hub id "
-                  "(for example bigcode/starcoder2-3b). Leave unset to pretrain from `model_config`."},
+        metadata={
+            "help": "Checkpoint to continue pretraining or fine-tune: a local directory or a Hub id "
+            "(for example bigcode/starcoder2-3b). Leave unset to pretrain from `model_config`."
+        },
     )
     model_config: str | None = field(
         default=None,
-        metadata={"help": "Architecture for pretraining from scratch: a preset name (starcoder2-3b, "
-                  "starcoder2-7b, starcoder2-15b, tiny, test) or the path of a config.json."},
+        metadata={
+            "help": "Architecture for pretraining from scratch: a preset name (starcoder2-3b, "
+            "starcoder2-7b, starcoder2-15b, tiny, test) or the path of a config.json."
+        },
     )
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
     torch_dtype: str = field(
         default="float32",
-        metadata={"help": "dtype of the weights as loaded or created: float32 (default: master weights for mixed "
-                  "precision, with `bf16: true` computing in bfloat16), bfloat16, float16 or auto."},
+        metadata={
+            "help": "dtype of the weights as loaded or created: float32 (default: master weights for mixed "
+            "precision, with `bf16: true` computing in bfloat16), bfloat16, float16 or auto."
+        },
     )
     attn_implementation: str = field(
         default="auto",
-        metadata={"help": "Attention kernel. auto: flash_attention_2 when flash-attn is installed and CUDA is "
-                  "available, else sdpa. sdpa_varlen (CUDA) and sdpa_blocked keep packed documents apart without "
-                  f"an s×s mask (attention.py). One of {', '.join(ATTENTION_CHOICES)}."},
+        metadata={
+            "help": "Attention kernel. auto: flash_attention_2 when flash-attn is installed and CUDA is "
+            "available, else sdpa. sdpa_varlen (CUDA) and sdpa_blocked keep packed documents apart without "
+            f"an s×s mask (attention.py). One of {', '.join(ATTENTION_CHOICES)}."
+        },
     )
     rope_theta: float | None = field(
         default=None, metadata={"help": "Override the RoPE base (the long-context stage uses 1e6)."}
@@ -84,8 +92,10 @@ class DataArguments:
 
     dataset_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Stack v2-format parquet shards: a local directory (as written by scripts/ingest.py) "
-                  "or a Hub dataset id. Either per-repository rows with a `files` list, or per-file rows."},
+        metadata={
+            "help": "Stack v2-format parquet shards: a local directory (as written by scripts/ingest.py) "
+            "or a Hub dataset id. Either per-repository rows with a `files` list, or per-file rows."
+        },
     )
     data_dir: str | None = field(
         default=None, metadata={"help": "Sub-directory of the dataset to read, e.g. data/Python on the Hub."}
@@ -98,16 +108,18 @@ class DataArguments:
     )
     eval_fraction: float = field(
         default=0.0,
-        metadata={"help": "Share of repositories held out for evaluation when eval_data_files is unset, chosen "
-                  "by a hash of the repository name (stable across runs, shards and num_proc)."},
+        metadata={
+            "help": "Share of repositories held out for evaluation when eval_data_files is unset, chosen "
+            "by a hash of the repository name (stable across runs, shards and num_proc)."
+        },
     )
     languages: list[str] | None = field(
-        default=None, metadata={"help": "Keep only files in these languages (Stack v2 names, e.g. Python). "
-                                "Unset: all languages."}
+        default=None,
+        metadata={"help": "Keep only files in these languages (Stack v2 names, e.g. Python). Unset: all languages."},
     )
     license_types: list[str] | None = field(
-        default=None, metadata={"help": "Keep only files whose license_type is listed (permissive, no_license). "
-                                "Unset: all."}
+        default=None,
+        metadata={"help": "Keep only files whose license_type is listed (permissive, no_license). Unset: all."},
     )
     exclude_vendor: bool = field(default=True, metadata={"help": "Drop files marked is_vendor."})
     exclude_generated: bool = field(default=True, metadata={"help": "Drop files marked is_generated."})
@@ -119,8 +131,10 @@ class DataArguments:
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer with StarCoder2's special tokens: a local directory or a Hub id. "
-                  "Defaults to model_name_or_path."},
+        metadata={
+            "help": "Tokenizer with StarCoder2's special tokens: a local directory or a Hub id. "
+            "Defaults to model_name_or_path."
+        },
     )
     seq_length: int = field(default=4096, metadata={"help": "Tokens per packed training sequence."})
     fim_rate: float = field(
@@ -137,8 +151,10 @@ class DataArguments:
     )
     cross_document_attention: bool = field(
         default=False,
-        metadata={"help": "false: position_ids restart at each example so that packed examples cannot attend to "
-                  "each other. true: plain concatenation (examples attend across boundaries)."},
+        metadata={
+            "help": "false: position_ids restart at each example so that packed examples cannot attend to "
+            "each other. true: plain concatenation (examples attend across boundaries)."
+        },
     )
     num_proc: int | None = field(
         default=None, metadata={"help": "Processes for preprocessing on this machine (datasets.map num_proc)."}
@@ -151,8 +167,10 @@ class DataArguments:
     )
     prepared_data_dir: str | None = field(
         default=None,
-        metadata={"help": "Directory of token shards written by scripts/prepare_data.py; when set, training "
-                  "reads it instead of preprocessing."},
+        metadata={
+            "help": "Directory of token shards written by scripts/prepare_data.py; when set, training "
+            "reads it instead of preprocessing."
+        },
     )
 
     def __post_init__(self):
@@ -171,9 +189,7 @@ class DataArguments:
         if self.num_proc is not None and self.num_proc < 1:
             raise RecipeError(f"num_proc: must be at least 1, got {self.num_proc}.")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise RecipeError(
-                f"shard_index: must be in [0, num_shards={self.num_shards}), got {self.shard_index}."
-            )
+            raise RecipeError(f"shard_index: must be in [0, num_shards={self.num_shards}), got {self.shard_index}.")
         if self.max_repositories is not None and self.max_repositories < 1:
             raise RecipeError(f"max_repositories: must be at least 1, got {self.max_repositories}.")
 
@@ -184,52 +200,68 @@ class PretrainingArguments(TrainingArguments):
 
     train_sampling_strategy: str = field(
         default="sequential",
-        metadata={"help": "The packed dataset shuffles its windows itself (seeded), so the trainer reads them in "
-                  "order: resuming continues exactly where a run stopped, and inspect_data shows what training sees."},
+        metadata={
+            "help": "The packed dataset shuffles its windows itself (seeded), so the trainer reads them in "
+            "order: resuming continues exactly where a run stopped, and inspect_data shows what training sees."
+        },
     )
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Loggers: tensorboard (default), wandb, trackio, none."}
     )
     eval_tasks: list[str] = field(
         default_factory=lambda: ["loss", "fim"],
-        metadata={"help": "Tasks run on the held-out repositories at every evaluation (eval_strategy/eval_steps): "
-                  "loss (per language) and fim (single-line exact match). HumanEval runs in scripts/evaluate.py."},
+        metadata={
+            "help": "Tasks run on the held-out repositories at every evaluation (eval_strategy/eval_steps): "
+            "loss (per language) and fim (single-line exact match). HumanEval runs in scripts/evaluate.py."
+        },
     )
     fim_eval_problems: int = field(
         default=200, metadata={"help": "Single-line FIM problems built from held-out files for each evaluation."}
     )
     hub_dry_run_dir: str | None = field(
         default=None,
-        metadata={"help": "With push_to_hub: write exactly the folder that would be uploaded here instead of "
-                  "uploading (check it offline, then push it with huggingface-cli upload)."},
+        metadata={
+            "help": "With push_to_hub: write exactly the folder that would be uploaded here instead of "
+            "uploading (check it offline, then push it with huggingface-cli upload)."
+        },
     )
     dry_run: bool = field(
         default=False,
-        metadata={"help": "Validate the recipe, build the model on the meta device, print its size, tokens per "
-                  "optimizer step and a memory estimate per GPU, then exit without training."},
+        metadata={
+            "help": "Validate the recipe, build the model on the meta device, print its size, tokens per "
+            "optimizer step and a memory estimate per GPU, then exit without training."
+        },
     )
     loss_chunk_size: int = field(
         default=0,
-        metadata={"help": "Positions per chunk of the training loss (loss.py): lm_head and cross-entropy run this "
-                  "many tokens at a time and the backward recomputes each chunk's logits, so the fp32 logits of the "
-                  "whole batch (3.2 GB per 16k-token sequence at StarCoder2's vocabulary) never exist. 0: "
-                  "transformers' loss over all logits at once."},
+        metadata={
+            "help": "Positions per chunk of the training loss (loss.py): lm_head and cross-entropy run this "
+            "many tokens at a time and the backward recomputes each chunk's logits, so the fp32 logits of the "
+            "whole batch (3.2 GB per 16k-token sequence at StarCoder2's vocabulary) never exist. 0: "
+            "transformers' loss over all logits at once."
+        },
     )
     gradient_checkpointing_layers: int | None = field(
         default=None,
-        metadata={"help": "With gradient_checkpointing: checkpoint only the first N decoder layers and keep the "
-                  "others' activations; each layer left out saves recomputing its forward (about 1/3 of its "
-                  "training FLOPs). Unset: every layer (or every_n_layers of gradient_checkpointing_kwargs)."},
+        metadata={
+            "help": "With gradient_checkpointing: checkpoint only the first N decoder layers and keep the "
+            "others' activations; each layer left out saves recomputing its forward (about 1/3 of its "
+            "training FLOPs). Unset: every layer (or every_n_layers of gradient_checkpointing_kwargs)."
+        },
     )
     compile_layers: bool = field(
         default=False,
-        metadata={"help": "torch.compile each decoder layer (regional compilation: the layers share one compiled "
-                  "graph, so the first step compiles one layer rather than the whole model as torch_compile does)."},
+        metadata={
+            "help": "torch.compile each decoder layer (regional compilation: the layers share one compiled "
+            "graph, so the first step compiles one layer rather than the whole model as torch_compile does)."
+        },
     )
     peak_flops: float | None = field(
         default=None,
-        metadata={"help": "Dense bf16 peak FLOP/s of one device, for the mfu_causal log field. Unset: looked up from "
-                  "the GPU's name (A100, H100, H200); on a CPU no MFU is logged."},
+        metadata={
+            "help": "Dense bf16 peak FLOP/s of one device, for the mfu_causal log field. Unset: looked up from "
+            "the GPU's name (A100, H100, H200); on a CPU no MFU is logged."
+        },
     )
 
     def __post_init__(self):

@@ -20,8 +20,8 @@ from .configs import DataArguments, RecipeError
 from .fim import FimRates, apply_fim
 from .packing import PackedDataset
 from .repo_examples import build_example
-from .stack_v2 import SkipReport, load_repositories, repository_split, shard_repositories
 from .special_tokens import SpecialTokenIds
+from .stack_v2 import SkipReport, load_repositories, repository_split, shard_repositories
 from .tokenization import PieceTokenizer
 
 logger = logging.getLogger(__name__)
@@ -66,22 +66,39 @@ def _fingerprint(*parts) -> str:
     return digest.hexdigest()[:32]
 
 
-def tokenize_repositories(repositories: datasets.Dataset, tokenizer, data_args: DataArguments, seed: int,
-                          epoch: int = 0, tokenizer_name: str = "the tokenizer") -> datasets.Dataset:
+def tokenize_repositories(
+    repositories: datasets.Dataset,
+    tokenizer,
+    data_args: DataArguments,
+    seed: int,
+    epoch: int = 0,
+    tokenizer_name: str = "the tokenizer",
+) -> datasets.Dataset:
     """Examples, FIM and tokens for every repository row, cached by datasets under an explicit fingerprint."""
     piece_tokenizer = PieceTokenizer(tokenizer, tokenizer_name)
     transform = ExampleTransform(
         tokenizer=piece_tokenizer,
         rates=FimRates(data_args.fim_rate, data_args.fim_fragment_rate, data_args.fim_spm_rate),
-        repo_metadata_rate=data_args.repo_metadata_rate, seed=seed, epoch=epoch,
+        repo_metadata_rate=data_args.repo_metadata_rate,
+        seed=seed,
+        epoch=epoch,
     )
     fingerprint = _fingerprint(
-        "token-rows-v2", repositories._fingerprint, piece_tokenizer.backend.to_str(),
-        asdict(transform.rates), data_args.repo_metadata_rate, seed, epoch,
+        "token-rows-v2",
+        repositories._fingerprint,
+        piece_tokenizer.backend.to_str(),
+        asdict(transform.rates),
+        data_args.repo_metadata_rate,
+        seed,
+        epoch,
     )
     return repositories.map(
-        transform, batched=True, batch_size=64, num_proc=data_args.num_proc,
-        remove_columns=repositories.column_names, new_fingerprint=fingerprint,
+        transform,
+        batched=True,
+        batch_size=64,
+        num_proc=data_args.num_proc,
+        remove_columns=repositories.column_names,
+        new_fingerprint=fingerprint,
         desc=f"examples + FIM + tokens (epoch {epoch})",
     )
 
@@ -107,14 +124,20 @@ class DataReport:
     def of(cls, token_rows: datasets.Dataset, packed: PackedDataset, skips: SkipReport) -> "DataReport":
         columns = token_rows.select_columns(["num_files", "num_fim_psm", "num_fim_spm"]).to_pandas().sum()
         return cls(
-            repositories=len(token_rows), files=int(columns["num_files"]), files_fim_psm=int(columns["num_fim_psm"]),
-            files_fim_spm=int(columns["num_fim_spm"]), tokens=packed.total_tokens, windows=len(packed),
-            padding_tokens=packed.padding_tokens, skipped=skips.as_dict(),
+            repositories=len(token_rows),
+            files=int(columns["num_files"]),
+            files_fim_psm=int(columns["num_fim_psm"]),
+            files_fim_spm=int(columns["num_fim_spm"]),
+            tokens=packed.total_tokens,
+            windows=len(packed),
+            padding_tokens=packed.padding_tokens,
+            skipped=skips.as_dict(),
         )
 
     def summary_lines(self) -> list[str]:
         lines = [
-            f"repositories: {self.repositories:,}", f"files: {self.files:,}",
+            f"repositories: {self.repositories:,}",
+            f"files: {self.files:,}",
             f"files FIM-transformed: {self.files_fim_psm:,} PSM, {self.files_fim_spm:,} SPM",
             f"tokens: {self.tokens:,} in {self.windows:,} windows",
             f"packing efficiency: {100 * self.packing_efficiency:.3f}% real tokens "
@@ -135,13 +158,16 @@ def load_split_repositories(data_args: DataArguments, split: str = "train"):
     return (None if split == "eval" else repositories), skips
 
 
-def load_token_rows(data_args: DataArguments, tokenizer, seed: int, epoch: int = 0,
-                    split: str = "train") -> tuple[datasets.Dataset, SkipReport]:
+def load_token_rows(
+    data_args: DataArguments, tokenizer, seed: int, epoch: int = 0, split: str = "train"
+) -> tuple[datasets.Dataset, SkipReport]:
     """Token rows of one split, from prepared shards when `prepared_data_dir` is set, else from the raw shards."""
     if data_args.prepared_data_dir is not None:
         if split == "eval" and not os.path.isdir(os.path.join(data_args.prepared_data_dir, "eval")):
             return None, SkipReport()
-        return load_prepared(data_args.prepared_data_dir, split, epoch), SkipReport.load(data_args.prepared_data_dir, split)
+        return load_prepared(data_args.prepared_data_dir, split, epoch), SkipReport.load(
+            data_args.prepared_data_dir, split
+        )
     repositories, skips = load_split_repositories(data_args, split)
     if repositories is None:
         return None, skips
@@ -149,8 +175,10 @@ def load_token_rows(data_args: DataArguments, tokenizer, seed: int, epoch: int =
     if split == "eval" and len(repositories) == 0:
         return None, skips
     if len(repositories) == 0:
-        raise RecipeError(f"dataset_name_or_path: no repository left for the {split} split after filtering "
-                          f"({'; '.join(skips.summary_lines())}). Loosen languages/license_types/max_file_bytes.")
+        raise RecipeError(
+            f"dataset_name_or_path: no repository left for the {split} split after filtering "
+            f"({'; '.join(skips.summary_lines())}). Loosen languages/license_types/max_file_bytes."
+        )
     tokenizer_name = data_args.tokenizer_name_or_path or "the tokenizer"
     return tokenize_repositories(repositories, tokenizer, data_args, seed, epoch, tokenizer_name), skips
 
@@ -167,19 +195,24 @@ def load_prepared(directory: str, split: str, epoch: int) -> datasets.Dataset:
     names = sorted(os.listdir(root))
     expected = int(names[0].rsplit("-", 1)[1]) if names else 0
     if not names or len(names) != expected:
-        raise RecipeError(f"prepared_data_dir: {root} holds {len(names)} of {expected} shards; "
-                          "run scripts/prepare_data.py for the missing --shard_index values.")
+        raise RecipeError(
+            f"prepared_data_dir: {root} holds {len(names)} of {expected} shards; "
+            "run scripts/prepare_data.py for the missing --shard_index values."
+        )
     return datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(root, n)) for n in names])
 
 
-def build_packed_dataset(data_args: DataArguments, tokenizer, seed: int, epoch: int = 0, split: str = "train",
-                         shuffle: bool = True):
+def build_packed_dataset(
+    data_args: DataArguments, tokenizer, seed: int, epoch: int = 0, split: str = "train", shuffle: bool = True
+):
     """(PackedDataset, DataReport) for one split and epoch; (None, None) when the split has no data."""
     token_rows, skips = load_token_rows(data_args, tokenizer, seed, epoch, split)
     if token_rows is None:
         return None, None
     packed = PackedDataset(
-        token_rows, data_args.seq_length, SpecialTokenIds.from_tokenizer(tokenizer),
+        token_rows,
+        data_args.seq_length,
+        SpecialTokenIds.from_tokenizer(tokenizer),
         cross_document_attention=data_args.cross_document_attention,
         shuffle_seed=(seed * 1_000_003 + epoch) if shuffle else None,
     )
@@ -188,7 +221,11 @@ def build_packed_dataset(data_args: DataArguments, tokenizer, seed: int, epoch: 
 
 def windows_per_step(training_args) -> int:
     """Packed windows consumed by one optimizer step across all processes."""
-    return training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    return (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+    )
 
 
 def build_training_data(data_args: DataArguments, tokenizer, training_args):

@@ -37,7 +37,14 @@ def fim_file(header: str, content: str, cut_a: int, cut_b: int, spm: bool) -> li
     prefix, middle, suffix = header + content[:cut_a], content[cut_a:cut_b], content[cut_b:]
     if spm:
         return [(True, FIM_PREFIX), (True, FIM_SUFFIX), (False, suffix), (True, FIM_MIDDLE), (False, prefix + middle)]
-    return [(True, FIM_PREFIX), (False, prefix), (True, FIM_SUFFIX), (False, suffix), (True, FIM_MIDDLE), (False, middle)]
+    return [
+        (True, FIM_PREFIX),
+        (False, prefix),
+        (True, FIM_SUFFIX),
+        (False, suffix),
+        (True, FIM_MIDDLE),
+        (False, middle),
+    ]
 
 
 def apply_fim(example: RepoExample, rates: FimRates, seed: int, epoch: int) -> FimResult:

@@ -50,7 +50,9 @@ VCS_DIRECTORIES = {".git", ".hg", ".svn", ".bzr", "CVS", "_darcs", ".jj"}
 CACHE_DIRECTORIES = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".tox", ".ipynb_checkpoints"}
 VENDOR_DIRECTORIES = {"vendor", "vendors", "third_party", "third-party", "thirdparty", "3rdparty", "node_modules"}
 GENERATED_NAME = re.compile(r"(_pb2(_grpc)?\.pyi?|\.pb\.(go|cc|h)|\.min\.(js|css)|package-lock\.json)$")
-GENERATED_HEADER = re.compile(r"auto-?generated|automatically generated|@generated|do not edit|generated (by|from)", re.I)
+GENERATED_HEADER = re.compile(
+    r"auto-?generated|automatically generated|@generated|do not edit|generated (by|from)", re.I
+)
 LICENSE_FILE = re.compile(r"(licen[cs]e|copying|unlicense)([.\-_][\w.\-]*)?", re.I)
 SUMMARY_FILE = "ingest_summary.json"
 

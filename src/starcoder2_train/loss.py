@@ -77,11 +77,27 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int) -> nn.Module:
     original_forward = model.forward
     decoder = getattr(model, model.base_model_prefix)
 
-    def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         # Only arguments given are passed on (transformers warns about some that are passed even as None).
-        given = {key: value for key, value in (("past_key_values", past_key_values), ("inputs_embeds", inputs_embeds),
-                                               ("use_cache", use_cache)) if value is not None}
+        given = {
+            key: value
+            for key, value in (
+                ("past_key_values", past_key_values),
+                ("inputs_embeds", inputs_embeds),
+                ("use_cache", use_cache),
+            )
+            if value is not None
+        }
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **given)
         if labels is None or not model.training:
             return original_forward(**inputs, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
@@ -89,8 +105,12 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int) -> nn.Module:
         shift_labels = kwargs.pop("shift_labels", None)
         outputs = decoder(**inputs, **kwargs)
         loss = chunked_causal_lm_loss(
-            outputs.last_hidden_state, model.get_output_embeddings(), labels, chunk_size,
-            num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
+            outputs.last_hidden_state,
+            model.get_output_embeddings(),
+            labels,
+            chunk_size,
+            num_items_in_batch=num_items_in_batch,
+            shift_labels=shift_labels,
         )
         return CausalLMOutputWithPast(loss=loss)  # training keeps no cache
 

@@ -19,7 +19,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Starcoder2Config
 
-from . import attention  # noqa: F401  (registers sdpa_varlen and sdpa_blocked with transformers)
+from . import attention as _registers_attention  # noqa: F401  (sdpa_varlen, sdpa_blocked)
 from .configs import ModelArguments, RecipeError
 from .special_tokens import SpecialTokenIds
 

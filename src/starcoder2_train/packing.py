@@ -31,8 +31,14 @@ class PackedDataset(torch.utils.data.Dataset):
     and a resumed run continues exactly where it stopped.
     """
 
-    def __init__(self, token_rows, seq_length: int, special: SpecialTokenIds,
-                 cross_document_attention: bool = False, shuffle_seed: int | None = None):
+    def __init__(
+        self,
+        token_rows,
+        seq_length: int,
+        special: SpecialTokenIds,
+        cross_document_attention: bool = False,
+        shuffle_seed: int | None = None,
+    ):
         self.seq_length = seq_length
         self.special = special
         self.cross_document_attention = cross_document_attention
@@ -106,7 +112,10 @@ class PackedCollator:
         self.flatten = flatten
 
     def __call__(self, windows: list[dict]) -> dict:
-        batch = {key: torch.from_numpy(np.stack([w[key] for w in windows])) for key in ("input_ids", "labels", "position_ids")}
+        batch = {
+            key: torch.from_numpy(np.stack([w[key] for w in windows]))
+            for key in ("input_ids", "labels", "position_ids")
+        }
         if self.flatten:
             batch = {key: value.reshape(1, -1) for key, value in batch.items()}
         return batch

@@ -15,13 +15,39 @@ REPO_NAME = "<repo_name>"
 FILE_SEP = "<file_sep>"
 
 STARCODER2_SPECIAL_TOKENS = [
-    EOS_TOKEN, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, REPO_NAME, FILE_SEP,
-    "<issue_start>", "<issue_comment>", "<issue_closed>",
-    "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>",
-    "<empty_output>", "<code_to_intermediate>", "<intermediate_to_code>",
-    "<pr>", "<pr_status>", "<pr_is_merged>", "<pr_base>", "<pr_file>", "<pr_base_code>", "<pr_diff>",
-    "<pr_diff_hunk>", "<pr_comment>", "<pr_event_id>", "<pr_review>", "<pr_review_state>",
-    "<pr_review_comment>", "<pr_in_reply_to_review_id>", "<pr_in_reply_to_comment_id>",
+    EOS_TOKEN,
+    FIM_PREFIX,
+    FIM_MIDDLE,
+    FIM_SUFFIX,
+    FIM_PAD,
+    REPO_NAME,
+    FILE_SEP,
+    "<issue_start>",
+    "<issue_comment>",
+    "<issue_closed>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<jupyter_script>",
+    "<empty_output>",
+    "<code_to_intermediate>",
+    "<intermediate_to_code>",
+    "<pr>",
+    "<pr_status>",
+    "<pr_is_merged>",
+    "<pr_base>",
+    "<pr_file>",
+    "<pr_base_code>",
+    "<pr_diff>",
+    "<pr_diff_hunk>",
+    "<pr_comment>",
+    "<pr_event_id>",
+    "<pr_review>",
+    "<pr_review_state>",
+    "<pr_review_comment>",
+    "<pr_in_reply_to_review_id>",
+    "<pr_in_reply_to_comment_id>",
     "<pr_diff_hunk_comment_line>",
 ]
 
@@ -60,5 +86,6 @@ class SpecialTokenIds:
         return cls(*ids)
 
     def as_set(self) -> frozenset:
-        return frozenset((self.eos, self.fim_prefix, self.fim_middle, self.fim_suffix,
-                          self.fim_pad, self.repo_name, self.file_sep))
+        return frozenset(
+            (self.eos, self.fim_prefix, self.fim_middle, self.fim_suffix, self.fim_pad, self.repo_name, self.file_sep)
+        )
