@@ -37,5 +37,13 @@ quality: install
 	$(BIN)/ruff check src scripts tests
 	$(BIN)/ruff format --check src scripts tests
 
+# Throughput figures (docs/benchmarks.md): the data pipeline, then training against the plain path, on the
+# quickstart's data and tokenizer (run `make quickstart` first).
+benchmark: install
+	RAYON_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark_data.py
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark.py --recipe recipes/tiny/pretrain.yaml --seq_length 4096 \
+		--per_device_train_batch_size 2 --steps 3 --warmup 1 --baseline \
+		--dataset_name_or_path $(QUICKSTART)/data --tokenizer_name_or_path $(QUICKSTART)/tokenizer
+
 clean:
 	rm -rf $(QUICKSTART) .pytest_cache
