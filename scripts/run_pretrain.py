@@ -150,11 +150,13 @@ def main(argv=None):
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
-    # Save: a plain Hugging Face model directory (weights gathered to 16 bits under ZeRO-3).
+    # Save: a plain Hugging Face model directory (weights gathered to 16 bits under ZeRO-3), saved with
+    # use_cache on for generation.
     trainer.model.config.use_cache = True
     if trainer.is_fsdp_enabled:  # FSDP saves sharded state during training; the final model is one file
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
+    trainer.model.config.use_cache = False  # packed evaluation needs it off (packing.py)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
         logger.info("saved the model and tokenizer to %s", training_args.output_dir)

@@ -250,6 +250,9 @@ def test_recipe_evaluates_writes_a_model_card_and_dry_runs_the_upload(tmp_path, 
     assert "<fim_prefix>" in card.text and "fim_rate" in card.text
     assert not (upload / "optimizer.pt").exists()
     AutoModelForCausalLM.from_pretrained(upload)  # the uploaded folder is a loadable model
+    # Saved for generation (cache on), evaluated packed (cache off: with a cache packed documents would mix).
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
+    assert trainer.model.config.use_cache is False
 
 
 def test_push_without_hub_model_id_fails_before_work(tmp_path, code_shards, tokenizer_dir):
