@@ -14,7 +14,7 @@ import os
 import sys
 
 from starcoder2_train.configs import RecipeParser
-from starcoder2_train.data import load_token_rows, prepared_path
+from starcoder2_train.data import load_split_repositories, load_token_rows, prepared_path
 from starcoder2_train.tokenizer_training import load_tokenizer
 
 
@@ -27,8 +27,9 @@ def main(argv=None):
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path or model_args.model_name_or_path)
     for split in ("train", "eval"):
+        repositories = load_split_repositories(data_args, split)  # read once, tokenized per epoch
         for epoch in range(own_args.epochs if split == "train" else 1):
-            rows, skips = load_token_rows(data_args, tokenizer, training_args.seed, epoch, split)
+            rows, skips = load_token_rows(data_args, tokenizer, training_args.seed, epoch, split, repositories)
             if rows is None:
                 continue
             path = prepared_path(own_args.output, split, epoch, data_args.shard_index, data_args.num_shards)

@@ -34,12 +34,9 @@ from starcoder2_train.trainer import PretrainingTrainer
 logger = logging.getLogger(__name__)
 
 
-def held_out_fim_problems(data_args, training_args) -> list:
+def held_out_fim_problems(held_out, training_args) -> list:
     """Single-line FIM problems from the held-out repositories' files (none with prepared data)."""
-    if "fim" not in training_args.eval_tasks or data_args.prepared_data_dir is not None:
-        return []
-    held_out, _ = load_split_repositories(data_args, "eval")
-    if held_out is None:
+    if "fim" not in training_args.eval_tasks or held_out is None:
         return []
     files = [file for repo in held_out for file in repo["files"]]
     return build_fim_problems(files, seed=training_args.seed)[: training_args.fim_eval_problems]
@@ -84,8 +81,10 @@ def main(argv=None):
     # Data: shards → examples → FIM → tokens → packed windows (cached by datasets).
     with training_args.main_process_first(desc="data preprocessing"):
         train_dataset, report = build_training_data(data_args, tokenizer, training_args)
-        eval_rows, _ = load_token_rows(data_args, tokenizer, training_args.seed, split="eval")
-        fim_problems = held_out_fim_problems(data_args, training_args)
+        # The held-out repositories are read once, for the packed eval set and for the FIM problems.
+        held_out = None if data_args.prepared_data_dir is not None else load_split_repositories(data_args, "eval")
+        eval_rows, _ = load_token_rows(data_args, tokenizer, training_args.seed, split="eval", repositories=held_out)
+        fim_problems = held_out_fim_problems(held_out[0] if held_out else None, training_args)
     eval_dataset = None
     if eval_rows is not None:
         eval_dataset = PackedDataset(

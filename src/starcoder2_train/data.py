@@ -159,16 +159,20 @@ def load_split_repositories(data_args: DataArguments, split: str = "train"):
 
 
 def load_token_rows(
-    data_args: DataArguments, tokenizer, seed: int, epoch: int = 0, split: str = "train"
+    data_args: DataArguments, tokenizer, seed: int, epoch: int = 0, split: str = "train", repositories=None
 ) -> tuple[datasets.Dataset, SkipReport]:
-    """Token rows of one split, from prepared shards when `prepared_data_dir` is set, else from the raw shards."""
+    """Token rows of one split, from prepared shards when `prepared_data_dir` is set, else from the raw shards.
+
+    repositories: what `load_split_repositories(data_args, split)` returned, when the caller already has it
+    (several epochs, or the held-out files for FIM problems): the shards are then read and filtered once.
+    """
     if data_args.prepared_data_dir is not None:
         if split == "eval" and not os.path.isdir(os.path.join(data_args.prepared_data_dir, "eval")):
             return None, SkipReport()
         return load_prepared(data_args.prepared_data_dir, split, epoch), SkipReport.load(
             data_args.prepared_data_dir, split
         )
-    repositories, skips = load_split_repositories(data_args, split)
+    repositories, skips = repositories or load_split_repositories(data_args, split)
     if repositories is None:
         return None, skips
     repositories = shard_repositories(repositories, data_args.num_shards, data_args.shard_index)
@@ -203,10 +207,16 @@ def load_prepared(directory: str, split: str, epoch: int) -> datasets.Dataset:
 
 
 def build_packed_dataset(
-    data_args: DataArguments, tokenizer, seed: int, epoch: int = 0, split: str = "train", shuffle: bool = True
+    data_args: DataArguments,
+    tokenizer,
+    seed: int,
+    epoch: int = 0,
+    split: str = "train",
+    shuffle: bool = True,
+    repositories=None,
 ):
     """(PackedDataset, DataReport) for one split and epoch; (None, None) when the split has no data."""
-    token_rows, skips = load_token_rows(data_args, tokenizer, seed, epoch, split)
+    token_rows, skips = load_token_rows(data_args, tokenizer, seed, epoch, split, repositories)
     if token_rows is None:
         return None, None
     packed = PackedDataset(
@@ -236,13 +246,17 @@ def build_training_data(data_args: DataArguments, tokenizer, training_args):
     Returns (dataset, DataReport of epoch 0).
     """
     seed = training_args.seed
-    first, report = build_packed_dataset(data_args, tokenizer, seed, epoch=0)
+    # Read and filter the shards once; each epoch only redraws order and FIM over the same repositories.
+    loaded = None if data_args.prepared_data_dir is not None else load_split_repositories(data_args, "train")
+    first, report = build_packed_dataset(data_args, tokenizer, seed, epoch=0, repositories=loaded)
     if training_args.max_steps > 0:
         num_epochs = max(1, -(-training_args.max_steps * windows_per_step(training_args) // len(first)))
     else:
         num_epochs = max(1, int(-(-training_args.num_train_epochs // 1)))
         training_args.num_train_epochs = training_args.num_train_epochs / num_epochs
-    epochs = [first] + [build_packed_dataset(data_args, tokenizer, seed, epoch=e)[0] for e in range(1, num_epochs)]
+    epochs = [first] + [
+        build_packed_dataset(data_args, tokenizer, seed, epoch=e, repositories=loaded)[0] for e in range(1, num_epochs)
+    ]
     if num_epochs > 1:
         logger.info("prepared %d data epochs (each with its own file order and FIM draws)", num_epochs)
     return (epochs[0] if num_epochs == 1 else torch.utils.data.ConcatDataset(epochs)), report
