@@ -43,14 +43,15 @@ import torch
 import transformers
 from transformers import TrainerCallback, set_seed
 
-from starcoder2_train.attention import SDPA_VARLEN, DocumentBoundaryCollator
-from starcoder2_train.callbacks import ThroughputCallback
 from starcoder2_train.configs import PretrainingArguments, RecipeParser
-from starcoder2_train.flops import model_flops_per_token
-from starcoder2_train.model_utils import build_config, choose_attention, create_model
-from starcoder2_train.packing import IGNORE_INDEX, PackedCollator, PackedDataset
-from starcoder2_train.special_tokens import SpecialTokenIds
-from starcoder2_train.trainer import PretrainingTrainer
+from starcoder2_train.data.collators import make_collator
+from starcoder2_train.data.packing import PackedDataset
+from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
+from starcoder2_train.model.factory import choose_attention, create_model
+from starcoder2_train.model.flops import model_flops_per_token
+from starcoder2_train.model.presets import build_config
+from starcoder2_train.training.throughput import ThroughputCallback
+from starcoder2_train.training.trainer import PretrainingTrainer
 
 # Training keys the plain path shares with ours: the same optimisation problem, batch and precision.
 SHARED_KEYS = (
@@ -130,8 +131,8 @@ def load_documents(args, model_args, data_args, training_args):
             vocab,
             f"{args.synthetic} synthetic documents (log-normal lengths, median 2000 tokens)",
         )
-    from starcoder2_train.data import load_token_rows  # the datasets library, only for this source
-    from starcoder2_train.tokenizer_training import load_tokenizer
+    from starcoder2_train.data.pipeline import load_token_rows  # the datasets library, only for this source
+    from starcoder2_train.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path or model_args.model_name_or_path)
     rows, _ = load_token_rows(data_args, tokenizer, training_args.seed)
@@ -384,9 +385,7 @@ def main(argv=None):
             cross_document_attention=data_args.cross_document_attention,
             shuffle_seed=training_args.seed,
         )
-        collator = PackedCollator(flatten=attention == "flash_attention_2")
-        if attention == SDPA_VARLEN:
-            collator = DocumentBoundaryCollator(collator)
+        collator = make_collator(attention)
         paths["ours"] = (model_args, attention, training_args, packed, collator)
         report["packing_efficiency"] = packed.efficiency
     if args.baseline or args.only_baseline:

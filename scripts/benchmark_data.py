@@ -42,13 +42,14 @@ def main(argv=None):
     import datasets
 
     from starcoder2_train.configs import DataArguments
-    from starcoder2_train.data import tokenize_repositories
-    from starcoder2_train.ingest import ingest
-    from starcoder2_train.packing import PackedCollator, PackedDataset
-    from starcoder2_train.special_tokens import SpecialTokenIds
-    from starcoder2_train.stack_v2 import load_repositories
-    from starcoder2_train.tokenization import PieceTokenizer
-    from starcoder2_train.tokenizer_training import load_tokenizer, train_tokenizer_from_parquet
+    from starcoder2_train.data.collators import PackedCollator
+    from starcoder2_train.data.local.ingest import ingest
+    from starcoder2_train.data.packing import PackedDataset
+    from starcoder2_train.data.pipeline import tokenize_repositories
+    from starcoder2_train.data.shards import load_repositories
+    from starcoder2_train.data.special_tokens import SpecialTokenIds
+    from starcoder2_train.data.tokenization import PieceTokenizer
+    from starcoder2_train.data.tokenizer import load_tokenizer, train_tokenizer_from_parquet
 
     datasets.disable_caching()  # every timed map really runs
     work = args.output or tempfile.mkdtemp(prefix="benchmark_data_")

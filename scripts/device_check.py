@@ -69,13 +69,9 @@ def kernel_check(args, output_path: str) -> list[dict]:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from starcoder2_train.attention import (
-        blocked_sdpa_attention_forward,
-        document_boundaries,
-        document_ids,
-        varlen_attention_forward,
-    )
-    from starcoder2_train.packing import PackedDataset
+    from starcoder2_train.data.collators import document_boundaries, document_ids
+    from starcoder2_train.data.packing import PackedDataset
+    from starcoder2_train.model.attention import blocked_sdpa_attention_forward, varlen_attention_forward
 
     benchmark = load_script("benchmark")
     cuda = torch.cuda.is_available()

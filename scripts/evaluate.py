@@ -25,12 +25,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from starcoder2_train.configs import DataArguments
+from starcoder2_train.data.shards import load_repositories
+from starcoder2_train.data.splits import repository_split
+from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import TASKS, build_fim_problems, evaluate_fim, evaluate_humaneval, evaluate_loss
-from starcoder2_train.execution import require_code_execution_allowed
-from starcoder2_train.model_card import update_model_card_results
-from starcoder2_train.stack_v2 import load_repositories, repository_split
-from starcoder2_train.tokenization import PieceTokenizer
-from starcoder2_train.tokenizer_training import load_tokenizer
+from starcoder2_train.evaluation.execution import require_code_execution_allowed
+from starcoder2_train.hub.model_card import update_model_card_results
 
 
 def parse_args(argv=None):

@@ -13,7 +13,7 @@ was skipped and why, and the reading speed. Read the shards with `dataset_name_o
 import argparse
 import sys
 
-from starcoder2_train.ingest import IngestError, ingest
+from starcoder2_train.data.local.ingest import IngestError, ingest
 
 
 def main(argv=None) -> dict:

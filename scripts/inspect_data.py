@@ -12,8 +12,8 @@ import json
 import sys
 
 from starcoder2_train.configs import RecipeParser
-from starcoder2_train.data import build_training_data
-from starcoder2_train.tokenizer_training import load_tokenizer
+from starcoder2_train.data.pipeline import build_training_data
+from starcoder2_train.data.tokenizer import load_tokenizer
 
 
 def main(argv=None):

@@ -14,8 +14,10 @@ import os
 import sys
 
 from starcoder2_train.configs import RecipeParser
-from starcoder2_train.data import load_split_repositories, load_token_rows, prepared_path
-from starcoder2_train.tokenizer_training import load_tokenizer
+from starcoder2_train.data.pipeline import load_token_rows
+from starcoder2_train.data.prepared import prepared_path
+from starcoder2_train.data.splits import load_split_repositories
+from starcoder2_train.data.tokenizer import load_tokenizer
 
 
 def main(argv=None):

@@ -18,18 +18,22 @@ import transformers
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from starcoder2_train.attention import SDPA_VARLEN, DocumentBoundaryCollator
 from starcoder2_train.configs import RecipeError, RecipeParser
-from starcoder2_train.data import build_training_data, load_split_repositories, load_token_rows, windows_per_step
-from starcoder2_train.distributed import close_process_group, match_process_group
-from starcoder2_train.dry_run import print_dry_run
+from starcoder2_train.data.collators import make_collator
+from starcoder2_train.data.packing import PackedDataset
+from starcoder2_train.data.pipeline import build_training_data, load_token_rows, windows_per_step
+from starcoder2_train.data.special_tokens import SpecialTokenIds
+from starcoder2_train.data.splits import load_split_repositories
+from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import EvaluationCallback, build_fim_problems
-from starcoder2_train.model_card import ModelCardCallback, push_to_hub, write_model_card
-from starcoder2_train.model_utils import build_config, choose_attention, create_model, validate_model_and_data
-from starcoder2_train.packing import PackedCollator, PackedDataset
-from starcoder2_train.special_tokens import SpecialTokenIds
-from starcoder2_train.tokenizer_training import load_tokenizer
-from starcoder2_train.trainer import PretrainingTrainer
+from starcoder2_train.hub.callback import ModelCardCallback
+from starcoder2_train.hub.model_card import write_model_card
+from starcoder2_train.hub.upload import push_to_hub
+from starcoder2_train.model.dry_run import print_dry_run
+from starcoder2_train.model.factory import choose_attention, create_model, validate_model_and_data
+from starcoder2_train.model.presets import build_config
+from starcoder2_train.training.distributed import close_process_group, match_process_group
+from starcoder2_train.training.trainer import PretrainingTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +108,7 @@ def main(argv=None):
     push, training_args.push_to_hub = training_args.push_to_hub, False
     # PretrainingTrainer: the Trainer plus tokens/s, MFU, peak memory and data wait on every log line, and the
     # fast-path keys (loss_chunk_size, gradient_checkpointing_layers, compile_layers).
-    collator = PackedCollator(flatten=attn_implementation == "flash_attention_2")
-    if attn_implementation == SDPA_VARLEN:
-        collator = DocumentBoundaryCollator(collator)  # document offsets computed on the CPU, not per layer
+    collator = make_collator(attn_implementation)
     trainer = PretrainingTrainer(
         model=model,
         args=training_args,

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from starcoder2_train.configs import RecipeError
-from starcoder2_train.tokenizer_training import DEFAULT_MODEL_MAX_LENGTH, train_tokenizer_from_parquet
+from starcoder2_train.data.tokenizer import DEFAULT_MODEL_MAX_LENGTH, train_tokenizer_from_parquet
 
 logger = logging.getLogger("train_tokenizer")
 

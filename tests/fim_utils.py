@@ -1,6 +1,6 @@
 """Undo StarCoder2's format on token ids: the test-side inverse of repo_examples + fim + tokenization."""
 
-from starcoder2_train.special_tokens import SpecialTokenIds
+from starcoder2_train.data.special_tokens import SpecialTokenIds
 
 
 def split_runs(ids: list[int], special: set) -> list:

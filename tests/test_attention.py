@@ -4,17 +4,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Starcoder2Config
 
-from starcoder2_train.attention import (
+from starcoder2_train.data.collators import DocumentBoundaryCollator, PackedCollator, document_boundaries, document_ids
+from starcoder2_train.model.attention import (
     SDPA_BLOCKED,
     SDPA_VARLEN,
-    DocumentBoundaryCollator,
     blocked_sdpa_attention_forward,
-    document_boundaries,
-    document_ids,
     varlen_attention_forward,
 )
-from starcoder2_train.model_utils import MODEL_PRESETS
-from starcoder2_train.packing import PackedCollator
+from starcoder2_train.model.presets import MODEL_PRESETS
 
 VOCAB = 96
 # Two rows of 100 tokens: documents of 40, 45 and 15 tokens, then 70 and 30 (the test preset's window is 32).

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Starcoder2Config
 
-from starcoder2_train.callbacks import ThroughputCallback, real_lengths
 from starcoder2_train.configs import PretrainingArguments
-from starcoder2_train.flops import model_flops_per_token
-from starcoder2_train.model_utils import MODEL_PRESETS
-from starcoder2_train.trainer import PretrainingTrainer
+from starcoder2_train.model.flops import model_flops_per_token
+from starcoder2_train.model.presets import MODEL_PRESETS
+from starcoder2_train.training.throughput import ThroughputCallback, real_lengths
+from starcoder2_train.training.trainer import PretrainingTrainer
 
 VOCAB = 96
 FIGURES = (

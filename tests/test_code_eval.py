@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from starcoder2_train.configs import ModelArguments
+from starcoder2_train.evaluation.execution import CodeExecutionNotAllowed
 from starcoder2_train.evaluation.humaneval import (
     HUMANEVAL_STOP_SEQUENCES,
     completion_after,
@@ -17,8 +18,7 @@ from starcoder2_train.evaluation.humaneval import (
     score_completions,
     truncate_completion,
 )
-from starcoder2_train.execution import CodeExecutionNotAllowed
-from starcoder2_train.model_utils import create_model
+from starcoder2_train.model.factory import create_model
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ import pytest
 from conftest import load_script, random_repositories, write_repository_shards
 
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.data import build_packed_dataset, load_token_rows
-from starcoder2_train.packing import PackedCollator
+from starcoder2_train.data.collators import PackedCollator
+from starcoder2_train.data.pipeline import build_packed_dataset, load_token_rows
 
 
 def data_args(shards, tokenizer_dir, **overrides):

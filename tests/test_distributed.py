@@ -33,8 +33,8 @@ ENV = dict(
 def setup(tmp_path_factory, tokenizer_dir):
     """A saved starting checkpoint (so that ZeRO-3's sharded init does not change the weights) and a recipe."""
     from starcoder2_train.configs import ModelArguments
-    from starcoder2_train.model_utils import create_model
-    from starcoder2_train.tokenizer_training import load_tokenizer
+    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.model.factory import create_model
 
     root = tmp_path_factory.mktemp("distributed")
     tokenizer = load_tokenizer(tokenizer_dir)

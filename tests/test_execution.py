@@ -5,13 +5,8 @@ import os
 
 import pytest
 
-from starcoder2_train.execution import (
-    CodeExecutionNotAllowed,
-    ExecutionLimits,
-    landlock_abi,
-    run_program,
-    run_programs,
-)
+from starcoder2_train.evaluation.execution import CodeExecutionNotAllowed, ExecutionLimits, run_program, run_programs
+from starcoder2_train.evaluation.sandbox import landlock_abi
 
 LIMITS = ExecutionLimits(timeout_s=2.0, memory_bytes=256 << 20)
 needs_landlock = pytest.mark.skipif(landlock_abi() is None, reason="this kernel has no Landlock")

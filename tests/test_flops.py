@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Starcoder2Config
 
-from starcoder2_train.flops import mfu, model_flops_per_token, peak_flops_for_device
-from starcoder2_train.model_utils import MODEL_PRESETS
+from starcoder2_train.model.flops import mfu, model_flops_per_token, peak_flops_for_device
+from starcoder2_train.model.presets import MODEL_PRESETS
 
 
 def hand_config(**overrides):

@@ -13,12 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import load_script
 
-from starcoder2_train import ingest as ingest_module
-from starcoder2_train import stack_v2
 from starcoder2_train.configs import DataArguments
-from starcoder2_train.ingest import IngestError, detect_licenses, ingest, repository_name
-from starcoder2_train.languages import EXTENSIONS, SMOL_LANGUAGES, language_of
-from starcoder2_train.stack_v2 import SkipReport, load_repositories
+from starcoder2_train.data import skips
+from starcoder2_train.data.languages import EXTENSIONS, SMOL_LANGUAGES, language_of
+from starcoder2_train.data.local import ingest as ingest_module
+from starcoder2_train.data.local.ingest import IngestError, ingest
+from starcoder2_train.data.local.metadata import detect_licenses, repository_name
+from starcoder2_train.data.shards import load_repositories
+from starcoder2_train.data.skips import SkipReport
 
 MIT = """MIT License
 
@@ -102,8 +104,8 @@ def test_ingest_of_a_checkout(checkout, tmp_path, monkeypatch):
     assert (main["num_lines"], main["max_line_length"]) == (5, 18)
     assert main["alphanum_fraction"] == sum(c.isalnum() for c in main["content"]) / len(main["content"])
     assert report.files == Counter({
-        stack_v2.UNKNOWN_LANGUAGE: 2, stack_v2.TOO_LARGE: 1, stack_v2.EMPTY: 1, stack_v2.UNDECODABLE: 1,
-        stack_v2.BINARY: 1, ingest_module.SYMBOLIC_LINK: 1,
+        skips.UNKNOWN_LANGUAGE: 2, skips.TOO_LARGE: 1, skips.EMPTY: 1, skips.UNDECODABLE: 1,
+        skips.BINARY: 1, ingest_module.SYMBOLIC_LINK: 1,
     })  # fmt: skip
     assert report.directories == Counter(
         {ingest_module.VCS_DIRECTORY: 1, ingest_module.CACHE_DIRECTORY: 1, ingest_module.SYMBOLIC_LINK: 1}
@@ -116,7 +118,7 @@ def test_ingest_of_a_checkout(checkout, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     dataset, read_report = load_repositories(DataArguments(dataset_name_or_path=str(output)))
     assert [f["path"] for f in dataset[0]["files"]] == ["README.md", "src/main.py", "src/util.js"]
-    assert read_report.files == Counter({stack_v2.VENDOR: 1, stack_v2.GENERATED: 2})
+    assert read_report.files == Counter({skips.VENDOR: 1, skips.GENERATED: 2})
 
 
 def test_repository_names(tmp_path):

@@ -3,9 +3,9 @@ import torch
 from transformers import AutoModelForCausalLM, Starcoder2Config, TrainingArguments
 
 from starcoder2_train.configs import PretrainingArguments, RecipeError
-from starcoder2_train.loss import chunked_causal_lm_loss, disable_chunked_loss, enable_chunked_loss
-from starcoder2_train.model_utils import MODEL_PRESETS
-from starcoder2_train.trainer import PretrainingTrainer
+from starcoder2_train.model.presets import MODEL_PRESETS
+from starcoder2_train.training.loss import chunked_causal_lm_loss, disable_chunked_loss, enable_chunked_loss
+from starcoder2_train.training.trainer import PretrainingTrainer
 
 VOCAB = 96
 

@@ -15,8 +15,8 @@ from huggingface_hub import ModelCard
 
 from starcoder2_train.configs import ModelArguments
 from starcoder2_train.evaluation.loss import evaluate_loss, windows
-from starcoder2_train.model_card import write_model_card
-from starcoder2_train.model_utils import create_model
+from starcoder2_train.hub.model_card import write_model_card
+from starcoder2_train.model.factory import create_model
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "evaluate.py")
 

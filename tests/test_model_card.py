@@ -9,14 +9,10 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 from starcoder2_train.configs import ModelArguments
-from starcoder2_train.model_card import (
-    ModelCardCallback,
-    files_to_upload,
-    push_to_hub,
-    update_model_card_results,
-    write_model_card,
-)
-from starcoder2_train.model_utils import create_model
+from starcoder2_train.hub.callback import ModelCardCallback
+from starcoder2_train.hub.model_card import update_model_card_results, write_model_card
+from starcoder2_train.hub.upload import files_to_upload, push_to_hub
+from starcoder2_train.model.factory import create_model
 
 RECIPE = {
     "model_config": "test",

@@ -6,16 +6,10 @@ import torch
 from transformers import Starcoder2Config
 
 from starcoder2_train.configs import ModelArguments, RecipeError
-from starcoder2_train.model_utils import (
-    MODEL_PRESETS,
-    build_config,
-    choose_attention,
-    count_parameters,
-    create_model,
-    estimate_memory_per_gpu,
-    validate_model_and_data,
-)
-from starcoder2_train.tokenizer_training import train_tokenizer
+from starcoder2_train.data.tokenizer import train_tokenizer
+from starcoder2_train.model.factory import choose_attention, count_parameters, create_model, validate_model_and_data
+from starcoder2_train.model.memory import estimate_memory_per_gpu
+from starcoder2_train.model.presets import MODEL_PRESETS, build_config
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import Starcoder2Config, Starcoder2ForCausalLM
 
-from starcoder2_train.packing import IGNORE_INDEX, PackedCollator, PackedDataset
-from starcoder2_train.special_tokens import SpecialTokenIds
+from starcoder2_train.data.collators import PackedCollator
+from starcoder2_train.data.packing import PackedDataset
+from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
 
 SPECIAL = SpecialTokenIds(eos=0, fim_prefix=1, fim_middle=2, fim_suffix=3, fim_pad=4, repo_name=5, file_sep=6)
 

@@ -12,16 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import random_repositories
 
-from starcoder2_train import stack_v2
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.stack_v2 import (
-    SkipReport,
-    decode_content,
-    eval_share,
-    load_repositories,
-    repository_split,
-    shard_repositories,
-)
+from starcoder2_train.data import skips
+from starcoder2_train.data.shards import decode_content, load_repositories
+from starcoder2_train.data.skips import SkipReport
+from starcoder2_train.data.splits import eval_share, repository_split, shard_repositories
 
 
 @pytest.fixture(autouse=True)
@@ -114,17 +109,17 @@ def test_every_filter_counts_its_files(tmp_path):
     assert list(dataset["repo_name"]) == ["k/kept", "k/second"]
     assert [f["path"] for f in dataset[0]["files"]] == ["keep.py"]
     assert report.files == Counter({
-        stack_v2.VENDOR: 1, stack_v2.GENERATED: 1, stack_v2.LICENSE_NOT_SELECTED: 1,
-        stack_v2.LANGUAGE_NOT_SELECTED: 1, stack_v2.UNKNOWN_LANGUAGE: 1, stack_v2.TOO_LARGE: 1,
-        stack_v2.EMPTY: 2, stack_v2.MISSING_CONTENT: 1, stack_v2.BINARY: 1, stack_v2.MISSING_PATH: 1,
+        skips.VENDOR: 1, skips.GENERATED: 1, skips.LICENSE_NOT_SELECTED: 1,
+        skips.LANGUAGE_NOT_SELECTED: 1, skips.UNKNOWN_LANGUAGE: 1, skips.TOO_LARGE: 1,
+        skips.EMPTY: 2, skips.MISSING_CONTENT: 1, skips.BINARY: 1, skips.MISSING_PATH: 1,
     })  # fmt: skip
     assert report.repositories == Counter(
-        {stack_v2.NO_FILE_LEFT: 2, stack_v2.MISSING_REPO_NAME: 1, stack_v2.BEYOND_MAX_REPOSITORIES: 1}
+        {skips.NO_FILE_LEFT: 2, skips.MISSING_REPO_NAME: 1, skips.BEYOND_MAX_REPOSITORIES: 1}
     )
     # With the filters off, the same shard keeps vendor, generated, copyleft, Java and the 600-byte file.
     dataset, report = load(tmp_path / "d", exclude_vendor=False, exclude_generated=False, max_file_bytes=600)
     assert len(dataset[0]["files"]) == 6
-    assert report.files[stack_v2.TOO_LARGE] == 0 and report.files[stack_v2.VENDOR] == 0
+    assert report.files[skips.TOO_LARGE] == 0 and report.files[skips.VENDOR] == 0
 
 
 def test_bytes_contents_are_decoded_with_src_encoding(tmp_path):
@@ -143,7 +138,7 @@ def test_bytes_contents_are_decoded_with_src_encoding(tmp_path):
     assert [(f["path"], f["content"]) for f in dataset[0]["files"]] == [
         ("latin.py", "s = 'café'\n"), ("utf8.py", "s = 'ñ'\n"), ("odd.py", "s = 1\n")
     ]  # fmt: skip
-    assert report.files == Counter({stack_v2.UNDECODABLE: 1, stack_v2.BINARY: 1})
+    assert report.files == Counter({skips.UNDECODABLE: 1, skips.BINARY: 1})
 
 
 def test_fifty_megabyte_file_is_counted_not_loaded(tmp_path):
@@ -153,15 +148,15 @@ def test_fifty_megabyte_file_is_counted_not_loaded(tmp_path):
     write(tmp_path / "big" / "0.parquet", repos)
     dataset, report = load(tmp_path / "big")
     assert dataset[0]["files"] == [{"path": "small.py", "content": "y = 2\n", "language": "Python"}]
-    assert report.files == Counter({stack_v2.TOO_LARGE: 1})
+    assert report.files == Counter({skips.TOO_LARGE: 1})
 
 
 def test_decode_content_measures_utf8_bytes():
     text = "日" * 300  # 900 bytes of UTF-8
     assert decode_content(text, None, 900) == (text, None)
-    assert decode_content(text, None, 899) == (None, stack_v2.TOO_LARGE)
+    assert decode_content(text, None, 899) == (None, skips.TOO_LARGE)
     assert decode_content("a" * 10, None, 10) == ("a" * 10, None)
-    assert decode_content(b"", "UTF-8", 10) == (None, stack_v2.EMPTY)
+    assert decode_content(b"", "UTF-8", 10) == (None, skips.EMPTY)
 
 
 def test_corrupted_parquet_files_are_counted_and_the_good_ones_read(tmp_path, caplog):
@@ -177,10 +172,10 @@ def test_corrupted_parquet_files_are_counted_and_the_good_ones_read(tmp_path, ca
     }
     for name, payload in bad.items():
         (tmp_path / "s" / name).write_bytes(payload)
-    with caplog.at_level(logging.WARNING, logger="starcoder2_train.stack_v2"):
+    with caplog.at_level(logging.WARNING, logger="starcoder2_train.data.shards"):
         dataset, report = load(tmp_path / "s")
     assert dataset.to_list() == repos
-    assert report.parquet_files == Counter({stack_v2.UNREADABLE_PARQUET: 3})
+    assert report.parquet_files == Counter({skips.UNREADABLE_PARQUET: 3})
     for name in bad:
         assert sum(name in line for line in report.details) == 1
         assert name in caplog.text
@@ -255,8 +250,8 @@ def test_num_proc_does_not_change_output_or_counts(tmp_path, monkeypatch, layout
         dataset, report = load(tmp_path / "n", num_proc=num_proc)
         results.append((dataset.to_list(), report))
     assert results[0] == results[1]
-    assert results[0][1].files == Counter({stack_v2.EMPTY: 1, stack_v2.BINARY: 1})
-    assert len(results[0][0]) == 39 and results[0][1].repositories == Counter({stack_v2.NO_FILE_LEFT: 1})
+    assert results[0][1].files == Counter({skips.EMPTY: 1, skips.BINARY: 1})
+    assert len(results[0][0]) == 39 and results[0][1].repositories == Counter({skips.NO_FILE_LEFT: 1})
 
 
 def test_shards_concatenate_to_the_unsharded_dataset(tmp_path):

@@ -9,8 +9,8 @@ from tokenizers import pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
 from starcoder2_train.configs import RecipeError
-from starcoder2_train.special_tokens import STARCODER2_SPECIAL_TOKENS
-from starcoder2_train.tokenizer_training import (
+from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS
+from starcoder2_train.data.tokenizer import (
     iter_parquet_contents,
     learned_special_tokens,
     load_tokenizer,

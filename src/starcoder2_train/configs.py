@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention", "sdpa_varlen", "sdpa_blocked")
+# Attention kernels a recipe may name. sdpa_varlen and sdpa_blocked are this project's (model/attention.py).
+FLASH_ATTENTION_2 = "flash_attention_2"
+SDPA_VARLEN = "sdpa_varlen"
+SDPA_BLOCKED = "sdpa_blocked"
+ATTENTION_CHOICES = ("auto", FLASH_ATTENTION_2, "sdpa", "eager", "flex_attention", SDPA_VARLEN, SDPA_BLOCKED)
 
 
 class RecipeError(ValueError):

@@ -8,9 +8,9 @@ Results are nested by task, `{"loss": {"loss/Python": ...}, "fim": {...}, "human
 
 from transformers import TrainerCallback
 
-from .fim import FimProblem, build_fim_problems, evaluate_fim
-from .humaneval import evaluate_humaneval
-from .loss import evaluate_loss
+from starcoder2_train.evaluation.fim import FimProblem, build_fim_problems, evaluate_fim
+from starcoder2_train.evaluation.humaneval import evaluate_humaneval
+from starcoder2_train.evaluation.loss import evaluate_loss
 
 TASKS = ("loss", "fim", "humaneval")
 TRAINING_TASKS = ("loss", "fim")  # cheap enough to run at every eval_steps

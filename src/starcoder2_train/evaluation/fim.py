@@ -13,8 +13,8 @@ import dataclasses
 import random
 from collections import defaultdict
 
-from ..tokenization import PieceTokenizer
-from .generation import generate_batched
+from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.evaluation.generation import generate_batched
 
 
 @dataclasses.dataclass(frozen=True)

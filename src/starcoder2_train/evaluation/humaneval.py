@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ..execution import require_code_execution_allowed
-from ..tokenization import PieceTokenizer
-from .generation import generate_batched
+from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.evaluation.execution import require_code_execution_allowed
+from starcoder2_train.evaluation.generation import generate_batched
 
 HUMANEVAL_STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
-CODE_EVAL_METRIC_PATH = str(Path(__file__).resolve().parent.parent / "metrics" / "code_eval")
+CODE_EVAL_METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "code_eval")
 
 
 def load_humaneval_problems(limit: int | None = None) -> list[dict]:

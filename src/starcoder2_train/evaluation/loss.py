@@ -13,6 +13,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from starcoder2_train.data.special_tokens import IGNORE_INDEX
+
 
 def windows(input_ids: list[int], seq_length: int) -> list[list[int]]:
     """Windows of at most seq_length tokens, each starting on the last token of the one before."""
@@ -49,9 +51,9 @@ def evaluate_loss(model, dataset, *, seq_length: int, batch_size: int = 8) -> di
                 attention_mask[row, : len(window)] = 1
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+            targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
             per_token = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100
+                logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=IGNORE_INDEX
             )
             for row, (language, window) in enumerate(batch):
                 nll[language] += per_token[row].sum().item()

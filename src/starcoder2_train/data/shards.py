@@ -13,14 +13,10 @@ order that depends on the input only (not on num_proc).
 """
 
 import glob
-import hashlib
-import json
 import logging
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -29,87 +25,34 @@ import pyarrow.parquet as pq
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
-from .configs import DataArguments, RecipeError
-from .languages import language_of
+from starcoder2_train.configs import DataArguments, RecipeError
+from starcoder2_train.data.languages import language_of
+from starcoder2_train.data.skips import (
+    BEYOND_MAX_REPOSITORIES,
+    BINARY,
+    EMPTY,
+    GENERATED,
+    LANGUAGE_NOT_SELECTED,
+    LICENSE_NOT_SELECTED,
+    MISSING_CONTENT,
+    MISSING_PATH,
+    MISSING_REPO_NAME,
+    NO_FILE_LEFT,
+    TOO_LARGE,
+    UNDECODABLE,
+    UNKNOWN_LANGUAGE,
+    UNREADABLE_PARQUET,
+    VENDOR,
+    SkipReport,
+)
 
 logger = logging.getLogger(__name__)
-
-# Why a file, repository or parquet file is left out (the keys of SkipReport's counters).
-MISSING_REPO_NAME = "missing repo_name"
-MISSING_PATH = "missing path"
-MISSING_CONTENT = "missing content"
-VENDOR = "vendor file (is_vendor, exclude_vendor)"
-GENERATED = "generated file (is_generated, exclude_generated)"
-LICENSE_NOT_SELECTED = "license_type not in license_types"
-UNKNOWN_LANGUAGE = "unknown language (no language given, none derivable from the path)"
-LANGUAGE_NOT_SELECTED = "language not in languages"
-EMPTY = "empty content"
-TOO_LARGE = "larger than max_file_bytes"
-BINARY = "binary content (NUL byte)"
-UNDECODABLE = "content not decodable as its src_encoding"
-NO_FILE_LEFT = "no file left after filtering"
-BEYOND_MAX_REPOSITORIES = "beyond max_repositories"
-UNREADABLE_PARQUET = "unreadable parquet file"
-
 DEFAULT_DATA_FILES = "**/*.parquet"
 REPOSITORIES_PER_BATCH = 64
 OPTIONAL_FILE_COLUMNS = ("language", "license_type", "is_vendor", "is_generated", "src_encoding")
 FILE_FEATURES = {"path": Value("string"), "content": Value("string"), "language": Value("string")}
 REPOSITORY_FEATURES = Features({"repo_name": Value("string"), "files": List(FILE_FEATURES)})
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-
-@dataclass
-class SkipReport:
-    """What was left out, counted by reason, per unit; `+` and `update` merge reports."""
-
-    files: Counter = field(default_factory=Counter)
-    repositories: Counter = field(default_factory=Counter)
-    parquet_files: Counter = field(default_factory=Counter)
-    directories: Counter = field(default_factory=Counter)
-    details: list[str] = field(default_factory=list)  # one line per item worth naming (an unreadable file)
-
-    UNITS = ("files", "repositories", "parquet_files", "directories")
-
-    def update(self, other: "SkipReport") -> "SkipReport":
-        for unit in self.UNITS:
-            getattr(self, unit).update(getattr(other, unit))
-        self.details.extend(other.details)
-        return self
-
-    def __add__(self, other: "SkipReport") -> "SkipReport":
-        return SkipReport().update(self).update(other)
-
-    def total(self, unit: str) -> int:
-        return sum(getattr(self, unit).values())
-
-    def as_dict(self) -> dict[str, int]:
-        """Flat {"<unit>: <reason>": count}, as written beside prepared shards and shown in data reports."""
-        return {
-            f"{unit.replace('_', ' ')}: {reason}": count
-            for unit in self.UNITS
-            for reason, count in getattr(self, unit).items()
-        }
-
-    @classmethod
-    def load(cls, directory: str, split: str) -> "SkipReport":
-        """The as_dict() saved beside prepared shards (skipped.json). Every machine counts the whole input
-        before it takes its shard, so any one shard's file holds the totals."""
-        report, paths = cls(), sorted(glob.glob(os.path.join(directory, split, "epoch-*", "*", "skipped.json")))
-        for key, count in (json.loads(Path(paths[0]).read_text()) if paths else {}).items():
-            unit, _, reason = key.partition(": ")
-            getattr(report, unit.replace(" ", "_"))[reason] += count
-        return report
-
-    def summary_lines(self) -> list[str]:
-        lines = []
-        for unit in self.UNITS:
-            counter = getattr(self, unit)
-            if counter:
-                lines.append(f"skipped {self.total(unit):,} {unit.replace('_', ' ')}:")
-                for reason, count in sorted(counter.items(), key=lambda item: (-item[1], item[0])):
-                    lines.append(f"  {count:>10,}  {reason}")
-        return (lines + self.details) or ["skipped nothing"]
 
 
 def decode_content(content, src_encoding: str | None, max_file_bytes: int) -> tuple[str | None, str | None]:
@@ -389,30 +332,3 @@ def load_repositories(data_args: DataArguments, data_files: list[str] | None = N
             + "\nCheck languages, license_types and max_file_bytes."
         )
     return rows, report
-
-
-def shard_repositories(dataset: Dataset, num_shards: int, shard_index: int) -> Dataset:
-    """Contiguous part `shard_index` of `num_shards`; the parts in index order concatenate to `dataset`."""
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise RecipeError(f"shard_index: must be in [0, num_shards={num_shards}), got {shard_index}.")
-    return dataset.shard(num_shards=num_shards, index=shard_index, contiguous=True)
-
-
-def eval_share(repo_name: str) -> float:
-    """A stable number in [0, 1) for a repository name (blake2b: the same across runs and processes)."""
-    digest = hashlib.blake2b(repo_name.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def repository_split(dataset: Dataset, eval_fraction: float) -> tuple[Dataset, Dataset]:
-    """(train, eval): a repository is held out when eval_share(repo_name) < eval_fraction."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise RecipeError(f"eval_fraction: must be in [0, 1), got {eval_fraction}.")
-    held_out = [eval_share(name) < eval_fraction for name in dataset["repo_name"]]
-    train = dataset.select([i for i, flag in enumerate(held_out) if not flag])
-    evaluation = dataset.select([i for i, flag in enumerate(held_out) if flag])
-    if eval_fraction > 0 and len(evaluation) == 0:
-        logger.warning(
-            "eval_fraction=%s held out no repository of %d; evaluation will be empty.", eval_fraction, len(dataset)
-        )
-    return train, evaluation

@@ -35,8 +35,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import sandbox
-from .sandbox import landlock_abi
+from starcoder2_train.evaluation import sandbox
+from starcoder2_train.evaluation.sandbox import landlock_abi
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from starcoder2_train.execution import ExecutionLimits, require_code_execution_allowed, run_programs
+from starcoder2_train.evaluation.execution import ExecutionLimits, require_code_execution_allowed, run_programs
 
 logger = logging.getLogger(__name__)
 

@@ -16,16 +16,17 @@ import datasets
 import numpy as np
 import torch
 
-from .configs import DataArguments, RecipeError
-from .fim import FimRates, apply_fim
-from .packing import PackedDataset
-from .repo_examples import build_example
-from .special_tokens import SpecialTokenIds
-from .stack_v2 import SkipReport, load_repositories, repository_split, shard_repositories
-from .tokenization import PieceTokenizer
+from starcoder2_train.configs import DataArguments, RecipeError
+from starcoder2_train.data.fim import FimRates, apply_fim
+from starcoder2_train.data.packing import PackedDataset
+from starcoder2_train.data.prepared import load_prepared
+from starcoder2_train.data.repo_examples import build_example
+from starcoder2_train.data.skips import SkipReport
+from starcoder2_train.data.special_tokens import SpecialTokenIds
+from starcoder2_train.data.splits import load_split_repositories, shard_repositories
+from starcoder2_train.data.tokenization import PieceTokenizer
 
 logger = logging.getLogger(__name__)
-
 TOKEN_COLUMNS = ("input_ids", "num_tokens", "repo_name", "language", "num_files", "num_fim_psm", "num_fim_spm")
 
 
@@ -147,17 +148,6 @@ class DataReport:
         return lines + (["skipped:"] + skipped if skipped else ["skipped: nothing"])
 
 
-def load_split_repositories(data_args: DataArguments, split: str = "train"):
-    """(repositories of one split or None, SkipReport): eval is eval_data_files, or the eval_fraction hold-out."""
-    if split == "eval" and data_args.eval_data_files:
-        return load_repositories(data_args, data_files=data_args.eval_data_files)
-    repositories, skips = load_repositories(data_args)
-    if data_args.eval_data_files is None and data_args.eval_fraction > 0:
-        train, held_out = repository_split(repositories, data_args.eval_fraction)
-        return (held_out if split == "eval" else train), skips
-    return (None if split == "eval" else repositories), skips
-
-
 def load_token_rows(
     data_args: DataArguments, tokenizer, seed: int, epoch: int = 0, split: str = "train", repositories=None
 ) -> tuple[datasets.Dataset, SkipReport]:
@@ -185,25 +175,6 @@ def load_token_rows(
         )
     tokenizer_name = data_args.tokenizer_name_or_path or "the tokenizer"
     return tokenize_repositories(repositories, tokenizer, data_args, seed, epoch, tokenizer_name), skips
-
-
-def prepared_path(directory: str, split: str, epoch: int, shard_index: int, num_shards: int) -> str:
-    return os.path.join(directory, split, f"epoch-{epoch}", f"shard-{shard_index:05d}-of-{num_shards:05d}")
-
-
-def load_prepared(directory: str, split: str, epoch: int) -> datasets.Dataset:
-    """Concatenate the shards written by scripts/prepare_data.py in shard order (= one machine's output)."""
-    root = os.path.join(directory, split, f"epoch-{epoch}")
-    if not os.path.isdir(root):
-        raise RecipeError(f"prepared_data_dir: {root} does not exist; run scripts/prepare_data.py for epoch {epoch}.")
-    names = sorted(os.listdir(root))
-    expected = int(names[0].rsplit("-", 1)[1]) if names else 0
-    if not names or len(names) != expected:
-        raise RecipeError(
-            f"prepared_data_dir: {root} holds {len(names)} of {expected} shards; "
-            "run scripts/prepare_data.py for the missing --shard_index values."
-        )
-    return datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(root, n)) for n in names])
 
 
 def build_packed_dataset(

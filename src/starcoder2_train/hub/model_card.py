@@ -11,35 +11,17 @@ results) and leaves out optimizer states, pickles, logs and sub-checkpoints. Wit
 exactly the folder it would upload, and uploads nothing.
 """
 
-import fnmatch
 import os
 import re
-import shutil
-import tempfile
 
 import yaml
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from transformers import TrainerCallback
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configs import DataArguments
+from starcoder2_train.configs import DataArguments
 
 RESULTS_START, RESULTS_END = "<!-- evaluation results -->", "<!-- end of evaluation results -->"
+
 FIM_KEYS = ("fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate")
-# Never uploaded: training state (large, and pickles run code when loaded), logs, nested checkpoints.
-UPLOAD_IGNORE_PATTERNS = (
-    "checkpoint-*",
-    "global_step*",
-    "runs",
-    "optimizer.pt",
-    "scheduler.pt",
-    "scaler.pt",
-    "rng_state*.pth",
-    "training_args.bin",
-    "zero_to_fp32.py",
-    "latest",
-    ".*",
-    "*.lock",
-)
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -118,7 +100,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 checkpoint = "{checkpoint}"
 tokenizer = AutoTokenizer.from_pretrained(checkpoint)
 model = AutoModelForCausalLM.from_pretrained(checkpoint)
-
 before = "def mean(values):\\n    total = sum(values)\\n"
 after = "\\n    return average\\n"
 prompt = f"<fim_prefix>{{before}}<fim_suffix>{{after}}<fim_middle>"
@@ -230,118 +211,3 @@ def update_model_card_results(output_dir: str, eval_results: dict[str, dict]) ->
         card.data.model_name = os.path.basename(os.path.abspath(output_dir))
     card.save(path)
     return card
-
-
-def files_to_upload(output_dir: str) -> list[str]:
-    """Paths (relative, sorted) that push_to_hub uploads from output_dir."""
-    selected = []
-    for root, directories, files in os.walk(output_dir):
-        directories[:] = [
-            d for d in directories if not any(fnmatch.fnmatch(d, pattern) for pattern in UPLOAD_IGNORE_PATTERNS)
-        ]
-        for file in files:
-            if not any(fnmatch.fnmatch(file, pattern) for pattern in UPLOAD_IGNORE_PATTERNS):
-                selected.append(os.path.relpath(os.path.join(root, file), output_dir))
-    return sorted(selected)
-
-
-def _stage(output_dir: str, files: list[str], target: str, link: bool) -> None:
-    """Put `files` of output_dir into target: hard links where asked and possible, else copies."""
-    for relative in files:
-        source, destination = os.path.join(output_dir, relative), os.path.join(target, relative)
-        os.makedirs(os.path.dirname(destination), exist_ok=True)
-        if link:
-            try:
-                os.link(source, destination)  # no second copy of multi-GB weights
-                continue
-            except OSError:
-                pass
-        shutil.copy2(source, destination)
-
-
-def push_to_hub(
-    output_dir: str,
-    hub_model_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    dry_run_dir: str | None = None,
-    token: str | None = None,
-) -> list[str]:
-    """Upload output_dir (a checkpoint or the final model) to `hub_model_id`; return the uploaded paths.
-
-    revision: a branch, made when missing (e.g. one per checkpoint). dry_run_dir: write the folder that would
-    be uploaded there (it must be empty or absent) and upload nothing. Both paths stage the same file list.
-    """
-    if not os.path.isfile(os.path.join(output_dir, "config.json")):
-        raise FileNotFoundError(f"{output_dir}: no config.json; push_to_hub takes a saved model or checkpoint.")
-    if not os.path.isfile(os.path.join(output_dir, "README.md")):
-        raise FileNotFoundError(
-            f"{output_dir}: no README.md model card; write one first (starcoder2_train.model_card.write_model_card)."
-        )
-    if not HUB_ID.match(hub_model_id):
-        raise ValueError(f"hub_model_id: {hub_model_id!r} is not of the form 'user-or-org/model-name'.")
-    files = files_to_upload(output_dir)
-    if dry_run_dir is not None:
-        if os.path.isdir(dry_run_dir) and os.listdir(dry_run_dir):
-            raise FileExistsError(f"dry_run_dir {dry_run_dir} is not empty; give an empty or new folder.")
-        _stage(output_dir, files, dry_run_dir, link=False)
-        return files
-    api = HfApi(token=token)
-    api.create_repo(hub_model_id, private=private, exist_ok=True, repo_type="model")
-    if revision and revision != "main":
-        api.create_branch(hub_model_id, branch=revision, exist_ok=True)
-    # Staged next to output_dir, on the same file system, so that the weights are linked rather than copied.
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    with tempfile.TemporaryDirectory(prefix=".upload-", dir=parent) as staged:
-        _stage(output_dir, files, staged, link=True)
-        api.upload_folder(
-            repo_id=hub_model_id,
-            folder_path=staged,
-            revision=revision,
-            commit_message=commit_message or f"Upload {os.path.basename(os.path.abspath(output_dir))}",
-        )
-    return files
-
-
-class ModelCardCallback(TrainerCallback):
-    """Write the model card into each checkpoint the Trainer saves; with `push_checkpoints`, upload it too.
-
-        ModelCardCallback(recipe, tokens_per_step=..., evaluation=evaluation_callback, hub_model_id="me/model")
-
-    Use it instead of TrainingArguments.push_to_hub, whose upload writes the Trainer's own README.
-    tokens seen: the Trainer's count when it keeps one (include_num_input_tokens_seen), else
-    global_step * tokens_per_step. evaluation: an EvaluationCallback, whose latest results go into the card.
-    """
-
-    def __init__(
-        self,
-        recipe: dict,
-        *,
-        tokens_per_step: int | None = None,
-        evaluation=None,
-        hub_model_id: str | None = None,
-        private: bool = False,
-        push_checkpoints: bool = False,
-    ):
-        if push_checkpoints and not hub_model_id:
-            raise ValueError("ModelCardCallback: push_checkpoints needs hub_model_id.")
-        self.recipe, self.tokens_per_step, self.evaluation = recipe, tokens_per_step, evaluation
-        self.hub_model_id, self.private, self.push_checkpoints = hub_model_id, private, push_checkpoints
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        tokens = state.num_input_tokens_seen or (
-            state.global_step * self.tokens_per_step if self.tokens_per_step else None
-        )
-        results = self.evaluation.latest_results if self.evaluation is not None else None
-        write_model_card(
-            checkpoint, self.recipe, tokens_seen=tokens, eval_results=results, hub_model_id=self.hub_model_id
-        )
-        if self.push_checkpoints:
-            push_to_hub(
-                checkpoint, self.hub_model_id, private=self.private, revision=f"checkpoint-{state.global_step}"
-            )

@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from .configs import RecipeError
-from .special_tokens import EOS_TOKEN, STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
+from starcoder2_train.configs import RecipeError
+from starcoder2_train.data.special_tokens import EOS_TOKEN, STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
 
 DEFAULT_MODEL_MAX_LENGTH = 16384  # the longest context of the released StarCoder2 models
 BATCH_ROWS = 64  # parquet rows read at a time: per-repository rows can hold thousands of files

@@ -9,8 +9,8 @@ batch go through one `encode_batch_fast` call, so the overhead over raw tokeniza
 
 import copy
 
-from .repo_examples import Piece
-from .special_tokens import STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
+from starcoder2_train.data.repo_examples import Piece
+from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
 
 
 class PieceTokenizer:

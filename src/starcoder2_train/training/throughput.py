@@ -26,9 +26,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .flops import model_flops_per_token, peak_flops_for_device
-
-IGNORE_INDEX = -100
+from starcoder2_train.data.special_tokens import IGNORE_INDEX
+from starcoder2_train.model.flops import model_flops_per_token, peak_flops_for_device
 
 
 def real_lengths(batch: dict) -> torch.Tensor:

@@ -51,6 +51,10 @@ STARCODER2_SPECIAL_TOKENS = [
     "<pr_diff_hunk_comment_line>",
 ]
 
+# The label of a position that is not trained on (padding, `<fim_pad>`, an example's first token): the
+# `ignore_index` of PyTorch's cross-entropy and of transformers' losses. Every module takes it from here.
+IGNORE_INDEX = -100
+
 # The tokens the data pipeline writes; a tokenizer without any of them cannot train this format.
 REQUIRED_TOKENS = (EOS_TOKEN, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, REPO_NAME, FILE_SEP)
 

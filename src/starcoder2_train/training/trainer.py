@@ -15,8 +15,8 @@ import time
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .callbacks import ThroughputCallback
-from .loss import enable_chunked_loss
+from starcoder2_train.training.loss import enable_chunked_loss
+from starcoder2_train.training.throughput import ThroughputCallback
 
 
 def decoder_layers(model) -> list:

@@ -14,7 +14,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from .special_tokens import EOS_TOKEN, FILE_SEP, REPO_NAME
+from starcoder2_train.data.special_tokens import EOS_TOKEN, FILE_SEP, REPO_NAME
 
 Piece = tuple[bool, str]
 

@@ -3,7 +3,8 @@
 import json
 import os
 
-from .model_utils import count_parameters, estimate_memory_per_gpu
+from starcoder2_train.model.factory import count_parameters
+from starcoder2_train.model.memory import estimate_memory_per_gpu
 
 
 def zero_stage(training_args) -> int:

@@ -19,9 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .special_tokens import SpecialTokenIds
-
-IGNORE_INDEX = -100
+from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -99,23 +97,3 @@ class PackedDataset(torch.utils.data.Dataset):
             tokens = np.concatenate([tokens, np.full(pad, self.special.eos, dtype=np.int64)])
             labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX, dtype=np.int64)])
         return {"input_ids": tokens, "labels": labels, "position_ids": position_ids}
-
-
-class PackedCollator:
-    """Stacks packed windows into a batch; no attention_mask, so packing is read from position_ids.
-
-    `flatten=True` joins the batch into one row of batch·seq_length tokens, which is how
-    flash_attention_2 in transformers recognises packed sequences (it does so only for batch size 1).
-    """
-
-    def __init__(self, flatten: bool = False):
-        self.flatten = flatten
-
-    def __call__(self, windows: list[dict]) -> dict:
-        batch = {
-            key: torch.from_numpy(np.stack([w[key] for w in windows]))
-            for key in ("input_ids", "labels", "position_ids")
-        }
-        if self.flatten:
-            batch = {key: value.reshape(1, -1) for key, value in batch.items()}
-        return batch

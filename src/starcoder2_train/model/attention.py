@@ -28,51 +28,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-SDPA_VARLEN = "sdpa_varlen"
-SDPA_BLOCKED = "sdpa_blocked"
-
-
-def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) → True where a document starts: at each row's start and where positions do not count on."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return starts
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) → the index of each token's document in its row (1, 2, ...)."""
-    return document_starts(position_ids).cumsum(dim=1)
-
-
-def document_boundaries(position_ids: torch.Tensor) -> dict:
-    """flash-attn's variable-length arguments for the batch flattened to one stream of batch·seq tokens.
-
-    `cu_seq_lens_q`/`_k`: int32 offsets of each document start, and the total at the end; `max_length_q`/`_k`:
-    the longest document, as a Python int. Names as transformers' FlashAttentionKwargs, so flash_attention_2
-    reads them too.
-    """
-    batch, seq = position_ids.shape
-    starts = document_starts(position_ids).reshape(-1).nonzero().flatten()
-    total = torch.tensor([batch * seq], device=starts.device)
-    cu_seq_lens = torch.cat([starts, total]).to(torch.int32)
-    max_length = int(cu_seq_lens.diff().max())
-    return {
-        "cu_seq_lens_q": cu_seq_lens,
-        "cu_seq_lens_k": cu_seq_lens,
-        "max_length_q": max_length,
-        "max_length_k": max_length,
-    }
-
-
-class DocumentBoundaryCollator:
-    """Wrap a collator that returns `position_ids`: add `document_boundaries` of the batch, computed on the CPU."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        return {**batch, **document_boundaries(batch["position_ids"])}
+from starcoder2_train.configs import SDPA_BLOCKED, SDPA_VARLEN
+from starcoder2_train.data.collators import document_boundaries, document_ids
 
 
 def _compute_dtype(query: torch.Tensor) -> torch.dtype:

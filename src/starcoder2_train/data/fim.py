@@ -14,8 +14,8 @@ comes from `example_rng(seed, epoch, repo_name, "fim")`.
 
 from dataclasses import dataclass
 
-from .repo_examples import Piece, RepoExample, example_rng
-from .special_tokens import EOS_TOKEN, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from starcoder2_train.data.repo_examples import Piece, RepoExample, example_rng
+from starcoder2_train.data.special_tokens import EOS_TOKEN, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 
 @dataclass(frozen=True)
