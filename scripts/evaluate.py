@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 from transformers import AutoModelForCausalLM
 
-from starcoder2_train.configs import DataArguments
+from starcoder2_train.configs import TORCH_DTYPES, DataArguments, torch_dtype
 from starcoder2_train.data.shards import load_repositories
 from starcoder2_train.data.splits import repository_split
 from starcoder2_train.data.tokenization import PieceTokenizer
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--timeout", type=float, default=3.0, help="Seconds each HumanEval program may run.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the FIM line choice and of sampling.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--torch_dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--torch_dtype", default="auto", choices=TORCH_DTYPES, help="dtype of the loaded weights.")
     parser.add_argument("--output", help="Write {model, results, seconds, settings} to this JSON file.")
     parser.add_argument("--update_model_card", action="store_true", help="Write the results into MODEL_DIR/README.md.")
     args = parser.parse_args(argv)
@@ -136,8 +136,7 @@ def main(argv=None):
 
     # Tokenizer and model.
     tokenizer = load_tokenizer(args.model_dir)
-    dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch_dtype(args.torch_dtype)).to(args.device)
     model.eval()
 
     # Held-out data.

@@ -23,8 +23,7 @@ def main(argv=None):
     own.add_argument("--output", default="samples.jsonl", help="JSONL file to write the samples to.")
     own_args, recipe_argv = own.parse_known_args(argv)
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
-    tokenizer_name = data_args.tokenizer_name_or_path or model_args.model_name_or_path
-    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
     dataset, report = build_training_data(data_args, tokenizer, training_args)
 
     count = min(own_args.num_samples, len(dataset))

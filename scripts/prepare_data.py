@@ -27,7 +27,7 @@ def main(argv=None):
     own.add_argument("--epochs", type=int, default=1, help="Data epochs to prepare (each has its own FIM draws).")
     own_args, recipe_argv = own.parse_known_args(argv)
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
-    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
     for split in ("train", "eval"):
         repositories = load_split_repositories(data_args, split)  # read once, tokenized per epoch
         for epoch in range(own_args.epochs if split == "train" else 1):

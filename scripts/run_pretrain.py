@@ -18,10 +18,10 @@ import transformers
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from starcoder2_train.configs import RecipeError, RecipeParser
+from starcoder2_train.configs import RecipeError, RecipeParser, tokens_per_step
 from starcoder2_train.data.collators import make_collator
 from starcoder2_train.data.packing import PackedDataset
-from starcoder2_train.data.pipeline import build_training_data, load_token_rows, windows_per_step
+from starcoder2_train.data.pipeline import build_training_data, load_token_rows
 from starcoder2_train.data.special_tokens import SpecialTokenIds
 from starcoder2_train.data.splits import load_split_repositories
 from starcoder2_train.data.tokenizer import load_tokenizer
@@ -63,8 +63,7 @@ def main(argv=None):
         raise RecipeError("hub_model_id: push_to_hub needs the repository to push to (user-or-org/model-name).")
 
     # Tokenizer and model config first: a wrong recipe fails here, before any data or weights are touched.
-    tokenizer_name = data_args.tokenizer_name_or_path or model_args.model_name_or_path
-    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
     config = build_config(model_args, len(tokenizer))
     validate_model_and_data(
         config, tokenizer, data_args.seq_length, from_scratch=model_args.model_name_or_path is None
@@ -128,11 +127,11 @@ def main(argv=None):
             max_new_tokens=min(64, data_args.seq_length // 4),
         )
         trainer.add_callback(evaluation)
-    tokens_per_step = windows_per_step(training_args) * data_args.seq_length
+    step_tokens = tokens_per_step(training_args, data_args.seq_length)
     trainer.add_callback(
         ModelCardCallback(
             parser.recipe_values,
-            tokens_per_step=tokens_per_step,
+            tokens_per_step=step_tokens,
             evaluation=evaluation,
             hub_model_id=training_args.hub_model_id,
             private=bool(training_args.hub_private_repo),
@@ -173,7 +172,7 @@ def main(argv=None):
         write_model_card(
             training_args.output_dir,
             parser.recipe_values,
-            tokens_seen=trainer.state.global_step * tokens_per_step,
+            tokens_seen=trainer.state.global_step * step_tokens,
             eval_results=evaluation.latest_results if evaluation else None,
             hub_model_id=training_args.hub_model_id,
         )

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -21,10 +22,63 @@ FLASH_ATTENTION_2 = "flash_attention_2"
 SDPA_VARLEN = "sdpa_varlen"
 SDPA_BLOCKED = "sdpa_blocked"
 ATTENTION_CHOICES = ("auto", FLASH_ATTENTION_2, "sdpa", "eager", "flex_attention", SDPA_VARLEN, SDPA_BLOCKED)
+# dtypes a recipe may give for the weights (`torch_dtype`); "auto": a checkpoint's own dtype.
+TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Evaluation tasks (evaluation/): all of them run in scripts/evaluate.py; the cheap ones also during training.
+EVAL_TASKS = ("loss", "fim", "humaneval")
+TRAINING_EVAL_TASKS = ("loss", "fim")
+# A Hub repository id: owner/name (a dataset, model or tokenizer).
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class RecipeError(ValueError):
     """A recipe key has a wrong or inconsistent value; the message names the key."""
+
+
+def is_hub_id(name: str | None) -> bool:
+    """True for an `owner/name` that is not a path on this machine (a local path always wins)."""
+    return bool(name) and not os.path.exists(name) and HUB_ID.fullmatch(name) is not None
+
+
+def torch_dtype(name: str):
+    """A `torch_dtype` value as transformers takes it: "auto", or the torch.dtype of that name."""
+    if name not in TORCH_DTYPES:
+        raise RecipeError(f"torch_dtype: {name!r} is not one of {', '.join(TORCH_DTYPES)}.")
+    if name == "auto":
+        return name
+    import torch
+
+    return getattr(torch, name)
+
+
+def check_eval_fraction(value: float) -> None:
+    """eval_fraction: a share of repositories in [0, 1); 1 would leave nothing to train on."""
+    if not 0.0 <= value < 1.0:
+        raise RecipeError(
+            f"eval_fraction: must be in [0, 1) so that some repositories remain for training, got {value}."
+        )
+
+
+def check_shard(num_shards: int, shard_index: int) -> None:
+    """num_shards / shard_index: this machine's part of the preprocessing."""
+    if num_shards < 1:
+        raise RecipeError(f"num_shards: must be at least 1, got {num_shards}.")
+    if not 0 <= shard_index < num_shards:
+        raise RecipeError(f"shard_index: must be in [0, num_shards={num_shards}), got {shard_index}.")
+
+
+def windows_per_step(training_args) -> int:
+    """Packed windows consumed by one optimizer step across all processes."""
+    return (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+    )
+
+
+def tokens_per_step(training_args, seq_length: int) -> int:
+    """Tokens (padding included) in one optimizer step across all processes: windows × seq_length."""
+    return windows_per_step(training_args) * seq_length
 
 
 @dataclass
@@ -56,9 +110,10 @@ class ModelArguments:
     attn_implementation: str = field(
         default="auto",
         metadata={
-            "help": "Attention kernel. auto: flash_attention_2 when flash-attn is installed and CUDA is "
-            "available, else sdpa. sdpa_varlen (CUDA) and sdpa_blocked keep packed documents apart without "
-            f"an s×s mask (attention.py). One of {', '.join(ATTENTION_CHOICES)}."
+            "help": "Attention kernel. auto: on CUDA flash_attention_2 when flash-attn is installed, else "
+            "sdpa_varlen (PyTorch's own variable-length FlashAttention-2 kernel); on a CPU sdpa_blocked. "
+            "sdpa_varlen (CUDA) and sdpa_blocked keep packed documents apart without an s×s mask "
+            f"(model/attention.py). One of {', '.join(ATTENTION_CHOICES)}."
         },
     )
     rope_theta: float | None = field(
@@ -82,8 +137,7 @@ class ModelArguments:
             raise RecipeError(
                 f"attn_implementation: {self.attn_implementation!r} is not one of {', '.join(ATTENTION_CHOICES)}."
             )
-        if self.torch_dtype not in ("bfloat16", "float16", "float32", "auto"):
-            raise RecipeError(f"torch_dtype: {self.torch_dtype!r} is not bfloat16, float16, float32 or auto.")
+        torch_dtype(self.torch_dtype)
         for key in ("rope_theta", "max_position_embeddings", "sliding_window"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -137,7 +191,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Tokenizer with StarCoder2's special tokens: a local directory or a Hub id. "
-            "Defaults to model_name_or_path."
+            "Unset: model_name_or_path's own tokenizer (RecipeParser.parse fills it in)."
         },
     )
     seq_length: int = field(default=4096, metadata={"help": "Tokens per packed training sequence."})
@@ -180,20 +234,18 @@ class DataArguments:
     def __post_init__(self):
         if self.dataset_name_or_path is None and self.prepared_data_dir is None:
             raise RecipeError("dataset_name_or_path: no data given; set it (or prepared_data_dir).")
-        for key in ("fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate", "eval_fraction"):
+        for key in ("fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise RecipeError(f"{key}: must be a probability between 0 and 1, got {value}.")
-        if self.eval_fraction >= 1.0:
-            raise RecipeError("eval_fraction: must be below 1 so that some repositories remain for training.")
+        check_eval_fraction(self.eval_fraction)
         if self.seq_length < 2:
             raise RecipeError(f"seq_length: must be at least 2 tokens, got {self.seq_length}.")
         if self.max_file_bytes <= 0:
             raise RecipeError(f"max_file_bytes: must be positive, got {self.max_file_bytes}.")
         if self.num_proc is not None and self.num_proc < 1:
             raise RecipeError(f"num_proc: must be at least 1, got {self.num_proc}.")
-        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise RecipeError(f"shard_index: must be in [0, num_shards={self.num_shards}), got {self.shard_index}.")
+        check_shard(self.num_shards, self.shard_index)
         if self.max_repositories is not None and self.max_repositories < 1:
             raise RecipeError(f"max_repositories: must be at least 1, got {self.max_repositories}.")
 
@@ -213,10 +265,11 @@ class PretrainingArguments(TrainingArguments):
         default="tensorboard", metadata={"help": "Loggers: tensorboard (default), wandb, trackio, none."}
     )
     eval_tasks: list[str] = field(
-        default_factory=lambda: ["loss", "fim"],
+        default_factory=lambda: list(TRAINING_EVAL_TASKS),
         metadata={
             "help": "Tasks run on the held-out repositories at every evaluation (eval_strategy/eval_steps): "
-            "loss (per language) and fim (single-line exact match). HumanEval runs in scripts/evaluate.py."
+            "loss (per language) and fim (single-line exact match); [] for none. HumanEval runs in "
+            "scripts/evaluate.py."
         },
     )
     fim_eval_problems: int = field(
@@ -270,6 +323,13 @@ class PretrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        unknown = [task for task in self.eval_tasks if task not in TRAINING_EVAL_TASKS]
+        if unknown:
+            where = " (it runs in scripts/evaluate.py, not during training)" if "humaneval" in unknown else ""
+            raise RecipeError(
+                f"eval_tasks: {', '.join(unknown)} is not a training-time task{where}; choose among "
+                f"{', '.join(TRAINING_EVAL_TASKS)}."
+            )
         if self.loss_chunk_size < 0:
             raise RecipeError(f"loss_chunk_size: must be 0 (off) or a number of tokens, got {self.loss_chunk_size}.")
         if self.gradient_checkpointing_layers is not None and self.gradient_checkpointing_layers < 0:
@@ -321,8 +381,8 @@ def parse_overrides(words: list[str]) -> dict:
 class RecipeParser(HfArgumentParser):
     """Parse a recipe YAML and `--key value` overrides into (ModelArguments, DataArguments, PretrainingArguments)."""
 
-    def __init__(self, dataclass_types=(ModelArguments, DataArguments, PretrainingArguments)):
-        super().__init__(dataclass_types)
+    def __init__(self):
+        super().__init__((ModelArguments, DataArguments, PretrainingArguments))
         self.known_keys = {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype) if f.init}
 
     def load(self, recipe_path: str | os.PathLike | None, override_words: list[str]) -> dict:
@@ -360,6 +420,9 @@ class RecipeParser(HfArgumentParser):
             if value is not None:
                 words += _to_argv(key, value)
         try:
-            return self.parse_args_into_dataclasses(args=words, look_for_args_file=False)
+            model_args, data_args, *rest = self.parse_args_into_dataclasses(args=words, look_for_args_file=False)
         except SystemExit as error:  # argparse exits on a bad value; say which key instead
             raise RecipeError(f"recipe {recipe}: a value could not be parsed (see the message above).") from error
+        if data_args.tokenizer_name_or_path is None:  # a checkpoint's own tokenizer, the one default of this key
+            data_args.tokenizer_name_or_path = model_args.model_name_or_path
+        return model_args, data_args, *rest

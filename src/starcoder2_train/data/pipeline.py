@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import torch
 
-from starcoder2_train.configs import DataArguments, RecipeError
+from starcoder2_train.configs import DataArguments, RecipeError, windows_per_step
 from starcoder2_train.data.fim import FimRates, apply_fim
 from starcoder2_train.data.packing import PackedDataset
 from starcoder2_train.data.prepared import load_prepared
@@ -198,15 +198,6 @@ def build_packed_dataset(
         shuffle_seed=(seed * 1_000_003 + epoch) if shuffle else None,
     )
     return packed, DataReport.of(token_rows, packed, skips)
-
-
-def windows_per_step(training_args) -> int:
-    """Packed windows consumed by one optimizer step across all processes."""
-    return (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * training_args.world_size
-    )
 
 
 def build_training_data(data_args: DataArguments, tokenizer, training_args):

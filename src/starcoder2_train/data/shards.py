@@ -15,7 +15,6 @@ order that depends on the input only (not on num_proc).
 import glob
 import logging
 import os
-import re
 from collections import Counter
 
 import fsspec
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
-from starcoder2_train.configs import DataArguments, RecipeError
+from starcoder2_train.configs import DataArguments, RecipeError, is_hub_id
 from starcoder2_train.data.languages import language_of
 from starcoder2_train.data.skips import (
     BEYOND_MAX_REPOSITORIES,
@@ -52,7 +51,6 @@ REPOSITORIES_PER_BATCH = 64
 OPTIONAL_FILE_COLUMNS = ("language", "license_type", "is_vendor", "is_generated", "src_encoding")
 FILE_FEATURES = {"path": Value("string"), "content": Value("string"), "language": Value("string")}
 REPOSITORY_FEATURES = Features({"repo_name": Value("string"), "files": List(FILE_FEATURES)})
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def decode_content(content, src_encoding: str | None, max_file_bytes: int) -> tuple[str | None, str | None]:
@@ -181,7 +179,7 @@ def resolve_data_files(data_args: DataArguments, data_files: list[str] | None = 
             sorted(p for p in glob.glob(os.path.join(root, pattern), recursive=True) if os.path.isfile(p))
             for pattern in patterns
         ]
-    elif _HUB_ID.fullmatch(source):
+    elif is_hub_id(source):
         root = f"datasets/{source}/{data_args.data_dir or ''}".rstrip("/")
         try:
             filesystem = fsspec.filesystem("hf")
@@ -201,21 +199,26 @@ def resolve_data_files(data_args: DataArguments, data_files: list[str] | None = 
     return list(dict.fromkeys(path for files in found for path in files))
 
 
-def _layout_of(path: str, schema: pa.Schema, filters: dict) -> tuple[str, list[str]]:
-    """("repository" | "file", columns to read), or RecipeError naming the file and what it lacks."""
+def parquet_layout(path: str, schema: pa.Schema, required=("repo_name", "path", "content")) -> str:
+    """ "repository" (a `files` list column) or "file" (one row per file), or RecipeError naming what is missing.
+
+    The one test of a shard's layout, used by the training pipeline and by tokenizer training. `required`:
+    the fields needed, `repo_name` as a column, the others as fields of each file (tokenizer training
+    needs only `content`).
+    """
     names = set(schema.names)
     if "files" in names:
         files_type = schema.field("files").type
         item = files_type.value_type if pa.types.is_list(files_type) or pa.types.is_large_list(files_type) else None
         fields = {item.field(i).name for i in range(item.num_fields)} if pa.types.is_struct(item) else set()
-        missing = [f"files.{name}" for name in ("path", "content") if name not in fields]
-        missing += [] if "repo_name" in names else ["repo_name"]
-        layout, columns, has_license = "repository", ["repo_name", "files"], "license_type" in fields
+        missing = [f"files.{name}" for name in required if name != "repo_name" and name not in fields]
+        layout = "repository"
     else:
         fields = names
-        missing = [name for name in ("repo_name", "path", "content") if name not in names]
-        columns = ["repo_name", "path", "content", *[name for name in OPTIONAL_FILE_COLUMNS if name in names]]
-        layout, has_license = "file", "license_type" in names
+        missing = [name for name in required if name != "repo_name" and name not in names]
+        layout = "file"
+    if "repo_name" in required and "repo_name" not in names:
+        missing.insert(0, "repo_name")
     if missing:
         hint = (
             " It looks like a content-less Stack v2 -ids/metadata shard (blob_id without content): fetch "
@@ -227,8 +230,21 @@ def _layout_of(path: str, schema: pa.Schema, filters: dict) -> tuple[str, list[s
         raise RecipeError(
             f"{path}: missing column(s) {', '.join(missing)}. Accepted layouts: one row per repository with "
             "repo_name and files (a list of structs with path and content), or one row per file with "
-            f"repo_name, path and content.{hint}"
+            f"repo_name, path and content; its columns are {', '.join(schema.names)}.{hint}"
         )
+    return layout
+
+
+def _columns_to_read(path: str, schema: pa.Schema, filters: dict) -> tuple[str, list[str]]:
+    """(layout, the columns the pipeline reads); license_types needs a license_type field."""
+    layout = parquet_layout(path, schema)
+    if layout == "repository":
+        item = schema.field("files").type.value_type
+        has_license = "license_type" in {item.field(i).name for i in range(item.num_fields)}
+        columns = ["repo_name", "files"]
+    else:
+        has_license = "license_type" in schema.names
+        columns = ["repo_name", "path", "content", *[name for name in OPTIONAL_FILE_COLUMNS if name in schema.names]]
     if filters["license_types"] is not None and not has_license:
         raise RecipeError(f"license_types: is set but {path} has no license_type; unset license_types to read it.")
     return layout, columns
@@ -242,7 +258,7 @@ def _read_file(path: str, filters: dict, num_proc: int | None, report: SkipRepor
     except (pa.ArrowException, OSError) as error:
         _unreadable(path, error, report)
         return None
-    layout, columns = _layout_of(path, schema, filters)
+    layout, columns = _columns_to_read(path, schema, filters)
     try:
         dataset = load_dataset("parquet", data_files={"train": [path]}, split="train", columns=columns)
     except (DatasetGenerationError, pa.ArrowException, OSError) as error:

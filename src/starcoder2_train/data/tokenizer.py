@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from starcoder2_train.configs import RecipeError
+from starcoder2_train.data.shards import parquet_layout
 from starcoder2_train.data.special_tokens import EOS_TOKEN, STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
 
 DEFAULT_MODEL_MAX_LENGTH = 16384  # the longest context of the released StarCoder2 models
@@ -49,23 +50,15 @@ def iter_parquet_contents(data_dir: str | os.PathLike, max_files: int | None = N
     yielded = 0
     for shard in shards:
         parquet = pq.ParquetFile(shard)
-        names = parquet.schema_arrow.names
-        if "files" in names:
-            column = "files"
-        elif "content" in names:
-            column = "content"
-        else:
-            raise RecipeError(
-                f"--data: {shard} has neither a `files` column (per-repository rows) nor a `content` column "
-                f"(per-file rows); its columns are {', '.join(names)}."
-            )
+        try:
+            layout = parquet_layout(str(shard), parquet.schema_arrow, required=("content",))
+        except RecipeError as error:
+            raise RecipeError(f"--data: {error}") from error
+        column = "files" if layout == "repository" else "content"
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[column]):
             values = batch.column(0)
             if column == "files":
-                files = pc.list_flatten(values)
-                if "content" not in [files.type.field(i).name for i in range(files.type.num_fields)]:
-                    raise RecipeError(f"--data: {shard}: the structs of `files` have no `content` field.")
-                values = files.field("content")
+                values = pc.list_flatten(values).field("content")
             for content in values.to_pylist():
                 if content is None:
                     continue

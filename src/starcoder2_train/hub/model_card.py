@@ -12,21 +12,15 @@ exactly the folder it would upload, and uploads nothing.
 """
 
 import os
-import re
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from starcoder2_train.configs import DataArguments
+from starcoder2_train.configs import DataArguments, is_hub_id
 
 RESULTS_START, RESULTS_END = "<!-- evaluation results -->", "<!-- end of evaluation results -->"
 
 FIM_KEYS = ("fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and not os.path.exists(name) and bool(HUB_ID.match(name))
 
 
 def model_index(results: dict[str, dict]) -> list[EvalResult]:
@@ -132,9 +126,9 @@ def write_model_card(
     dataset = recipe.get("dataset_name_or_path")
     card_data = ModelCardData(
         model_name=name,
-        base_model=base if _is_hub_id(base) else None,
+        base_model=base if is_hub_id(base) else None,
         license=license,
-        datasets=[dataset] if _is_hub_id(dataset) else None,
+        datasets=[dataset] if is_hub_id(dataset) else None,
         language=["code"],
         library_name="transformers",
         pipeline_tag="text-generation",

@@ -18,7 +18,7 @@ import tempfile
 
 from huggingface_hub import HfApi
 
-from starcoder2_train.hub.model_card import HUB_ID
+from starcoder2_train.configs import HUB_ID
 
 # Never uploaded: training state (large, and pickles run code when loaded), logs, nested checkpoints.
 UPLOAD_IGNORE_PATTERNS = (
@@ -85,7 +85,7 @@ def push_to_hub(
         raise FileNotFoundError(
             f"{output_dir}: no README.md model card; write one first (starcoder2_train.model_card.write_model_card)."
         )
-    if not HUB_ID.match(hub_model_id):
+    if not HUB_ID.fullmatch(hub_model_id):
         raise ValueError(f"hub_model_id: {hub_model_id!r} is not of the form 'user-or-org/model-name'.")
     files = files_to_upload(output_dir)
     if dry_run_dir is not None:

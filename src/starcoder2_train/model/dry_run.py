@@ -3,6 +3,7 @@
 import json
 import os
 
+from starcoder2_train.configs import tokens_per_step
 from starcoder2_train.model.factory import count_parameters
 from starcoder2_train.model.memory import estimate_memory_per_gpu
 
@@ -23,12 +24,7 @@ def print_dry_run(config, model_args, data_args, training_args, attn_implementat
     """Print the model, tokens per optimizer step and a per-GPU memory estimate; return them as a dict."""
     num_params = count_parameters(config)
     world_size = training_args.world_size
-    tokens_per_step = (
-        data_args.seq_length
-        * training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * world_size
-    )
+    step_tokens = tokens_per_step(training_args, data_args.seq_length)
     stage = zero_stage(training_args)
     memory = estimate_memory_per_gpu(
         config,
@@ -45,14 +41,14 @@ def print_dry_run(config, model_args, data_args, training_args, attn_implementat
     print(f"attention: {attn_implementation}")
     print(f"config: {json.dumps(config.to_dict(), sort_keys=True, default=str)}")
     print(
-        f"tokens per optimizer step: {tokens_per_step:,} = seq_length {data_args.seq_length} x micro batch "
+        f"tokens per optimizer step: {step_tokens:,} = seq_length {data_args.seq_length} x micro batch "
         f"{training_args.per_device_train_batch_size} x accumulation {training_args.gradient_accumulation_steps} "
         f"x {world_size} process(es)"
     )
     if training_args.max_steps > 0:
-        print(f"tokens in {training_args.max_steps:,} steps: {tokens_per_step * training_args.max_steps:,}")
+        print(f"tokens in {training_args.max_steps:,} steps: {step_tokens * training_args.max_steps:,}")
     print(
         f"memory per GPU (ZeRO stage {stage}, {world_size} GPU(s)), GB: "
         + ", ".join(f"{key} {value:.2f}" for key, value in memory.items())
     )
-    return {"parameters": num_params, "tokens_per_step": tokens_per_step, "zero_stage": stage, "memory_gb": memory}
+    return {"parameters": num_params, "tokens_per_step": step_tokens, "zero_stage": stage, "memory_gb": memory}

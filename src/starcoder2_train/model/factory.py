@@ -17,7 +17,14 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM
 
-from starcoder2_train.configs import FLASH_ATTENTION_2, SDPA_BLOCKED, SDPA_VARLEN, ModelArguments, RecipeError
+from starcoder2_train.configs import (
+    FLASH_ATTENTION_2,
+    SDPA_BLOCKED,
+    SDPA_VARLEN,
+    ModelArguments,
+    RecipeError,
+    torch_dtype,
+)
 from starcoder2_train.data.special_tokens import SpecialTokenIds
 from starcoder2_train.model import attention as _registers_attention  # noqa: F401  (sdpa_varlen, sdpa_blocked)
 from starcoder2_train.model.presets import VOCAB_MULTIPLE, build_config, round_up
@@ -65,7 +72,7 @@ def create_model(
     attention = attn_implementation or choose_attention(model_args.attn_implementation)
     pretrained = model_args.model_name_or_path is not None and torch.device(device).type != "meta"
     # "auto": a checkpoint's own dtype; from scratch, the config's dtype if it names one, else float32.
-    dtype = model_args.torch_dtype if model_args.torch_dtype == "auto" else getattr(torch, model_args.torch_dtype)
+    dtype = torch_dtype(model_args.torch_dtype)
     if pretrained:
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
