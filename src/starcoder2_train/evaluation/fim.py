@@ -77,6 +77,11 @@ def fim_prompts(
     return prompts
 
 
+def fim_generation_budget(seq_length: int) -> int:
+    """New tokens an infill may take: 64 (a line of code), at most a quarter of the context."""
+    return min(64, seq_length // 4)
+
+
 def first_line(text: str) -> str:
     return text.split("\n", 1)[0]
 

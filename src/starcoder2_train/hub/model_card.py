@@ -17,6 +17,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from starcoder2_train.configs import DataArguments, is_hub_id
+from starcoder2_train.evaluation import TASK_DESCRIPTIONS
 
 RESULTS_START, RESULTS_END = "<!-- evaluation results -->", "<!-- end of evaluation results -->"
 
@@ -74,6 +75,7 @@ def model_index(results: dict[str, dict]) -> list[EvalResult]:
 
 
 def _results_section(results: dict[str, dict]) -> str:
+    measured = "\n".join(f"- **{task}**: {TASK_DESCRIPTIONS[task]}." for task in results if task in TASK_DESCRIPTIONS)
     rows = [
         f"| {task} | {key} | {value:.4g} |" if isinstance(value, float) else f"| {task} | {key} | {value} |"
         for task, metrics in results.items()
@@ -84,6 +86,11 @@ def _results_section(results: dict[str, dict]) -> str:
         if rows
         else "Not evaluated yet: run `python scripts/evaluate.py MODEL_DIR --update_model_card`."
     )
+    if measured:
+        table += (
+            "\n\nWhat was measured (held-out files come from the repositories the recipe below holds out: "
+            "`eval_data_files`, or `eval_fraction` of them chosen by a hash of the repository name):\n" + measured
+        )
     return f"{RESULTS_START}\n{table}\n{RESULTS_END}"
 
 

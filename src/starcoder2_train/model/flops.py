@@ -69,13 +69,6 @@ def model_flops_per_token(config, seq_length: int, convention: str = "causal") -
     return 6.0 * matmul_params + 12.0 * num_layers * query_size * keys
 
 
-def mfu(tokens_per_second_per_device: float, flops_per_token: float, peak_flops: float | None) -> float | None:
-    """Model FLOPs utilization, a fraction in [0, 1]; None when the peak is unknown (CPU, unlisted GPU)."""
-    if not peak_flops:
-        return None
-    return tokens_per_second_per_device * flops_per_token / peak_flops
-
-
 def peak_flops_for_device(name: str | None) -> float | None:
     """Dense bf16 peak FLOP/s for a device name such as torch.cuda.get_device_name(); None if unknown."""
     if not name:

@@ -1,0 +1,63 @@
+"""`EvaluationCallback`: the cheap tasks (loss, FIM) at every Trainer evaluation, logged like its metrics.
+
+Results are nested by task, `{"loss": {"loss/Python": ...}, "fim": {...}}`, exactly as scripts/evaluate.py
+returns them; `flatten_results` turns them into log keys such as `eval_fim/exact_match/Python`.
+"""
+
+from transformers import TrainerCallback
+
+from starcoder2_train.evaluation.fim import FimProblem, evaluate_fim
+from starcoder2_train.evaluation.loss import evaluate_loss
+
+
+def flatten_results(results: dict[str, dict], prefix: str = "eval_") -> dict[str, float]:
+    """{"fim": {"exact_match": 0.5}} -> {"eval_fim/exact_match": 0.5}."""
+    return {f"{prefix}{task}/{key}": value for task, metrics in results.items() for key, value in metrics.items()}
+
+
+class EvaluationCallback(TrainerCallback):
+    """After each Trainer evaluation, score held-out loss per language and FIM exact match, and log them.
+
+        trainer.add_callback(EvaluationCallback(trainer, tokenizer, loss_dataset=rows, fim_problems=problems,
+                                                seq_length=data_args.seq_length))
+
+    Every process runs the same work (a ZeRO-3 model needs all ranks in each forward); only the main process
+    logs. `latest_results` keeps the last results, nested by task, for the model card.
+    """
+
+    def __init__(
+        self,
+        trainer,
+        tokenizer,
+        *,
+        loss_dataset=None,
+        fim_problems: list[FimProblem] | None = None,
+        seq_length: int,
+        batch_size: int | None = None,
+        max_new_tokens: int = 64,
+    ):
+        if loss_dataset is None and not fim_problems:
+            raise ValueError("EvaluationCallback: give loss_dataset, fim_problems or both.")
+        self.trainer, self.tokenizer = trainer, tokenizer
+        self.loss_dataset, self.fim_problems = loss_dataset, fim_problems
+        self.seq_length, self.batch_size, self.max_new_tokens = seq_length, batch_size, max_new_tokens
+        self.latest_results: dict[str, dict] = {}
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        model, batch_size = self.trainer.model, self.batch_size or args.per_device_eval_batch_size
+        results = {}
+        if self.loss_dataset is not None:
+            results["loss"] = evaluate_loss(
+                model, self.loss_dataset, seq_length=self.seq_length, batch_size=batch_size
+            )
+        if self.fim_problems:
+            results["fim"] = evaluate_fim(
+                model,
+                self.tokenizer,
+                self.fim_problems,
+                batch_size=batch_size,
+                max_new_tokens=self.max_new_tokens,
+                max_prompt_tokens=self.seq_length - self.max_new_tokens,
+            )
+        self.latest_results = results
+        self.trainer.log(flatten_results(results))
