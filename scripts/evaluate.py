@@ -2,7 +2,7 @@
 
     HF_ALLOW_CODE_EVAL=1 python scripts/evaluate.py MODEL_DIR --tasks loss,fim,humaneval \
         --data HELD_OUT_PARQUET_DIR --num_samples 20 --temperature 0.2 --k 1,10 --output results.json
-    python scripts/evaluate.py MODEL_DIR --recipe RECIPE.yaml     # the recipe's held-out repositories
+    python scripts/evaluate.py MODEL_DIR --recipe RECIPE.yaml [--key value ...]   # its held-out repositories
 
 Held-out files: with --recipe, exactly the repositories training held out, scored exactly as the training-time
 evaluation scores them, under the same metric names (starcoder2_train/evaluation/held_out.py); with --data, the
@@ -44,7 +44,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="A saved model directory (config, weights, tokenizer) or a Hub id.")
     parser.add_argument("--tasks", default="loss,fim", help=f"Comma-separated, among {', '.join(EVAL_TASKS)}.")
-    parser.add_argument("--recipe", help="A training recipe: score the repositories it held out, as training does.")
+    parser.add_argument(
+        "--recipe",
+        help="A training recipe: score the repositories it held out, as training does; other --key value "
+        "arguments override its keys (e.g. --dataset_name_or_path).",
+    )
     parser.add_argument("--data", help="Held-out parquet shards (directory or file), for loss and fim.")
     parser.add_argument(
         "--eval_fraction",
@@ -70,7 +74,9 @@ def parse_args(argv=None):
     parser.add_argument("--torch_dtype", default="auto", choices=TORCH_DTYPES, help="dtype of the loaded weights.")
     parser.add_argument("--output", help="Write {model, results, seconds, settings} to this JSON file.")
     parser.add_argument("--update_model_card", action="store_true", help="Write the results into MODEL_DIR/README.md.")
-    args = parser.parse_args(argv)
+    args, args.recipe_overrides = parser.parse_known_args(argv)
+    if args.recipe_overrides and not args.recipe:
+        parser.error(f"unrecognized arguments: {' '.join(args.recipe_overrides)}")
     args.tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     args.k = [int(value) for value in args.k.split(",")]
     unknown = [task for task in args.tasks if task not in EVAL_TASKS]
@@ -91,7 +97,7 @@ def held_out_repositories(args):
     """
     if args.recipe:
         overrides = ["--languages", *args.languages] if args.languages else []
-        _, data_args, training_args = RecipeParser().parse([args.recipe, *overrides])
+        _, data_args, training_args = RecipeParser().parse([args.recipe, *args.recipe_overrides, *overrides])
         repositories, _ = load_split_repositories(data_args, "eval")
         if repositories is None:
             raise RecipeError(f"--recipe {args.recipe}: holds nothing out; set eval_fraction or eval_data_files.")

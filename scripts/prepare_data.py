@@ -9,13 +9,11 @@ would have produced. Skip counts are written beside each shard.
 """
 
 import argparse
-import json
-import os
 import sys
 
 from starcoder2_train.configs import RecipeParser
 from starcoder2_train.data.pipeline import load_token_rows
-from starcoder2_train.data.prepared import prepared_path
+from starcoder2_train.data.prepared import save_prepared
 from starcoder2_train.data.splits import load_split_repositories
 from starcoder2_train.data.tokenizer import load_tokenizer
 
@@ -34,10 +32,9 @@ def main(argv=None):
             rows, skips = load_token_rows(data_args, tokenizer, training_args.seed, epoch, split, repositories)
             if rows is None:
                 continue
-            path = prepared_path(own_args.output, split, epoch, data_args.shard_index, data_args.num_shards)
-            rows.save_to_disk(path)
-            with open(os.path.join(path, "skipped.json"), "w") as handle:
-                json.dump(skips.as_dict(), handle, indent=1, sort_keys=True)
+            path = save_prepared(
+                rows, skips, own_args.output, split, epoch, data_args.shard_index, data_args.num_shards
+            )
             print(f"{split} epoch {epoch}: {len(rows):,} repositories, {sum(rows['num_tokens']):,} tokens -> {path}")
 
 

@@ -14,6 +14,7 @@ from conftest import random_repositories
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data import skips
+from starcoder2_train.data.prepared import load_prepared_skips
 from starcoder2_train.data.shards import decode_content, load_repositories
 from starcoder2_train.data.skips import SkipReport
 from starcoder2_train.data.splits import eval_share, repository_split, shard_repositories
@@ -293,9 +294,9 @@ def test_skip_report_merges_and_round_trips(tmp_path):
     shard = tmp_path / "train" / "epoch-0" / "shard-00000-of-00002"
     shard.mkdir(parents=True)
     (shard / "skipped.json").write_text(json.dumps(merged.as_dict()))
-    loaded = SkipReport.load(str(tmp_path), "train")
+    loaded = load_prepared_skips(str(tmp_path), "train")
     assert loaded.files == merged.files and loaded.repositories == merged.repositories
-    assert SkipReport.load(str(tmp_path), "eval") == SkipReport()
+    assert load_prepared_skips(str(tmp_path), "eval") == SkipReport()
 
 
 def test_unknown_path_names_both_readings(tmp_path):

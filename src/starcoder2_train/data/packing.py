@@ -11,8 +11,9 @@ positions restart at each example start, and at the window start for the continu
 example. The first token of each new example is not a training target: it would be predicted from
 the end of the previous example, which it cannot see.
 
-Labels are -100 on padding, on `<fim_pad>`, and (when isolated) on those example starts.
+Labels are IGNORE_INDEX (-100) on padding, on `<fim_pad>`, and (when isolated) on those example starts.
 `cross_document_attention: true` gives the plain concatenation instead: positions 0..seq_length-1.
+Batches are made by collators.py.
 """
 
 import numpy as np

@@ -1,8 +1,10 @@
-"""The data pipeline: Stack v2 shards → repository examples → FIM → tokens → packed windows.
+"""The data pipeline: repository rows → examples → FIM → tokens (one cached `datasets.map`) → packed windows.
 
-`build_token_rows` runs the first steps as one batched, cached `datasets.map` (num_proc processes on
-one machine; num_shards/shard_index to split the work across machines); `build_packed_datasets`
-adds packing. `DataReport` gathers what each step counted, skipped rows included.
+`tokenize_repositories` runs the middle steps as one batched `datasets.map`, cached under an explicit
+fingerprint of everything it depends on (num_proc processes on one machine; num_shards/shard_index across
+machines). `load_token_rows` gives one split's token rows, from the raw shards or from prepared data;
+`build_packed_dataset` packs them; `build_training_data` makes as many data epochs as the run needs, each
+with its own file order and FIM draws. `DataReport` gathers what each step counted, skipped rows included.
 """
 
 import hashlib
@@ -19,7 +21,7 @@ import torch
 from starcoder2_train.configs import DataArguments, RecipeError, windows_per_step
 from starcoder2_train.data.fim import FimRates, apply_fim
 from starcoder2_train.data.packing import PackedDataset
-from starcoder2_train.data.prepared import load_prepared
+from starcoder2_train.data.prepared import load_prepared, load_prepared_skips
 from starcoder2_train.data.repo_examples import build_example
 from starcoder2_train.data.skips import SkipReport
 from starcoder2_train.data.special_tokens import SpecialTokenIds
@@ -159,7 +161,7 @@ def load_token_rows(
     if data_args.prepared_data_dir is not None:
         if split == "eval" and not os.path.isdir(os.path.join(data_args.prepared_data_dir, "eval")):
             return None, SkipReport()
-        return load_prepared(data_args.prepared_data_dir, split, epoch), SkipReport.load(
+        return load_prepared(data_args.prepared_data_dir, split, epoch), load_prepared_skips(
             data_args.prepared_data_dir, split
         )
     repositories, skips = repositories or load_split_repositories(data_args, split)

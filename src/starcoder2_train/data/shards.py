@@ -9,7 +9,8 @@ Optional file fields, used when present: `language` (else derived from the path)
 `is_vendor`, `is_generated`, `src_encoding` (to decode contents stored as bytes; default UTF-8).
 
 Output rows: `repo_name: str`, `files: list of {path: str, content: str, language: str}`, in an
-order that depends on the input only (not on num_proc).
+order that depends on the input only (not on num_proc). Whatever is left out is counted in a SkipReport
+(skips.py). `parquet_layout` is the one test of a shard's layout (tokenizer training uses it too).
 """
 
 import glob

@@ -1,23 +1,11 @@
-"""Stack v2-format parquet shards → one row per repository, with every file left out counted by reason.
+"""Why a file, repository or parquet file is left out, and `SkipReport`, which counts them by reason.
 
-Two layouts are accepted, recognised per parquet file by its columns:
-- per repository (the-stack-v2-train-*-ids with contents added, and what scripts/ingest.py writes):
-  `repo_name` and `files`, a list of structs with at least `path` and `content`;
-- per file (the-stack-v2 and -dedup with contents added): `repo_name`, `path`, `content`. Rows are
-  grouped by `repo_name` across all the files read, repositories and their files in first-seen order.
-Optional file fields, used when present: `language` (else derived from the path), `license_type`,
-`is_vendor`, `is_generated`, `src_encoding` (to decode contents stored as bytes; default UTF-8).
-
-Output rows: `repo_name: str`, `files: list of {path: str, content: str, language: str}`, in an
-order that depends on the input only (not on num_proc).
+Nothing is dropped silently: every step that leaves something out adds it to a SkipReport under one of the
+reasons below; reports merge with `+` (several files, several machines) and print as `summary_lines()`.
 """
 
-import glob
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 # Why a file, repository or parquet file is left out (the keys of SkipReport's counters).
 MISSING_REPO_NAME = "missing repo_name"
@@ -70,11 +58,10 @@ class SkipReport:
         }
 
     @classmethod
-    def load(cls, directory: str, split: str) -> "SkipReport":
-        """The as_dict() saved beside prepared shards (skipped.json). Every machine counts the whole input
-        before it takes its shard, so any one shard's file holds the totals."""
-        report, paths = cls(), sorted(glob.glob(os.path.join(directory, split, "epoch-*", "*", "skipped.json")))
-        for key, count in (json.loads(Path(paths[0]).read_text()) if paths else {}).items():
+    def from_dict(cls, flat: dict[str, int]) -> "SkipReport":
+        """The report back from its as_dict()."""
+        report = cls()
+        for key, count in flat.items():
             unit, _, reason = key.partition(": ")
             getattr(report, unit.replace(" ", "_"))[reason] += count
         return report

@@ -1,14 +1,10 @@
-"""The model card (README.md) written with every saved model, and the upload to the Hub.
+"""The model card (README.md) written with every saved model.
 
 `write_model_card(output_dir, recipe, ...)` describes what was trained: the base model or architecture,
-the recipe, the data (languages, tokens seen), the FIM settings, the evaluation results (also as model-index
-metadata, which the Hub shows and huggingface_hub's ModelCard parses) and a FIM usage example.
-`update_model_card_results` replaces the results after a later `scripts/evaluate.py` run.
-
-`ModelCardCallback` writes the card into every checkpoint the Trainer saves, and pushes the checkpoint when
-asked. `push_to_hub(output_dir, hub_model_id, ...)` uploads what a user needs (weights, config, tokenizer, card,
-results) and leaves out optimizer states, pickles, logs and sub-checkpoints. With `dry_run_dir` it writes
-exactly the folder it would upload, and uploads nothing.
+the recipe, the data (languages, tokens seen), the FIM settings, the evaluation results and what each of
+them measures (also as model-index metadata, which the Hub shows and huggingface_hub's ModelCard parses)
+and a FIM usage example. `update_model_card_results` replaces the results after a later
+`scripts/evaluate.py` run.
 """
 
 import os

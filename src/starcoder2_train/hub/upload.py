@@ -1,14 +1,8 @@
-"""The model card (README.md) written with every saved model, and the upload to the Hub.
+"""The upload to the Hub: what a user needs of a saved model, and nothing else.
 
-`write_model_card(output_dir, recipe, ...)` describes what was trained: the base model or architecture,
-the recipe, the data (languages, tokens seen), the FIM settings, the evaluation results (also as model-index
-metadata, which the Hub shows and huggingface_hub's ModelCard parses) and a FIM usage example.
-`update_model_card_results` replaces the results after a later `scripts/evaluate.py` run.
-
-`ModelCardCallback` writes the card into every checkpoint the Trainer saves, and pushes the checkpoint when
-asked. `push_to_hub(output_dir, hub_model_id, ...)` uploads what a user needs (weights, config, tokenizer, card,
-results) and leaves out optimizer states, pickles, logs and sub-checkpoints. With `dry_run_dir` it writes
-exactly the folder it would upload, and uploads nothing.
+`push_to_hub(output_dir, hub_model_id, ...)` uploads weights, config, tokenizer, card and results, and leaves
+out optimizer states, pickles, logs and sub-checkpoints (UPLOAD_IGNORE_PATTERNS). With `dry_run_dir` it
+writes exactly the folder it would upload, and uploads nothing.
 """
 
 import fnmatch

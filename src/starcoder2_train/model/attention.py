@@ -10,7 +10,7 @@ Two implementations registered with transformers' `AttentionInterface` do withou
   the kernel behind sdpa's flash backend) in their variable-length form: the batch is one stream of
   tokens cut at `cu_seq_lens` (cumulative document lengths), as flash-attn's `flash_attn_varlen_func`.
   Sliding window, grouped-query attention and dropout are done by the kernel; nothing is masked or
-  computed outside a document's window. `DocumentBoundaryCollator` computes `cu_seq_lens` on the CPU,
+  computed outside a document's window. `data.collators.DocumentBoundaryCollator` computes `cu_seq_lens` on the CPU,
   so the GPU never waits for them (without it, each layer derives them from `position_ids`).
 - `sdpa_blocked` (any device): queries in blocks (256 positions on a CPU, 1024 on a GPU); a block attends,
   through sdpa with a small mask, only to the keys its window can reach. The work grows with s·(block + window)

@@ -1,14 +1,9 @@
-"""The model: presets equal to the released StarCoder2 configs, creation or loading, attention choice,
-parameter count and a memory estimate per GPU.
+"""The model a recipe trains: attention choice, creation from scratch or loading, and the checks against the data.
 
-Vocabulary rule. The embedding matrix must hold every id the tokenizer can produce:
-- from scratch, the tiny/test presets take the tokenizer's length rounded up to a multiple of 64;
-  the released presets and config.json files keep their vocab_size (49152 for StarCoder2), and a
-  tokenizer larger than that is refused (`tokenizer_name_or_path`) rather than silently changing the
-  released architecture;
-- from a checkpoint, `create_model` resizes the embeddings (again to a multiple of 64) when the
-  tokenizer is larger; `validate_model_and_data` refuses a tokenizer whose structure tokens lie
-  beyond the checkpoint's vocabulary, since their embeddings would be untrained new rows.
+`choose_attention` resolves `attn_implementation: auto` for this machine; `create_model` builds the config's
+model (or loads a checkpoint, or only its architecture on the meta device for a dry run), resizes the
+embeddings for a larger tokenizer and turns the KV cache off for training; `count_parameters` counts on
+the meta device; `validate_model_and_data` checks sequence length and structure tokens before any work.
 """
 
 import importlib.util

@@ -3,6 +3,7 @@
 MFU = achieved model FLOP/s ÷ peak FLOP/s of the device, where "model FLOPs" are the FLOPs the
 model needs in principle (Chowdhery et al., PaLM, appendix B): no recomputation from gradient
 checkpointing, no padding, dense bf16 peak. Every figure says which attention convention it uses.
+The MFU of a run is computed on every log line by training/throughput.py from these FLOPs and peaks.
 """
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s, from NVIDIA's data sheets. Checked in order:

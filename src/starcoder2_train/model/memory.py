@@ -1,15 +1,4 @@
-"""The model: presets equal to the released StarCoder2 configs, creation or loading, attention choice,
-parameter count and a memory estimate per GPU.
-
-Vocabulary rule. The embedding matrix must hold every id the tokenizer can produce:
-- from scratch, the tiny/test presets take the tokenizer's length rounded up to a multiple of 64;
-  the released presets and config.json files keep their vocab_size (49152 for StarCoder2), and a
-  tokenizer larger than that is refused (`tokenizer_name_or_path`) rather than silently changing the
-  released architecture;
-- from a checkpoint, `create_model` resizes the embeddings (again to a multiple of 64) when the
-  tokenizer is larger; `validate_model_and_data` refuses a tokenizer whose structure tokens lie
-  beyond the checkpoint's vocabulary, since their embeddings would be untrained new rows.
-"""
+"""GPU memory per device for a recipe: model states under ZeRO, activations, logits (`--dry_run true`)."""
 
 from starcoder2_train.configs import RecipeError
 

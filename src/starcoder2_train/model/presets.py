@@ -1,13 +1,12 @@
-"""The model: presets equal to the released StarCoder2 configs, creation or loading, attention choice,
-parameter count and a memory estimate per GPU.
+"""Model presets equal to the released StarCoder2 configs, and the config a recipe trains.
 
 Vocabulary rule. The embedding matrix must hold every id the tokenizer can produce:
 - from scratch, the tiny/test presets take the tokenizer's length rounded up to a multiple of 64;
   the released presets and config.json files keep their vocab_size (49152 for StarCoder2), and a
   tokenizer larger than that is refused (`tokenizer_name_or_path`) rather than silently changing the
   released architecture;
-- from a checkpoint, `create_model` resizes the embeddings (again to a multiple of 64) when the
-  tokenizer is larger; `validate_model_and_data` refuses a tokenizer whose structure tokens lie
+- from a checkpoint, factory.create_model resizes the embeddings (again to a multiple of 64) when the
+  tokenizer is larger; factory.validate_model_and_data refuses a tokenizer whose structure tokens lie
   beyond the checkpoint's vocabulary, since their embeddings would be untrained new rows.
 """
 
@@ -90,7 +89,7 @@ MODEL_PRESETS = {
         initializer_range=0.01275,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     ),
-    # CPU quickstart: about 4.9M parameters with an 8k-token tokenizer; a few minutes on 2 cores.
+    # CPU quickstart: 3.8M parameters with the quickstart's 4,096-token tokenizer (4.9M with 8,192); minutes on 2 cores.
     "tiny": dict(
         **_SMALL,
         num_hidden_layers=4,

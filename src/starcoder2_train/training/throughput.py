@@ -4,7 +4,7 @@
 
 - `tokens_per_second_per_device`, `tokens_per_second`: all tokens the model processed, padding included;
 - `real_tokens_per_second_per_device`, `real_tokens_per_second`: tokens that are not padding;
-- `tflops_per_device_causal`: model FLOPs per second, counted on real tokens with `flops.model_flops_per_token`
+- `tflops_per_device_causal`: model FLOPs per second, counted on real tokens with `model.flops.model_flops_per_token`
   in its causal convention (k = average number of keys a query attends to under the causal mask and
   sliding window; no recomputation, no padding), which is what the `_causal` in the names says;
 - `mfu_causal`: that over the device's dense bf16 peak (`peak_flops`, else looked up from the GPU's name;
@@ -13,7 +13,7 @@
   on a CPU, the process's peak resident memory);
 - `data_wait_share`: the share of wall time the training loop spent waiting for its next batches.
 
-It needs to see the batches: `trainer.PretrainingTrainer` reports them (`record_batches`) with the time it
+It needs to see the batches: `training.trainer.PretrainingTrainer` reports them (`record_batches`) with the time it
 waited for them. Totals are this process's figures times the number of processes (data parallelism gives
 each the same number of tokens). Wall time is measured between log lines; logging reads the loss, which
 waits for the device, so each interval covers the device's work too.

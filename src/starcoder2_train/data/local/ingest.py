@@ -1,24 +1,16 @@
 """Local folders, git checkouts or this Python's standard library → Stack v2-format parquet shards.
 
-Each input folder is one repository, named `owner/name` after its git remote (origin first) when
-.git/config has one, else after the folder. Without inputs, the standard library of the running Python
-is ingested, each top-level package a repository (`cpython/json`, `cpython/asyncio`, ...) and the
-loose top-level modules one more (`cpython/Lib`); site-packages is left out (third-party code).
+Each input folder is one repository, named by metadata.repository_name. Without inputs, the standard
+library of the running Python is ingested, each top-level package a repository (`cpython/json`,
+`cpython/asyncio`, ...) and the loose top-level modules one more (`cpython/Lib`); site-packages is left
+out (third-party code).
 
 The shards hold one row per repository, in the layout of the-stack-v2-train-*-ids plus `content`:
 `repo_name`, `num_files`, `files` (a list of structs: blob_id, path, content, language, length_bytes,
 src_encoding, license_type, detected_licenses, is_vendor, is_generated, num_lines, avg_line_length,
 max_line_length, alphanum_fraction, alpha_fraction). Walks are sorted, so the output depends on the
 inputs only. Every file or directory left out is counted by reason in the printed summary and in
-`ingest_summary.json` beside the shards.
-
-License mapping. The Stack v2 has license_type "permissive" or "no_license" only: files under
-copyleft licenses were removed from it. Here a LICENSE/LICENCE/COPYING/UNLICENSE file in the
-repository root is matched against a few well-known texts: MIT, Apache-2.0, BSD-2/3-Clause, ISC,
-0BSD, Zlib, Unlicense, BSL-1.0, PSF-2.0 and CC0-1.0 give "permissive"; GPL, LGPL, AGPL, MPL-2.0 and
-EPL (copyleft, MPL included as file-level copyleft) give "non_permissive", a value The Stack v2 never
-holds, so that `license_types: [permissive, no_license]` leaves them out. When any copyleft text is
-found the repository is "non_permissive". No license file, or none recognised: "no_license".
+`ingest_summary.json` beside the shards. License detection: metadata.py.
 """
 
 import hashlib

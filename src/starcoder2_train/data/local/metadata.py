@@ -1,16 +1,7 @@
-"""Local folders, git checkouts or this Python's standard library → Stack v2-format parquet shards.
+"""A local repository's name and license, as The Stack v2 records them.
 
-Each input folder is one repository, named `owner/name` after its git remote (origin first) when
-.git/config has one, else after the folder. Without inputs, the standard library of the running Python
-is ingested, each top-level package a repository (`cpython/json`, `cpython/asyncio`, ...) and the
-loose top-level modules one more (`cpython/Lib`); site-packages is left out (third-party code).
-
-The shards hold one row per repository, in the layout of the-stack-v2-train-*-ids plus `content`:
-`repo_name`, `num_files`, `files` (a list of structs: blob_id, path, content, language, length_bytes,
-src_encoding, license_type, detected_licenses, is_vendor, is_generated, num_lines, avg_line_length,
-max_line_length, alphanum_fraction, alpha_fraction). Walks are sorted, so the output depends on the
-inputs only. Every file or directory left out is counted by reason in the printed summary and in
-`ingest_summary.json` beside the shards.
+Name: `owner/name` after its git remote (origin first) in .git/config (worktrees and submodules included),
+else the folder's name.
 
 License mapping. The Stack v2 has license_type "permissive" or "no_license" only: files under
 copyleft licenses were removed from it. Here a LICENSE/LICENCE/COPYING/UNLICENSE file in the
