@@ -89,7 +89,7 @@ MODEL_PRESETS = {
         initializer_range=0.01275,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     ),
-    # CPU quickstart: 3.8M parameters with the quickstart's 4,096-token tokenizer (4.9M with 8,192); minutes on 2 cores.
+    # CPU quickstart: 3.8M parameters with the quickstart's 4,096-token tokenizer (4.9M with 8,192).
     "tiny": dict(
         **_SMALL,
         num_hidden_layers=4,
