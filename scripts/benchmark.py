@@ -37,10 +37,10 @@ from starcoder2_train.benchmarking.paths import ours_path, plain_path
 from starcoder2_train.benchmarking.provenance import run_record, write_json
 from starcoder2_train.benchmarking.report import print_table
 from starcoder2_train.benchmarking.steps import run_paths, useful_tokens_ratio
-from starcoder2_train.configs import RecipeParser
 from starcoder2_train.model.factory import choose_attention
 from starcoder2_train.model.flops import model_flops_per_token
 from starcoder2_train.model.presets import build_config
+from starcoder2_train.recipe import RecipeParser
 
 
 def parse_args(argv):

@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from starcoder2_train.configs import EVAL_TASKS, TORCH_DTYPES, DataArguments, RecipeError, RecipeParser, torch_dtype
+from starcoder2_train.configs import EVAL_TASKS, TORCH_DTYPES, DataArguments, RecipeError, torch_dtype
 from starcoder2_train.data.shards import load_repositories
 from starcoder2_train.data.splits import load_split_repositories, repository_split
 from starcoder2_train.data.tokenizer import load_tokenizer
@@ -38,6 +38,7 @@ from starcoder2_train.evaluation.fim import evaluate_fim, fim_generation_budget
 from starcoder2_train.evaluation.humaneval import evaluate_humaneval
 from starcoder2_train.evaluation.loss import evaluate_loss
 from starcoder2_train.hub.model_card import update_model_card_results
+from starcoder2_train.recipe import RecipeParser
 
 
 def parse_args(argv=None):

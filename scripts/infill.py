@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 def held_out_file(recipe_argv: list[str]) -> dict:
     """The first file of the first held-out repository of the recipe (this part uses the project's reader)."""
-    from starcoder2_train.configs import RecipeParser
     from starcoder2_train.data.shards import load_repositories
     from starcoder2_train.data.splits import repository_split
+    from starcoder2_train.recipe import RecipeParser
 
     _, data_args, _ = RecipeParser().parse(recipe_argv)
     repositories, _ = load_repositories(data_args)

@@ -11,9 +11,9 @@ import argparse
 import json
 import sys
 
-from starcoder2_train.configs import RecipeParser
 from starcoder2_train.data.pipeline import build_training_data
 from starcoder2_train.data.tokenizer import load_tokenizer
+from starcoder2_train.recipe import RecipeParser
 
 
 def main(argv=None):

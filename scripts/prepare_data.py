@@ -11,11 +11,11 @@ would have produced. Skip counts are written beside each shard.
 import argparse
 import sys
 
-from starcoder2_train.configs import RecipeParser
 from starcoder2_train.data.pipeline import load_token_rows
 from starcoder2_train.data.prepared import save_prepared
 from starcoder2_train.data.splits import load_split_repositories
 from starcoder2_train.data.tokenizer import load_tokenizer
+from starcoder2_train.recipe import RecipeParser
 
 
 def main(argv=None):

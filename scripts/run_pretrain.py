@@ -18,7 +18,7 @@ import transformers
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from starcoder2_train.configs import RecipeError, RecipeParser, tokens_per_step
+from starcoder2_train.configs import RecipeError, tokens_per_step
 from starcoder2_train.data.collators import make_collator
 from starcoder2_train.data.packing import PackedDataset
 from starcoder2_train.data.pipeline import build_training_data, load_token_rows
@@ -34,6 +34,7 @@ from starcoder2_train.hub.upload import push_to_hub
 from starcoder2_train.model.dry_run import print_dry_run
 from starcoder2_train.model.factory import choose_attention, create_model, validate_model_and_data
 from starcoder2_train.model.presets import build_config
+from starcoder2_train.recipe import RecipeParser
 from starcoder2_train.training.distributed import close_process_group, match_process_group
 from starcoder2_train.training.trainer import PretrainingTrainer
 

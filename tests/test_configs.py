@@ -8,13 +8,13 @@ from starcoder2_train.configs import (
     DataArguments,
     PretrainingArguments,
     RecipeError,
-    RecipeParser,
     is_hub_id,
     tokens_per_step,
     torch_dtype,
     windows_per_step,
 )
 from starcoder2_train.data.splits import repository_split, shard_repositories
+from starcoder2_train.recipe import RecipeParser
 
 
 def parse(tmp_path, *words):

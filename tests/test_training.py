@@ -220,7 +220,7 @@ def test_dry_run_reports_the_released_model(recipe, expected, tokenizer_dir, tmp
 
 
 def test_long_context_recipe_sets_16k_and_rope_theta(tmp_path, tokenizer_dir, capsys):
-    from starcoder2_train.configs import RecipeParser
+    from starcoder2_train.recipe import RecipeParser
 
     model_args, data_args, _ = RecipeParser().parse(
         [str(ROOT / "recipes/starcoder2-3b/long_context.yaml"), "--dry_run", "true"]

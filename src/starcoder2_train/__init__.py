@@ -1,7 +1,8 @@
 """starcoder2_train: StarCoder2-style code models trained with transformers, datasets, accelerate and DeepSpeed.
 
-The subpackages follow a run, and each may import only those before it in this list (and `configs`):
-- `configs`: the recipe (model, data and training arguments from YAML) and the facts every stage shares;
+The subpackages follow a run, and each may import only those before it in this list:
+- `configs`: what a recipe may say (model, data and training arguments) and the facts every stage shares;
+  `recipe`: reading a recipe YAML and command-line overrides into them;
 - `data/`: Stack v2 shards → repository examples → FIM → tokens → packed windows → batches;
 - `model/`: the StarCoder2 model, its attention kernels, its FLOPs and memory, the dry run;
 - `training/`: the Trainer, its loss, throughput figures and process-group helpers;

@@ -1,21 +1,19 @@
-"""Recipe arguments: model, data and training dataclasses, parsed from one YAML file plus overrides.
+"""What a recipe may say: the model, data and training dataclasses, and the facts every stage shares.
 
 A recipe is a flat YAML mapping. Every key belongs to exactly one of `ModelArguments`,
 `DataArguments` or `PretrainingArguments` (transformers' `TrainingArguments` plus a few keys of
-this project). `RecipeParser().parse(["recipe.yaml", "--learning_rate", "2e-4"])` returns the three.
-Unknown keys, on the command line or in the file, fail at once with the key and the file named.
+this project); each key's help says what it does and its unit, and `__post_init__` refuses a bad value
+with a RecipeError naming the key. recipe.py reads a recipe file into them.
+
+Shared facts, defined here once and imported everywhere: the attention names, the dtypes, the evaluation
+task names, the Hub-id pattern, the eval-fraction and shard checks, windows and tokens per optimizer step.
 """
 
-import dataclasses
-import difflib
-import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
-import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
 # Attention kernels a recipe may name. sdpa_varlen and sdpa_blocked are this project's (model/attention.py).
 FLASH_ATTENTION_2 = "flash_attention_2"
@@ -338,91 +336,3 @@ class PretrainingArguments(TrainingArguments):
             )
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise RecipeError(f"peak_flops: must be positive (FLOP/s, e.g. 989e12), got {self.peak_flops}.")
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def _to_argv(key: str, value) -> list[str]:
-    """Render one recipe value as command-line words for HfArgumentParser."""
-    if isinstance(value, bool):
-        return [f"--{key}", "true" if value else "false"]
-    if isinstance(value, (list, tuple)):
-        return [f"--{key}", *[str(item) for item in value]]
-    if isinstance(value, dict):
-        return [f"--{key}", json.dumps(value)]
-    return [f"--{key}", str(value)]
-
-
-def parse_overrides(words: list[str]) -> dict:
-    """`--key value`, `--key=value` and `--key v1 v2` (lists) into a dict of strings."""
-    overrides, key = {}, None
-    for word in words:
-        if word.startswith("--"):
-            key, sep, value = word[2:].partition("=")
-            if not key:
-                raise RecipeError(f"command line: '{word}' names no key.")
-            overrides[key] = [value] if sep else []
-        elif key is None:
-            raise RecipeError(f"command line: '{word}' is not preceded by a --key.")
-        else:
-            overrides[key].append(word)
-    return {k: (v[0] if len(v) == 1 else v if v else "true") for k, v in overrides.items()}
-
-
-class RecipeParser(HfArgumentParser):
-    """Parse a recipe YAML and `--key value` overrides into (ModelArguments, DataArguments, PretrainingArguments)."""
-
-    def __init__(self):
-        super().__init__((ModelArguments, DataArguments, PretrainingArguments))
-        self.known_keys = {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype) if f.init}
-
-    def load(self, recipe_path: str | os.PathLike | None, override_words: list[str]) -> dict:
-        """The merged recipe: the YAML's keys, then the command line's, with unknown keys refused."""
-        values = {}
-        if recipe_path is not None:
-            if not os.path.isfile(recipe_path):
-                raise RecipeError(f"recipe {recipe_path}: no such file.")
-            with open(recipe_path) as handle:
-                try:
-                    values = yaml.safe_load(handle) or {}
-                except yaml.YAMLError as error:
-                    raise RecipeError(f"recipe {recipe_path}: not valid YAML: {error}") from error
-            if not isinstance(values, dict):
-                raise RecipeError(f"recipe {recipe_path}: must be a mapping of key: value lines.")
-        where = {key: f"recipe {recipe_path}" for key in values}
-        for key, value in parse_overrides(override_words).items():
-            values[key], where[key] = value, "the command line"
-        if str(values.get("dry_run", "false")).lower() in ("true", "1", "yes") and not _has_accelerator():
-            # transformers refuses bf16 on a machine without a GPU; a dry run only plans, so plan from here too.
-            values.pop("bf16", None)
-        for key in values:
-            if key not in self.known_keys:
-                raise RecipeError(f"unknown key '{key}' in {where[key]}.{_suggest(key, self.known_keys)}")
-        return values
-
-    def parse(self, argv: list[str] | None = None):
-        """argv: [RECIPE.yaml] [--key value ...]; defaults to sys.argv[1:]."""
-        argv = list(sys.argv[1:] if argv is None else argv)
-        recipe = argv.pop(0) if argv and not argv[0].startswith("--") else None
-        values = self.load(recipe, argv)
-        self.recipe_values = dict(values)  # for the model card
-        words = []
-        for key, value in values.items():
-            if value is not None:
-                words += _to_argv(key, value)
-        try:
-            model_args, data_args, *rest = self.parse_args_into_dataclasses(args=words, look_for_args_file=False)
-        except SystemExit as error:  # argparse exits on a bad value; say which key instead
-            raise RecipeError(f"recipe {recipe}: a value could not be parsed (see the message above).") from error
-        if data_args.tokenizer_name_or_path is None:  # a checkpoint's own tokenizer, the one default of this key
-            data_args.tokenizer_name_or_path = model_args.model_name_or_path
-        return model_args, data_args, *rest
