@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 def main(argv=None):
     parser = RecipeParser()
     model_args, data_args, training_args = parser.parse(argv)
-    training_args = match_process_group(training_args)  # DeepSpeed on CPUs: see distributed.py
+    training_args = match_process_group(training_args)  # DeepSpeed on CPUs: see training/distributed.py
 
     # Logging: the main process at INFO, the others at WARNING.
     logging.basicConfig(
@@ -164,7 +164,7 @@ def main(argv=None):
     if trainer.is_fsdp_enabled:  # FSDP saves sharded state during training; the final model is one file
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(training_args.output_dir)
-    trainer.model.config.use_cache = False  # packed evaluation needs it off (packing.py)
+    trainer.model.config.use_cache = False  # packed evaluation needs it off (data/packing.py)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
         logger.info("saved the model and tokenizer to %s", training_args.output_dir)

@@ -114,7 +114,7 @@ def test_ingest_of_a_checkout(checkout, tmp_path, monkeypatch):
     assert written["skipped"] == report.as_dict() and written["files"] == 6 and written["repositories"] == 1
     assert written["read_mb_per_second"] > 0 and written["bytes_kept"] == sum(f["length_bytes"] for f in row["files"])
 
-    # The shards read back through stack_v2, whose defaults leave the vendored and generated files out.
+    # The shards read back through data/shards.py, whose defaults leave the vendored and generated files out.
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     dataset, read_report = load_repositories(DataArguments(dataset_name_or_path=str(output)))
     assert [f["path"] for f in dataset[0]["files"]] == ["README.md", "src/main.py", "src/util.js"]

@@ -290,7 +290,7 @@ class PretrainingArguments(TrainingArguments):
     loss_chunk_size: int = field(
         default=0,
         metadata={
-            "help": "Positions per chunk of the training loss (loss.py): lm_head and cross-entropy run this "
+            "help": "Positions per chunk of the training loss (training/loss.py): lm_head and cross-entropy run this "
             "many tokens at a time and the backward recomputes each chunk's logits, so the fp32 logits of the "
             "whole batch (3.2 GB per 16k-token sequence at StarCoder2's vocabulary) never exist. 0: "
             "transformers' loss over all logits at once."

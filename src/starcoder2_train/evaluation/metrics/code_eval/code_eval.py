@@ -8,7 +8,7 @@ Load it by path (`evaluate.load("code_eval")` would fetch a script from the Hub)
 
 The interface is that of the Hub's code_eval: `predictions` holds the candidate programs of each problem,
 `references` the test program of each problem; every candidate + "\n" + test runs in its own sandboxed
-process (starcoder2_train.execution; needs HF_ALLOW_CODE_EVAL=1).
+process (starcoder2_train.evaluation.execution; needs HF_ALLOW_CODE_EVAL=1).
 """
 
 import logging
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """pass@k with the unbiased estimator of Chen et al. (2021): for a problem with n samples of which
 c pass, pass@k = 1 - C(n-c, k) / C(n, k), averaged over problems. Candidates run sandboxed; see
-starcoder2_train/execution.py."""
+starcoder2_train/evaluation/execution.py."""
 
 _CITATION = """@article{chen2021codex, title={Evaluating Large Language Models Trained on Code},
 author={Mark Chen and others}, year={2021}, eprint={2107.03374}, archivePrefix={arXiv}}"""
