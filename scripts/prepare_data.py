@@ -5,15 +5,16 @@
 
 Each machine tokenizes a disjoint, contiguous part of the repositories; training with
 `--prepared_data_dir DIR` reads the shards back in index order, which gives exactly what one machine
-would have produced. Skip counts are written beside each shard.
+would have produced. Skip counts are written beside each shard, and the held-out repositories themselves
+beside the eval split, so that training-time evaluation scores the same files as from the raw shards.
 """
 
 import argparse
 import sys
 
 from starcoder2_train.data.pipeline import load_token_rows
-from starcoder2_train.data.prepared import save_prepared
-from starcoder2_train.data.splits import load_split_repositories
+from starcoder2_train.data.prepared import save_held_out_repositories, save_prepared
+from starcoder2_train.data.splits import load_split_repositories, shard_repositories
 from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.recipe import RecipeParser
 
@@ -36,6 +37,10 @@ def main(argv=None):
                 rows, skips, own_args.output, split, epoch, data_args.shard_index, data_args.num_shards
             )
             print(f"{split} epoch {epoch}: {len(rows):,} repositories, {sum(rows['num_tokens']):,} tokens -> {path}")
+        if split == "eval" and repositories[0] is not None:  # for the evaluation tasks, as from raw shards
+            part = shard_repositories(repositories[0], data_args.num_shards, data_args.shard_index)
+            written = save_held_out_repositories(part, own_args.output, data_args.shard_index, data_args.num_shards)
+            print(f"held-out repositories: {len(part):,} -> {written}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from starcoder2_train.configs import RecipeError, tokens_per_step
 from starcoder2_train.data.collators import make_collator
 from starcoder2_train.data.packing import PackedDataset
 from starcoder2_train.data.pipeline import build_training_data, load_token_rows
+from starcoder2_train.data.prepared import load_held_out_repositories
 from starcoder2_train.data.special_tokens import SpecialTokenIds
 from starcoder2_train.data.splits import load_split_repositories
 from starcoder2_train.data.tokenizer import load_tokenizer
@@ -81,10 +82,14 @@ def main(argv=None):
         train_dataset, report = build_training_data(data_args, tokenizer, training_args)
         # The held-out repositories are read once: packed windows for the Trainer's eval_loss, and their files
         # for the evaluation tasks, built as scripts/evaluate.py builds them (evaluation/held_out.py).
-        split = None if data_args.prepared_data_dir is not None else load_split_repositories(data_args, "eval")
+        if data_args.prepared_data_dir is None:
+            split = load_split_repositories(data_args, "eval")
+            held_out_repositories = split[0]
+        else:
+            split, held_out_repositories = None, load_held_out_repositories(data_args.prepared_data_dir)
         eval_rows, _ = load_token_rows(data_args, tokenizer, training_args.seed, split="eval", repositories=split)
         loss_rows, fim_problems = held_out.task_inputs(
-            split[0] if split else None,
+            held_out_repositories,
             tokenizer,
             training_args.eval_tasks,
             seed=training_args.seed,
@@ -130,7 +135,7 @@ def main(argv=None):
         )
         trainer.add_callback(evaluation)
     elif training_args.eval_tasks and data_args.prepared_data_dir is not None:
-        logger.warning(
+        logger.warning(  # prepared by an older prepare_data.py, which did not keep the held-out repositories
             "eval_tasks %s need the held-out files, which prepared data does not keep: only the "
             "Trainer's eval_loss runs; score the model with scripts/evaluate.py --recipe.",
             training_args.eval_tasks,

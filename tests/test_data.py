@@ -146,6 +146,17 @@ def test_prepared_shards_from_two_machines_train_like_one(code_shards, tokenizer
     )
     assert windows(direct) == windows(prepared)
     assert prepared_report.skipped == direct_report.skipped and prepared_report.tokens == direct_report.tokens
+    # The held-out repositories travel too: the evaluation tasks get the same rows as from the raw shards.
+    from starcoder2_train.data.prepared import load_held_out_repositories
+    from starcoder2_train.data.splits import load_split_repositories
+    from starcoder2_train.evaluation.held_out import task_inputs
+
+    held_out = load_held_out_repositories(str(tmp_path / "prepared"))
+    assert len(held_out) > 0 and held_out.to_list() == load_split_repositories(args, "eval")[0].to_list()
+    assert (
+        task_inputs(held_out, tokenizer, ["loss", "fim"], seed=1)[0]
+        == task_inputs(load_split_repositories(args, "eval")[0], tokenizer, ["loss", "fim"], seed=1)[0]
+    )
     with pytest.raises(RecipeError, match="holds 1 of 2 shards"):
         import shutil
 
