@@ -5,27 +5,43 @@ file that contains the text `<fim_middle>` or `<|endoftext|>` inject control tok
 piece is encoded by the Rust tokenizer with `encode_special_tokens=True` (special tokens' text is
 split like any other text), and structure tokens are inserted by their real ids. All text pieces of a
 batch go through one `encode_batch_fast` call, so the overhead over raw tokenization stays small.
+
+In every process. `tokenizers.Tokenizer` forgets `encode_special_tokens` when it is pickled, dill-pickled or
+deep-copied (checked with tokenizers 0.23), and `datasets.map` pickles the function it runs, with num_proc 1
+as with more. So a PieceTokenizer travels as the tokenizer's JSON and sets the flag again wherever it is
+unpickled or copied, and `encode_texts` refuses to encode if the flag is off anyway.
 """
 
-import copy
+from tokenizers import Tokenizer
 
 from starcoder2_train.data.repo_examples import Piece
 from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
 
 
 class PieceTokenizer:
-    """Encodes lists of pieces; picklable, so datasets can ship it to `num_proc` workers."""
+    """Encodes lists of pieces; picklable (as JSON), so datasets can ship it to `num_proc` workers intact."""
 
     def __init__(self, tokenizer, name: str = "the tokenizer"):
         self.special = SpecialTokenIds.from_tokenizer(tokenizer, name)
         vocab = tokenizer.get_vocab()
         self.token_ids = {token: vocab[token] for token in STARCODER2_SPECIAL_TOKENS if token in vocab}
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-        self.backend = copy.deepcopy(backend)
-        self.backend.encode_special_tokens = True
-        self.backend.no_truncation()
-        self.backend.no_padding()
+        self._use(Tokenizer.from_str(backend.to_str()))  # a copy of our own: the caller's keeps its settings
         self.check_no_injection(name)
+
+    def _use(self, backend: Tokenizer) -> None:
+        backend.encode_special_tokens = True
+        backend.no_truncation()
+        backend.no_padding()
+        self.backend = backend
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "backend": self.backend.to_str()}
+
+    def __setstate__(self, state: dict) -> None:
+        backend = Tokenizer.from_str(state.pop("backend"))
+        self.__dict__.update(state)
+        self._use(backend)
 
     def check_no_injection(self, name: str) -> None:
         """Refuse a tokenizer whose ordinary merges can spell a special token (it would leak control ids)."""
@@ -38,6 +54,11 @@ class PieceTokenizer:
             )
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        if not self.backend.encode_special_tokens:
+            raise RuntimeError(
+                "PieceTokenizer: special-token parsing is on in this process (the backend was replaced or copied "
+                "outside PieceTokenizer); source text could inject control tokens, so nothing is encoded."
+            )
         return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def encode(self, examples: list[list[Piece]]) -> list[list[int]]:
