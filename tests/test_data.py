@@ -164,3 +164,31 @@ def test_prepared_shards_from_two_machines_train_like_one(code_shards, tokenizer
         build_packed_dataset(
             data_args(None, tokenizer_dir, prepared_data_dir=str(tmp_path / "prepared")), tokenizer, seed=42
         )
+
+
+def test_the_token_cache_follows_the_code_that_makes_the_rows(code_shards, tokenizer_dir, tokenizer, monkeypatch):
+    import importlib
+    import sys
+
+    from starcoder2_train.data import pipeline
+
+    before, _ = load_token_rows(data_args(code_shards, tokenizer_dir), tokenizer, seed=3)
+    again, _ = load_token_rows(data_args(code_shards, tokenizer_dir), tokenizer, seed=3)
+    assert again._fingerprint == before._fingerprint  # the cache is found again
+    monkeypatch.setattr(pipeline, "code_fingerprint", lambda: "the code changed")
+    after, _ = load_token_rows(data_args(code_shards, tokenizer_dir), tokenizer, seed=3)
+    assert after._fingerprint != before._fingerprint
+    # code_fingerprint itself reads the source: an edited module gives another hash.
+    monkeypatch.undo()
+    original = pipeline.code_fingerprint()
+    module = sys.modules["starcoder2_train.data.fim"]
+    inspect = importlib.import_module("inspect")
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("\n# edited" if obj is module else ""))
+    pipeline.code_fingerprint.cache_clear()
+    try:
+        assert pipeline.code_fingerprint() != original
+    finally:
+        monkeypatch.undo()
+        pipeline.code_fingerprint.cache_clear()
+    assert pipeline.code_fingerprint() == original

@@ -94,3 +94,24 @@ def test_choices_depend_on_seed_epoch_and_repository_only():
     assert forward == render(list(reversed(repos)))
     assert forward != render(repos, epoch=1)
     assert forward != render(repos, seed=1)
+
+
+def test_file_order_does_not_depend_on_the_order_of_the_shard():
+    files = [{"path": f"f{i}.py", "content": f"x = {i}\n"} for i in range(8)]
+    for seed in range(5):
+        forward = build_example("o/r", files, seed, 0, 0.5)
+        assert build_example("o/r", list(reversed(files)), seed, 0, 0.5) == forward
+
+
+def test_spm_tokenizes_prefix_and_middle_apart(tokenizer):
+    rates, pieces = FimRates(1.0, 1.0, 1.0), PieceTokenizer(tokenizer)
+    content = "def add(a, b):\n    return a + b\n"
+    example = build_example("o/r", [{"path": "a.py", "content": content}], 0, 0, 0.0)
+    result = apply_fim(example, rates, 0, 0)
+    texts = [text for is_token, text in result.pieces if not is_token]
+    suffix, prefix, middle = texts
+    assert result.num_spm == 1 and prefix + middle + suffix == content
+    ids = pieces.encode([result.pieces])[0]
+    special = pieces.special
+    after_middle = ids[ids.index(special.fim_middle) + 1 : -1]  # up to <|endoftext|>
+    assert after_middle == pieces.encode_texts([prefix])[0] + pieces.encode_texts([middle])[0]

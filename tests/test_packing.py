@@ -65,6 +65,9 @@ def test_shuffled_windows_are_a_permutation_and_collator_flattens():
     ]
     batch = PackedCollator(flatten=True)([plain[0], plain[1]])
     assert batch["input_ids"].shape == (1, 32) and "attention_mask" not in batch
+    # The second window's first token is not a target of the first window's last token.
+    assert batch["labels"][0, 16] == IGNORE_INDEX and plain[1]["labels"][0] != IGNORE_INDEX
+    assert batch["labels"][0, 1:16].tolist() == plain[0]["labels"][1:].tolist()
     assert PackedCollator()([plain[0], plain[1]])["position_ids"].shape == (2, 16)
 
 

@@ -18,13 +18,16 @@ import numpy as np
 import torch
 
 from starcoder2_train.configs import FLASH_ATTENTION_2, SDPA_VARLEN
+from starcoder2_train.data.special_tokens import IGNORE_INDEX
 
 
 class PackedCollator:
     """Stacks packed windows into a batch; no attention_mask, so packing is read from position_ids.
 
     `flatten=True` joins the batch into one row of batch·seq_length tokens, which is how
-    flash_attention_2 in transformers recognises packed sequences (it does so only for batch size 1).
+    flash_attention_2 in transformers recognises packed sequences (it does so only for batch size 1). The
+    loss shifts labels by one along the row, so there the last token of a window would be trained to predict
+    the first token of the next, unrelated, window: the first label of every window is IGNORE_INDEX.
     """
 
     def __init__(self, flatten: bool = False):
@@ -36,6 +39,7 @@ class PackedCollator:
             for key in ("input_ids", "labels", "position_ids")
         }
         if self.flatten:
+            batch["labels"][:, 0] = IGNORE_INDEX  # never a target across windows (a window's own start never is)
             batch = {key: value.reshape(1, -1) for key, value in batch.items()}
         return batch
 

@@ -5,11 +5,13 @@ then transformed with probability `fim_fragment_rate`. A transformed file is cut
 character positions in [0, len(code)] (sorted; any part may be empty) and written as
 
     PSM: <fim_prefix>prefix<fim_suffix>suffix<fim_middle>middle
-    SPM: <fim_prefix><fim_suffix>suffix<fim_middle>prefix+middle    (bigcode Megatron's variant)
+    SPM: <fim_prefix><fim_suffix>suffix<fim_middle>prefix middle    (bigcode Megatron's variant)
 
-chosen with probability `fim_spm_rate` for SPM. With metadata, the file path and its newline belong
-to the prefix, so they are never cut. `<repo_name>name` is never transformed. Every random choice
-comes from `example_rng(seed, epoch, repo_name, "fim")`.
+chosen with probability `fim_spm_rate` for SPM. In SPM, prefix and middle are two texts, tokenized apart
+and their ids concatenated (as bigcode's Megatron and Fast-LLM do), so that the boundary between them in
+training is where an inference prompt `<fim_prefix><fim_suffix>suffix<fim_middle>prefix` ends. With
+metadata, the file path and its newline belong to the prefix, so they are never cut. `<repo_name>name` is
+never transformed. Every random choice comes from `example_rng(seed, epoch, repo_name, "fim")`.
 """
 
 from dataclasses import dataclass
@@ -36,7 +38,14 @@ def fim_file(header: str, content: str, cut_a: int, cut_b: int, spm: bool) -> li
     """One file, FIM-transformed at character positions cut_a <= cut_b of `content`."""
     prefix, middle, suffix = header + content[:cut_a], content[cut_a:cut_b], content[cut_b:]
     if spm:
-        return [(True, FIM_PREFIX), (True, FIM_SUFFIX), (False, suffix), (True, FIM_MIDDLE), (False, prefix + middle)]
+        return [
+            (True, FIM_PREFIX),
+            (True, FIM_SUFFIX),
+            (False, suffix),
+            (True, FIM_MIDDLE),
+            (False, prefix),
+            (False, middle),
+        ]
     return [
         (True, FIM_PREFIX),
         (False, prefix),

@@ -1,13 +1,17 @@
 """The data pipeline: repository rows → examples → FIM → tokens (one cached `datasets.map`) → packed windows.
 
-`tokenize_repositories` runs the middle steps as one batched `datasets.map`, cached under an explicit
-fingerprint of everything it depends on (num_proc processes on one machine; num_shards/shard_index across
-machines). `load_token_rows` gives one split's token rows, from the raw shards or from prepared data;
+`tokenize_repositories` runs the middle steps as one batched `datasets.map` (num_proc processes on one
+machine, num_shards/shard_index across machines), cached under a fingerprint of everything it depends on,
+the code that makes the rows included (`code_fingerprint`: a change to repo_examples, fim, tokenization,
+special_tokens or ExampleTransform makes a new cache, with no version number to bump by hand).
+`load_token_rows` gives one split's token rows, from the raw shards or from prepared data;
 `build_packed_dataset` packs them; `build_training_data` makes as many data epochs as the run needs, each
 with its own file order and FIM draws. `DataReport` gathers what each step counted, skipped rows included.
 """
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from starcoder2_train.configs import DataArguments, RecipeError, windows_per_step
+from starcoder2_train.data import fim, repo_examples, special_tokens, tokenization
 from starcoder2_train.data.fim import FimRates, apply_fim
 from starcoder2_train.data.packing import PackedDataset
 from starcoder2_train.data.prepared import load_prepared, load_prepared_skips
@@ -62,6 +67,13 @@ class ExampleTransform:
         return out
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of the source of everything that turns a repository row into token ids."""
+    sources = [inspect.getsource(module) for module in (repo_examples, fim, tokenization, special_tokens)]
+    return _fingerprint(*sources, inspect.getsource(ExampleTransform))
+
+
 def _fingerprint(*parts) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -87,7 +99,7 @@ def tokenize_repositories(
         epoch=epoch,
     )
     fingerprint = _fingerprint(
-        "token-rows-v2",
+        code_fingerprint(),
         repositories._fingerprint,
         piece_tokenizer.backend.to_str(),
         asdict(transform.rates),

@@ -49,9 +49,13 @@ class RepoExample:
 
 
 def build_example(repo_name: str, files: list[dict], seed: int, epoch: int, repo_metadata_rate: float) -> RepoExample:
-    """Order a repository's files and decide on metadata, deterministically for (seed, epoch, repo_name)."""
+    """Order a repository's files and decide on metadata, deterministically for (seed, epoch, repo_name).
+
+    The files are sorted by path (then content) before the seeded shuffle, so that the order depends on
+    (seed, epoch, repository) only, not on the order the shards listed them in.
+    """
     rng = example_rng(seed, epoch, repo_name, "repository")
-    ordered = [(f["path"], f["content"]) for f in files]
+    ordered = sorted((f["path"], f["content"]) for f in files)
     rng.shuffle(ordered)
     with_metadata = rng.random() < repo_metadata_rate
     return RepoExample(repo_name=repo_name, with_metadata=with_metadata, files=ordered)
