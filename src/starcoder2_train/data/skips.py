@@ -23,6 +23,12 @@ UNDECODABLE = "content not decodable as its src_encoding"
 NO_FILE_LEFT = "no file left after filtering"
 BEYOND_MAX_REPOSITORIES = "beyond max_repositories"
 UNREADABLE_PARQUET = "unreadable parquet file"
+# Fetching contents from Software Heritage (data/download/).
+MISSING_BLOB = "blob not in the bucket (NoSuchKey, HTTP 404)"
+DENIED_BLOB = "blob access denied (AccessDenied, HTTP 403)"
+NOT_GZIP = "blob is not valid gzip"
+MISSING_BLOB_ID = "missing blob_id"
+NO_FILE_FETCHED = "no file fetched (every blob missing, denied or undecodable)"
 
 
 @dataclass
