@@ -9,6 +9,12 @@ On the standard library of this Python (ingested here, test suites included):
    ~20,000 tokens/s one H100 consumes training StarCoder2-3B;
 3. packing efficiency at seq_length 4096 and 16384: this project (nothing dropped) beside TRL's
    best-fit-decreasing packing (`trl.pack_dataset`, strategy "bfd") on the same token rows.
+`--download N_BLOBS` runs the download benchmark instead: N_BLOBS synthetic gzip blobs served by moto's S3
+server on loopback, fetched by data/download with 1 and 4 workers (blobs/s, per worker, MB/s; in
+starcoder2_train.benchmarking.download).
+`--scale_tokens N [--seq_length S] [--vocab_size V] [--num_windows W]` runs the token-store benchmark instead:
+N synthetic tokens written to DIR/token_store with the project's writer, opened as training opens them, W
+shuffled windows read; its last line is the figures as JSON (starcoder2_train.benchmarking.token_store).
 Set RAYON_NUM_THREADS=1 so that the Rust tokenizer uses one core, as the per-core figures assume.
 `--json PATH` writes the figures there, with the commit, date and command that produced them.
 The measurements are in starcoder2_train.benchmarking.data_pipeline.
@@ -26,6 +32,10 @@ def main(argv=None):
     parser.add_argument("--output", default=None, help="Working directory (default: a temporary one).")
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--json", default=None, help="Write the figures, with their provenance, to this JSON file.")
+    parser.add_argument("--download", type=int, default=None, metavar="N_BLOBS", help="Benchmark the download.")
+    parser.add_argument("--scale_tokens", type=int, default=None, metavar="N", help="Benchmark the token store.")
+    parser.add_argument("--seq_length", type=int, default=4096, help="Window length (token-store benchmark).")
+    parser.add_argument("--num_windows", type=int, default=2000, help="Windows read (token-store benchmark).")
     args = parser.parse_args(argv)
     # Read when the datasets library is imported, so set before the package's modules are.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -33,6 +43,26 @@ def main(argv=None):
     from starcoder2_train.benchmarking.provenance import run_record, write_json
     from starcoder2_train.data.special_tokens import SpecialTokenIds
 
+    if args.download is not None:
+        from starcoder2_train.benchmarking.download import download_throughput, print_download
+
+        record = run_record(argv, __file__, packages=("boto3", "moto"))
+        figures = {**record, "download": download_throughput(args.download, args.output)}
+        print_download(figures["download"])
+        if args.json:
+            write_json(args.json, figures)
+        return figures
+    if args.scale_tokens is not None:
+        from starcoder2_train.benchmarking.token_store import print_token_store, token_store_at_scale
+
+        record = run_record(argv, __file__, packages=("numpy",))
+        work = args.output or tempfile.mkdtemp(prefix="benchmark_data_")
+        scale = token_store_at_scale(work, args.scale_tokens, args.seq_length, args.vocab_size, args.num_windows)
+        figures = {**record, **scale}
+        if args.json:
+            write_json(args.json, figures)
+        print_token_store(figures)
+        return figures
     record = run_record(argv, __file__, packages=("tokenizers", "datasets", "trl"))
     work = args.output or tempfile.mkdtemp(prefix="benchmark_data_")
     threads = os.environ.get("RAYON_NUM_THREADS", "unset")

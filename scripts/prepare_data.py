@@ -1,46 +1,83 @@
-"""Preprocess a recipe's data ahead of training, on one machine or split across many.
+"""Preprocess a recipe's data into memory-mapped token stores, with datatrove, on one machine or a cluster.
 
-    python scripts/prepare_data.py recipes/starcoder2-3b/pretrain.yaml --output DIR \
-        --num_shards 16 --shard_index $SLURM_ARRAY_TASK_ID [--epochs 1]
+    python scripts/prepare_data.py recipes/starcoder2-3b/pretrain.yaml --output DIR --tasks 64 --workers 8
+    python scripts/prepare_data.py RECIPE.yaml --output DIR --tasks 1000 --executor slurm \
+        --slurm_partition cpu --slurm_time 04:00:00 --slurm_venv_path .venv        # an sbatch array
+    python scripts/prepare_data.py RECIPE.yaml --output DIR --tasks 16 --num_shards 16 --shard_index $I
+                                                   # by hand: machine I runs task I of 16
 
-Each machine tokenizes a disjoint, contiguous part of the repositories; training with
-`--prepared_data_dir DIR` reads the shards back in index order, which gives exactly what one machine
-would have produced. Skip counts are written beside each shard, and the held-out repositories themselves
-beside the eval split, so that training-time evaluation scores the same files as from the raw shards.
+Task r of --tasks reads only its own contiguous range of the input files and writes its own parts
+(data/prepare.py); the parts read in order are what one task would have written. A task that fails is rerun
+alone by running the same command again (datatrove keeps the completions in DIR/logs). Train with
+`--prepared_data_dir DIR`: training then only opens the stores. Any recipe key can be overridden as --key value.
 """
 
 import argparse
+import os
 import sys
 
-from starcoder2_train.data.pipeline import load_token_rows
-from starcoder2_train.data.prepared import save_held_out_repositories, save_prepared
-from starcoder2_train.data.splits import load_split_repositories, shard_repositories
+from starcoder2_train.data.prepare import build_pipeline, make_executor
+from starcoder2_train.data.prepared import LOGS, prepared_skips, prepared_stats
 from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.recipe import RecipeParser
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv):
     own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--output", required=True, help="Directory for the token shards.")
+    own.add_argument("--output", required=True, help="Directory for the token stores (and logs/).")
     own.add_argument("--epochs", type=int, default=1, help="Data epochs to prepare (each has its own FIM draws).")
-    own_args, recipe_argv = own.parse_known_args(argv)
+    own.add_argument(
+        "--tasks", type=int, default=1, help="datatrove tasks; each reads a contiguous part of the files."
+    )
+    own.add_argument("--workers", type=int, default=-1, help="Tasks run at once (local executor; -1: all).")
+    own.add_argument("--executor", default="local", choices=("local", "slurm", "ray"), help="Where tasks run.")
+    own.add_argument("--slurm_partition", help="slurm: partition.")
+    own.add_argument("--slurm_time", default="04:00:00", help="slurm: time limit per task.")
+    own.add_argument("--slurm_cpus_per_task", type=int, default=1, help="slurm: CPUs per task.")
+    own.add_argument("--slurm_mem_per_cpu_gb", type=int, default=4, help="slurm: memory per CPU.")
+    own.add_argument("--slurm_venv_path", help="slurm: virtual environment the tasks activate.")
+    return own.parse_known_args(argv)
+
+
+def main(argv=None):
+    own_args, recipe_argv = parse_args(list(sys.argv[1:] if argv is None else argv))
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
-    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
+    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)  # refused here, before any task starts
+    pipeline = build_pipeline(data_args, own_args.output, training_args.seed, own_args.epochs, len(tokenizer))
+    options = {}
+    if own_args.executor == "local" and data_args.num_shards > 1:  # this machine runs one task of many
+        options = {"local_tasks": 1, "local_rank_offset": data_args.shard_index}
+        if own_args.tasks != data_args.num_shards:
+            sys.exit("error: --num_shards must equal --tasks when each machine runs one task by hand.")
+    elif own_args.executor == "slurm":
+        options = {
+            "partition": own_args.slurm_partition,
+            "time": own_args.slurm_time,
+            "cpus_per_task": own_args.slurm_cpus_per_task,
+            "mem_per_cpu_gb": own_args.slurm_mem_per_cpu_gb,
+            "venv_path": own_args.slurm_venv_path,
+            "job_name": "prepare_data",
+        }
+    executor = make_executor(
+        own_args.executor,
+        pipeline,
+        tasks=own_args.tasks,
+        workers=own_args.workers,
+        logging_dir=os.path.join(own_args.output, LOGS),
+        **options,
+    )
+    executor.run()
+    if own_args.executor == "slurm":
+        print(f"submitted {own_args.tasks} tasks; logs and completions in {os.path.join(own_args.output, LOGS)}")
+        return None
+    stats = prepared_stats(own_args.output)
     for split in ("train", "eval"):
-        repositories = load_split_repositories(data_args, split)  # read once, tokenized per epoch
-        for epoch in range(own_args.epochs if split == "train" else 1):
-            rows, skips = load_token_rows(data_args, tokenizer, training_args.seed, epoch, split, repositories)
-            if rows is None:
-                continue
-            path = save_prepared(
-                rows, skips, own_args.output, split, epoch, data_args.shard_index, data_args.num_shards
-            )
-            print(f"{split} epoch {epoch}: {len(rows):,} repositories, {sum(rows['num_tokens']):,} tokens -> {path}")
-        if split == "eval" and repositories[0] is not None:  # for the evaluation tasks, as from raw shards
-            part = shard_repositories(repositories[0], data_args.num_shards, data_args.shard_index)
-            written = save_held_out_repositories(part, own_args.output, data_args.shard_index, data_args.num_shards)
-            print(f"held-out repositories: {len(part):,} -> {written}")
+        print(
+            f"{split}: {int(stats[f'{split} repositories']):,} repositories, {int(stats[f'{split} files']):,} files, "
+            f"{int(stats[f'{split} tokens']):,} tokens (epoch 0)"
+        )
+    print("\n".join(prepared_skips(own_args.output).summary_lines()))
+    return stats
 
 
 if __name__ == "__main__":

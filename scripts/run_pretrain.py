@@ -20,10 +20,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from starcoder2_train.configs import RecipeError, tokens_per_step
 from starcoder2_train.data.collators import make_collator
-from starcoder2_train.data.packing import PackedDataset
-from starcoder2_train.data.pipeline import build_training_data, load_token_rows
+from starcoder2_train.data.pipeline import build_packed_dataset, build_training_data
 from starcoder2_train.data.prepared import load_held_out_repositories
-from starcoder2_train.data.special_tokens import SpecialTokenIds
 from starcoder2_train.data.splits import load_split_repositories
 from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import held_out
@@ -77,7 +75,7 @@ def main(argv=None):
             logger.info("resuming from %s", last_checkpoint)
     set_seed(training_args.seed)
 
-    # Data: shards → examples → FIM → tokens → packed windows (cached by datasets).
+    # Data: shards → examples → FIM → tokens → packed windows (cached by datasets), or a prepared store opened.
     with training_args.main_process_first(desc="data preprocessing"):
         train_dataset, report = build_training_data(data_args, tokenizer, training_args)
         # The held-out repositories are read once: packed windows for the Trainer's eval_loss, and their files
@@ -87,21 +85,15 @@ def main(argv=None):
             held_out_repositories = split[0]
         else:
             split, held_out_repositories = None, load_held_out_repositories(data_args.prepared_data_dir)
-        eval_rows, _ = load_token_rows(data_args, tokenizer, training_args.seed, split="eval", repositories=split)
+        eval_dataset, _ = build_packed_dataset(
+            data_args, tokenizer, training_args.seed, split="eval", shuffle=False, repositories=split
+        )
         loss_rows, fim_problems = held_out.task_inputs(
             held_out_repositories,
             tokenizer,
             training_args.eval_tasks,
             seed=training_args.seed,
             max_fim_problems=training_args.fim_eval_problems,
-        )
-    eval_dataset = None
-    if eval_rows is not None:
-        eval_dataset = PackedDataset(
-            eval_rows,
-            data_args.seq_length,
-            SpecialTokenIds.from_tokenizer(tokenizer),
-            cross_document_attention=data_args.cross_document_attention,
         )
     for line in report.summary_lines():
         logger.info("data: %s", line)

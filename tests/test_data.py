@@ -1,6 +1,7 @@
 """The whole data pipeline on real parquet shards: determinism, sharding, resume, reporting."""
 
 import json
+import os
 
 import pytest
 from conftest import load_script, random_repositories, write_repository_shards
@@ -137,7 +138,8 @@ def test_prepared_shards_from_two_machines_train_like_one(code_shards, tokenizer
     )
     for index in range(2):  # two machines, e.g. a SLURM array of 2
         script.main(
-            [str(recipe), "--output", str(tmp_path / "prepared"), "--num_shards", "2", "--shard_index", str(index)]
+            [str(recipe), "--output", str(tmp_path / "prepared"), "--tasks", "2", "--num_shards", "2"]
+            + ["--shard_index", str(index)]
         )
     args = data_args(code_shards, tokenizer_dir, eval_fraction=0.1)
     direct, direct_report = build_packed_dataset(args, tokenizer, seed=42)
@@ -157,10 +159,8 @@ def test_prepared_shards_from_two_machines_train_like_one(code_shards, tokenizer
         task_inputs(held_out, tokenizer, ["loss", "fim"], seed=1)[0]
         == task_inputs(load_split_repositories(args, "eval")[0], tokenizer, ["loss", "fim"], seed=1)[0]
     )
-    with pytest.raises(RecipeError, match="holds 1 of 2 shards"):
-        import shutil
-
-        shutil.rmtree(tmp_path / "prepared" / "train" / "epoch-0" / "shard-00001-of-00002")
+    with pytest.raises(RecipeError, match="lacks part-00001-of-00002 of 2 parts"):
+        os.remove(tmp_path / "prepared" / "train" / "epoch-0" / "part-00001-of-00002.json")
         build_packed_dataset(
             data_args(None, tokenizer_dir, prepared_data_dir=str(tmp_path / "prepared")), tokenizer, seed=42
         )

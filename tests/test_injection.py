@@ -5,14 +5,13 @@ names); the tokenizer is trained on them by scripts/train_tokenizer.py. `dataset
 runs, which once silently turned special-token parsing back on (tokenizers forgets the flag when pickled).
 """
 
-import glob
 import json
 import os
 
-import datasets
 import pytest
 from conftest import load_script, write_repository_shards
 
+from starcoder2_train.data.prepared import open_store, prepared_stats
 from starcoder2_train.data.special_tokens import (
     EOS_TOKEN,
     FILE_SEP,
@@ -124,18 +123,23 @@ def test_prepare_data_rows_decode_back_to_the_files(hostile, tmp_path, num_proc)
 
     shards, tokenizer_dir, repositories = hostile
     path = recipe(tmp_path, shards, tokenizer_dir, num_proc, fim_rate=1.0, fim_fragment_rate=0.7)
-    load_script("prepare_data").main([path, "--output", str(tmp_path / "prepared")])
-    rows = datasets.concatenate_datasets(
-        [datasets.load_from_disk(p) for p in sorted(glob.glob(str(tmp_path / "prepared" / "train" / "epoch-0" / "*")))]
+    # datatrove's tasks in as many worker processes (the pipeline steps are pickled to them)
+    load_script("prepare_data").main(
+        [path, "--output", str(tmp_path / "prepared"), "--tasks", str(num_proc), "--workers", str(num_proc)]
     )
+    store = open_store(str(tmp_path / "prepared"), "train", 0)
+    rows = [store.example(index).tolist() for index in range(store.num_examples)]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     by_name = {repository["repo_name"]: repository for repository in repositories}
-    assert len(rows) == len(repositories) and sum(rows["num_fim_psm"]) > 0 and sum(rows["num_fim_spm"]) > 0
-    for row in rows:
-        name, files = decode_example(row["input_ids"], tokenizer)
-        original = by_name[row["repo_name"]]["files"]
+    stats = prepared_stats(str(tmp_path / "prepared"))
+    assert len(rows) == len(repositories) and stats["train files FIM PSM"] > 0 and stats["train files FIM SPM"] > 0
+    names = iter(by_name)  # the input's order: a store keeps it
+    for ids in rows:
+        name, files = decode_example(ids, tokenizer)
+        repo_name = next(names)
+        original = by_name[repo_name]["files"]
         if name is not None:  # with metadata: the name, and each file behind its path
-            assert name == row["repo_name"]
+            assert name == repo_name
             expected = sorted(f"{file['path']}\n{file['content']}" for file in original)
         else:
             expected = sorted(file["content"] for file in original)

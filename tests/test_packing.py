@@ -103,3 +103,22 @@ def test_packed_logits_equal_each_example_alone(attn):
         # Control: without restarting positions the examples do see each other.
         plain = model(input_ids=window["input_ids"], use_cache=False).logits[0]
         assert not torch.allclose(plain[7:27], model(input_ids=torch.tensor([rows[1]])).logits[0], atol=1e-3)
+
+
+def test_a_token_store_packs_as_its_token_rows_shuffled_or_not(tmp_path):
+    from starcoder2_train.data.permutation import Permutation
+    from starcoder2_train.data.token_store import TokenStore
+    from starcoder2_train.data.token_writer import write_token_rows
+
+    dataset, _ = token_rows([5, 1, 40, 3 * 16 + 7, 2, 31, 32, 33, 9, 17])
+    write_token_rows(dataset, tmp_path, "part-00000", vocab_size=100)
+    as_bytes = lambda window: tuple(window[key].tobytes() for key in ("input_ids", "labels", "position_ids"))  # noqa: E731
+    for seed in (None, 0, 7):
+        from_rows = PackedDataset(dataset, 16, SPECIAL, shuffle_seed=seed)
+        from_store = PackedDataset(TokenStore(tmp_path), 16, SPECIAL, shuffle_seed=seed)
+        assert [as_bytes(from_rows[i]) for i in range(len(from_rows))] == [
+            as_bytes(from_store[i]) for i in range(len(from_store))
+        ]
+    plain, shuffled = PackedDataset(tmp_path, 16, SPECIAL), PackedDataset(tmp_path, 16, SPECIAL, shuffle_seed=7)
+    order = Permutation(len(plain), 7)  # the window order: computed per index, nothing of size len(plain) held
+    assert all(as_bytes(shuffled[i]) == as_bytes(plain[order[i]]) for i in range(len(plain)))

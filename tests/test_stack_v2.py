@@ -14,7 +14,6 @@ from conftest import random_repositories
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data import skips
-from starcoder2_train.data.prepared import load_prepared_skips
 from starcoder2_train.data.shards import decode_content, load_repositories
 from starcoder2_train.data.skips import SkipReport
 from starcoder2_train.data.splits import eval_share, repository_split, shard_repositories
@@ -291,12 +290,9 @@ def test_skip_report_merges_and_round_trips(tmp_path):
     assert merged.summary_lines()[-1] == "unreadable parquet file: a.parquet"
     first.update(second)
     assert first.files == merged.files
-    shard = tmp_path / "train" / "epoch-0" / "shard-00000-of-00002"
-    shard.mkdir(parents=True)
-    (shard / "skipped.json").write_text(json.dumps(merged.as_dict()))
-    loaded = load_prepared_skips(str(tmp_path), "train")
+    loaded = SkipReport.from_dict(json.loads(json.dumps(merged.as_dict())))  # as written beside prepared data
     assert loaded.files == merged.files and loaded.repositories == merged.repositories
-    assert load_prepared_skips(str(tmp_path), "eval") == SkipReport()
+    assert SkipReport.from_dict({}) == SkipReport()
 
 
 def test_unknown_path_names_both_readings(tmp_path):

@@ -14,20 +14,64 @@ the end of the previous example, which it cannot see.
 Labels are IGNORE_INDEX (-100) on padding, on `<fim_pad>`, and (when isolated) on those example starts.
 `cross_document_attention: true` gives the plain concatenation instead: positions 0..seq_length-1.
 Batches are made by collators.py.
+
+The stream comes from a token store (data/token_store.py: memory-mapped, shared by every process of a machine)
+or from token rows still in Arrow (a datasets.Dataset or pyarrow table: `ArrowTokenRows`, read chunk by chunk
+in place). With a shuffle seed the windows are read in the order of a `Permutation` (data/permutation.py),
+computed per index. Cost per rank at 3T tokens (~730M windows of 4,096): the store's index (two int64 per
+part), 48 bytes of permutation keys, and one window's arrays at a time.
 """
 
+import os
+
 import numpy as np
-import pyarrow as pa
 import torch
 
+from starcoder2_train.data.permutation import Permutation
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
+from starcoder2_train.data.token_store import TokenStore, TokenStream, chunk_arrays, input_ids_column
+
+
+class ArrowTokenRows(TokenStream):
+    """Token rows (datasets.Dataset or pyarrow table with `input_ids`) read in place as one stream, one part per
+    non-empty Arrow chunk: no combine_chunks (no copy, and no 32-bit offsets over the whole stream), each chunk
+    read through its own offsets, int64 cumulative starts across chunks (24 bytes a chunk with its number: at
+    ~1,000 rows a chunk, 36 MB per rank for 1.5B rows, beside Arrow's own objects for each chunk; a TokenStore
+    is the way to train at that scale)."""
+
+    def __init__(self, token_rows):
+        self._rows = token_rows
+        self._column = input_ids_column(token_rows)
+        chunks = [(number, chunk) for number, chunk in enumerate(self._column.chunks) if len(chunk)]
+        self._chunk_numbers = np.array([number for number, _ in chunks], dtype=np.int64)
+        bounds = [chunk.offsets.to_numpy(zero_copy_only=False)[[0, -1]] for _, chunk in chunks]
+        self._index([int(last) - int(first) for first, last in bounds], [len(chunk) for _, chunk in chunks])
+
+    def _part(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        return chunk_arrays(self._column.chunk(int(self._chunk_numbers[p])))
+
+    def __getstate__(self) -> dict:
+        return {"rows": self._rows}  # a memory-mapped datasets.Dataset pickles as its file paths
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["rows"])
+
+
+def open_token_stream(source) -> TokenStream:
+    """A TokenStream (a TokenStore, say) as it is; a directory as a TokenStore; token rows as ArrowTokenRows."""
+    if isinstance(source, TokenStream):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return TokenStore(source)
+    return ArrowTokenRows(source)
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Map-style view of a token-row dataset as packed windows; O(1) random access, deterministic.
+    """Map-style view of a token stream as packed windows; O(1) random access, deterministic.
 
-    `shuffle_seed` (optional) permutes the windows, so that the trainer can read them sequentially
-    and a resumed run continues exactly where it stopped.
+    `token_rows`: a TokenStore, the directory of one, or token rows (a datasets.Dataset or pyarrow table with an
+    `input_ids` column). `shuffle_seed` (optional) permutes the windows, so that the trainer can read them
+    sequentially and a resumed run continues exactly where it stopped.
     """
 
     def __init__(
@@ -41,19 +85,10 @@ class PackedDataset(torch.utils.data.Dataset):
         self.seq_length = seq_length
         self.special = special
         self.cross_document_attention = cross_document_attention
-        table = token_rows.data.table if hasattr(token_rows, "data") else token_rows
-        if hasattr(token_rows, "_indices") and token_rows._indices is not None:
-            token_rows = token_rows.flatten_indices()
-            table = token_rows.data.table
-        column = table.column("input_ids")
-        self.tokens = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        lengths = np.diff(self.tokens.offsets.to_numpy())
-        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # example starts in the stream
-        self.total_tokens = int(self.starts[-1])
+        self.stream = open_token_stream(token_rows)
+        self.total_tokens = self.stream.num_tokens
         self.num_windows = -(-self.total_tokens // seq_length)
-        self.order = None
-        if shuffle_seed is not None:
-            self.order = np.random.default_rng(shuffle_seed).permutation(self.num_windows)
+        self.order = None if shuffle_seed is None else Permutation(self.num_windows, shuffle_seed)
 
     def __len__(self) -> int:
         return self.num_windows
@@ -71,15 +106,11 @@ class PackedDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.num_windows:
             raise IndexError(f"window {index} out of range for {self.num_windows} windows")
         if self.order is not None:
-            index = int(self.order[index])
-        begin = index * self.seq_length
+            index = self.order[index]
+        begin = int(index) * self.seq_length
         end = min(begin + self.seq_length, self.total_tokens)
-        flat = self.tokens.values
-        tokens = flat.slice(begin, end - begin).to_numpy(zero_copy_only=False).astype(np.int64)
-        # Example starts inside (begin, end), relative to the window.
-        first = np.searchsorted(self.starts, begin, side="right")
-        last = np.searchsorted(self.starts, end, side="left")
-        inner_starts = self.starts[first:last] - begin
+        tokens = self.stream.tokens(begin, end)
+        inner_starts = self.stream.example_starts_in(begin, end) - begin  # relative to the window
         length = end - begin
         pad = self.seq_length - length
 

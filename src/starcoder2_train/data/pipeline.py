@@ -4,7 +4,7 @@
 machine, num_shards/shard_index across machines), cached under a fingerprint of everything it depends on,
 the code that makes the rows included (`code_fingerprint`: a change to repo_examples, fim, tokenization,
 special_tokens or ExampleTransform makes a new cache, with no version number to bump by hand).
-`load_token_rows` gives one split's token rows, from the raw shards or from prepared data;
+`load_token_rows` gives one split's token rows from the raw shards (prepared data is opened as a token store);
 `build_packed_dataset` packs them; `build_training_data` makes as many data epochs as the run needs, each
 with its own file order and FIM draws. `DataReport` gathers what each step counted, skipped rows included.
 """
@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -26,7 +25,7 @@ from starcoder2_train.configs import DataArguments, RecipeError, windows_per_ste
 from starcoder2_train.data import fim, repo_examples, special_tokens, tokenization
 from starcoder2_train.data.fim import FimRates, apply_fim
 from starcoder2_train.data.packing import PackedDataset
-from starcoder2_train.data.prepared import load_prepared, load_prepared_skips
+from starcoder2_train.data.prepared import open_store, prepared_skips, prepared_stats
 from starcoder2_train.data.repo_examples import build_example
 from starcoder2_train.data.skips import SkipReport
 from starcoder2_train.data.special_tokens import SpecialTokenIds
@@ -149,6 +148,21 @@ class DataReport:
             skipped=skips.as_dict(),
         )
 
+    @classmethod
+    def of_prepared(cls, directory: str, split: str, store, packed: PackedDataset) -> "DataReport":
+        """The report of a prepared store: its datatrove stats (epoch 0's FIM counts) and the packed windows."""
+        stats = prepared_stats(directory)
+        return cls(
+            repositories=store.num_examples,
+            files=int(stats[f"{split} files"]),
+            files_fim_psm=int(stats[f"{split} files FIM PSM"]),
+            files_fim_spm=int(stats[f"{split} files FIM SPM"]),
+            tokens=packed.total_tokens,
+            windows=len(packed),
+            padding_tokens=packed.padding_tokens,
+            skipped=prepared_skips(directory).as_dict(),
+        )
+
     def summary_lines(self) -> list[str]:
         lines = [
             f"repositories: {self.repositories:,}",
@@ -165,17 +179,13 @@ class DataReport:
 def load_token_rows(
     data_args: DataArguments, tokenizer, seed: int, epoch: int = 0, split: str = "train", repositories=None
 ) -> tuple[datasets.Dataset, SkipReport]:
-    """Token rows of one split, from prepared shards when `prepared_data_dir` is set, else from the raw shards.
+    """Token rows of one split from the raw shards (prepared data is a token store: build_packed_dataset opens it).
 
     repositories: what `load_split_repositories(data_args, split)` returned, when the caller already has it
     (several epochs, or the held-out files for FIM problems): the shards are then read and filtered once.
     """
     if data_args.prepared_data_dir is not None:
-        if split == "eval" and not os.path.isdir(os.path.join(data_args.prepared_data_dir, "eval")):
-            return None, SkipReport()
-        return load_prepared(data_args.prepared_data_dir, split, epoch), load_prepared_skips(
-            data_args.prepared_data_dir, split
-        )
+        raise RecipeError("prepared_data_dir: holds token stores, not token rows; read it with build_packed_dataset.")
     repositories, skips = repositories or load_split_repositories(data_args, split)
     if repositories is None:
         return None, skips
@@ -200,18 +210,27 @@ def build_packed_dataset(
     shuffle: bool = True,
     repositories=None,
 ):
-    """(PackedDataset, DataReport) for one split and epoch; (None, None) when the split has no data."""
-    token_rows, skips = load_token_rows(data_args, tokenizer, seed, epoch, split, repositories)
-    if token_rows is None:
+    """(PackedDataset, DataReport) for one split and epoch; (None, None) when the split has no data.
+
+    With `prepared_data_dir` the epoch's token store is only opened (memory-mapped); else the raw shards are
+    read, filtered and tokenized (cached by datasets).
+    """
+    if data_args.prepared_data_dir is not None:
+        source = open_store(data_args.prepared_data_dir, split, epoch)
+    else:
+        source, skips = load_token_rows(data_args, tokenizer, seed, epoch, split, repositories)
+    if source is None:
         return None, None
     packed = PackedDataset(
-        token_rows,
+        source,
         data_args.seq_length,
         SpecialTokenIds.from_tokenizer(tokenizer),
         cross_document_attention=data_args.cross_document_attention,
         shuffle_seed=(seed * 1_000_003 + epoch) if shuffle else None,
     )
-    return packed, DataReport.of(token_rows, packed, skips)
+    if data_args.prepared_data_dir is not None:
+        return packed, DataReport.of_prepared(data_args.prepared_data_dir, split, source, packed)
+    return packed, DataReport.of(source, packed, skips)
 
 
 def build_training_data(data_args: DataArguments, tokenizer, training_args):

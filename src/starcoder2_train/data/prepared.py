@@ -1,89 +1,102 @@
-"""Prepared data: token rows written ahead of training by scripts/prepare_data.py, and read back by training.
+"""Prepared data: token stores written ahead of training by scripts/prepare_data.py, and opened by training.
 
-Layout: `DIR/<split>/epoch-<e>/shard-<i>-of-<n>/`, one `datasets.save_to_disk` folder per machine that
-prepared part `i` of `n` (data/splits.shard_repositories), with `skipped.json` beside the rows (the
-SkipReport as a flat dict); and `DIR/eval/repositories/shard-<i>-of-<n>/`, the held-out repositories
-themselves (repo_name, files), from which the evaluation tasks build their rows exactly as from raw shards.
-`load_prepared` concatenates the shards of one split and epoch in index order, which is what one machine
-would have made; a missing shard is an error that names it. Every machine reads and filters the whole
-input before it takes its part, so any shard's skipped.json holds the totals (`load_prepared_skips`).
+Layout of a prepared directory (data/prepare.py writes it, one part per datatrove task):
+
+    train/epoch-<e>/part-<r>-of-<N>.{tokens,offsets,json}   token-store parts (data/token_store.py), epoch e
+    eval/epoch-0/part-<r>-of-<N>.{tokens,offsets,json}      the held-out repositories' examples
+    eval/repositories/part-<r>-of-<N>.parquet               the held-out repositories themselves (evaluation)
+    logs/                                                   datatrove's logs, task completions and stats
+
+Training only opens it: a store is memory-mapped (nothing is copied or tokenized), and the counts of the
+preparation (skips with their reasons, files, FIM) are the datatrove stats of its tasks, summed here. A
+store with a part missing is refused, naming the part and the command that makes it.
 """
 
 import glob
 import json
 import os
-from pathlib import Path
+import re
+from collections import Counter
 
 import datasets
 
 from starcoder2_train.configs import RecipeError
 from starcoder2_train.data.skips import SkipReport
 
-SKIPS_FILE = "skipped.json"
+LOGS = "logs"
+HELD_OUT = os.path.join("eval", "repositories")
+_PART = re.compile(r"part-(\d{5})-of-(\d{5})")
 
 
-HELD_OUT_REPOSITORIES = os.path.join("eval", "repositories")
+def part_name(rank: int, world_size: int) -> str:
+    return f"part-{rank:05d}-of-{world_size:05d}"
 
 
-def _part(root: str, shard_index: int, num_shards: int) -> str:
-    return os.path.join(root, f"shard-{shard_index:05d}-of-{num_shards:05d}")
+def store_directory(directory: str, split: str, epoch: int) -> str:
+    return os.path.join(directory, split, f"epoch-{epoch}")
 
 
-def _load_parts(root: str, what: str) -> datasets.Dataset:
-    """The parts under root, concatenated in index order; RecipeError when one is missing."""
-    names = sorted(os.listdir(root))
-    expected = int(names[0].rsplit("-", 1)[1]) if names else 0
-    if not names or len(names) != expected:
+def held_out_part_path(directory: str, rank: int, world_size: int) -> str:
+    return os.path.join(directory, HELD_OUT, f"{part_name(rank, world_size)}.parquet")
+
+
+def check_complete(root: str, suffix: str) -> list[str]:
+    """The parts under root, in task order; RecipeError naming the missing ones when some task did not finish."""
+    paths = sorted(glob.glob(os.path.join(root, f"part-*-of-*{suffix}")))
+    found = {int(m.group(1)): int(m.group(2)) for m in (_PART.search(os.path.basename(p)) for p in paths) if m}
+    expected = set(found.values())
+    if len(expected) != 1:
+        raise RecipeError(f"prepared_data_dir: {root} holds no complete set of parts ({len(paths)} found).")
+    (tasks,) = expected
+    missing = [part_name(rank, tasks) for rank in range(tasks) if rank not in found]
+    if missing:
         raise RecipeError(
-            f"prepared_data_dir: {root} holds {len(names)} of {expected} shards of {what}; "
-            "run scripts/prepare_data.py for the missing --shard_index values."
+            f"prepared_data_dir: {root} lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} of "
+            f"{tasks} parts; run scripts/prepare_data.py again with the same arguments (it reruns only the "
+            "tasks that did not finish)."
         )
-    return datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(root, name)) for name in names])
+    return paths
 
 
-def prepared_path(directory: str, split: str, epoch: int, shard_index: int, num_shards: int) -> str:
-    return _part(os.path.join(directory, split, f"epoch-{epoch}"), shard_index, num_shards)
+def open_store(directory: str, split: str, epoch: int):
+    """The TokenStore of one split and epoch, or None for an eval split that holds nothing."""
+    from starcoder2_train.data.token_store import TokenStore
 
-
-def save_prepared(
-    rows: datasets.Dataset,
-    skips: SkipReport,
-    directory: str,
-    split: str,
-    epoch: int,
-    shard_index: int,
-    num_shards: int,
-) -> str:
-    """Write one machine's token rows and skip counts; the folder written."""
-    path = prepared_path(directory, split, epoch, shard_index, num_shards)
-    rows.save_to_disk(path)
-    with open(os.path.join(path, SKIPS_FILE), "w") as handle:
-        json.dump(skips.as_dict(), handle, indent=1, sort_keys=True)
-    return path
-
-
-def load_prepared(directory: str, split: str, epoch: int) -> datasets.Dataset:
-    """Concatenate the shards written by scripts/prepare_data.py in shard order (= one machine's output)."""
-    root = os.path.join(directory, split, f"epoch-{epoch}")
+    root = store_directory(directory, split, epoch)
     if not os.path.isdir(root):
-        raise RecipeError(f"prepared_data_dir: {root} does not exist; run scripts/prepare_data.py for epoch {epoch}.")
-    return _load_parts(root, f"{split} epoch {epoch}")
-
-
-def save_held_out_repositories(repositories: datasets.Dataset, directory: str, shard_index: int, num_shards: int):
-    """Write this machine's part of the held-out repositories (the rows of data/shards.load_repositories)."""
-    path = _part(os.path.join(directory, HELD_OUT_REPOSITORIES), shard_index, num_shards)
-    repositories.save_to_disk(path)
-    return path
+        if split == "eval":
+            return None
+        raise RecipeError(
+            f"prepared_data_dir: {root} does not exist; run scripts/prepare_data.py with --epochs {epoch + 1}."
+        )
+    check_complete(root, ".json")
+    store = TokenStore(root)
+    return None if split == "eval" and store.num_examples == 0 else store
 
 
 def load_held_out_repositories(directory: str) -> datasets.Dataset | None:
-    """The held-out repositories saved by scripts/prepare_data.py, or None where it saved none."""
-    root = os.path.join(directory, HELD_OUT_REPOSITORIES)
-    return _load_parts(root, "held-out repositories") if os.path.isdir(root) else None
+    """The held-out repositories (repo_name, files) saved beside the stores, or None when there are none."""
+    root = os.path.join(directory, HELD_OUT)
+    if not os.path.isdir(root):
+        return None
+    paths = check_complete(root, ".parquet")
+    repositories = datasets.load_dataset("parquet", data_files={"eval": paths}, split="eval")
+    return repositories if len(repositories) else None
 
 
-def load_prepared_skips(directory: str, split: str) -> SkipReport:
-    """The skip counts saved beside the prepared shards of `split` (empty when there are none)."""
-    paths = sorted(glob.glob(os.path.join(directory, split, "epoch-*", "*", SKIPS_FILE)))
-    return SkipReport.from_dict(json.loads(Path(paths[0]).read_text()) if paths else {})
+def prepared_stats(directory: str) -> Counter:
+    """The datatrove stats of every task of the preparation, summed by name (totals only)."""
+    totals = Counter()
+    for path in sorted(glob.glob(os.path.join(directory, LOGS, "stats", "*.json"))):
+        with open(path) as handle:
+            for step in json.load(handle):
+                for name, value in step.get("stats", {}).items():
+                    totals[name] += value["total"] if isinstance(value, dict) else value
+    return totals
+
+
+def prepared_skips(directory: str) -> SkipReport:
+    """What the preparation left out, by reason: its "files: ...", "repositories: ..." stats."""
+    units = ("files: ", "repositories: ", "parquet files: ", "directories: ")
+    stats = prepared_stats(directory)
+    return SkipReport.from_dict({name: int(count) for name, count in stats.items() if name.startswith(units)})

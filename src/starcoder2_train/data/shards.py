@@ -102,7 +102,7 @@ def _check_file(file: dict, filters: dict) -> tuple[dict | None, str | None]:
     return {"path": path, "content": text, "language": language}, None
 
 
-def _filter_repository_rows(batch: dict, filters: dict) -> dict:
+def filter_repository_rows(batch: dict, filters: dict) -> dict:
     """Per-repository layout: keep each repository's usable files; list the reasons of the others."""
     out = {"repo_name": [], "files": [], "skipped": [], "repo_skip": []}
     for name, files in zip(batch["repo_name"], batch["files"]):
@@ -266,7 +266,7 @@ def _read_file(path: str, filters: dict, num_proc: int | None, report: SkipRepor
         _unreadable(path, error, report)
         return None
     if layout == "repository":  # a repository row can hold thousands of files: small batches bound memory
-        function, batch_size = _filter_repository_rows, REPOSITORIES_PER_BATCH
+        function, batch_size = filter_repository_rows, REPOSITORIES_PER_BATCH
         features = Features({**REPOSITORY_FEATURES, "skipped": List(Value("string")), "repo_skip": Value("string")})
     else:
         function, batch_size = _filter_file_rows, 1000
@@ -307,15 +307,20 @@ def _kept(repo_skips: list[str]) -> list[bool]:
     return [not skip for skip in repo_skips]
 
 
-def load_repositories(data_args: DataArguments, data_files: list[str] | None = None) -> tuple[Dataset, SkipReport]:
-    """Read, check and filter Stack v2-format shards; `data_files` (e.g. eval files) overrides data_args'."""
-    filters = {  # plain, sorted values: datasets hashes them into the cache fingerprint of the map
+def file_filters(data_args: DataArguments) -> dict:
+    """The recipe's file filters, as `filter_repository_rows` takes them."""
+    return {  # plain, sorted values: datasets hashes them into the cache fingerprint of the map
         "languages": _lowered(data_args.languages),
         "license_types": _lowered(data_args.license_types),
         "exclude_vendor": data_args.exclude_vendor,
         "exclude_generated": data_args.exclude_generated,
         "max_file_bytes": data_args.max_file_bytes,
     }
+
+
+def load_repositories(data_args: DataArguments, data_files: list[str] | None = None) -> tuple[Dataset, SkipReport]:
+    """Read, check and filter Stack v2-format shards; `data_files` (e.g. eval files) overrides data_args'."""
+    filters = file_filters(data_args)
     paths, report = resolve_data_files(data_args, data_files), SkipReport()
     parts = {}
     for path in paths:

@@ -1,0 +1,218 @@
+"""Preprocessing on datatrove: a recipe's shards → memory-mapped token stores, in N tasks on any executor.
+
+The pipeline is three datatrove blocks, each usable alone:
+- `RepositoryReader`: task r of N reads only its own contiguous range of the input parquet files (per-repository
+  layout), streams them in batches of rows (memory bounded by one batch, never the file), applies the recipe's
+  filters with data/shards.py's own checks, and counts every file, repository and parquet file left out as a
+  pipeline stat named like SkipReport's keys ("files: empty content"). It tags each repository train or eval
+  (eval_data_files, or the eval_fraction hash of data/splits.py).
+- `ExampleTokenizer`: repository examples, FIM and tokens for every data epoch, with this project's own
+  ExampleTransform (datatrove's tokenizer parses special tokens in the text, which must never happen here).
+- `StoreWriter`: one token-store part per (split, epoch) and task, `part-<r>-of-<N>`, and the held-out
+  repositories themselves as parquet for the evaluation tasks.
+Because a task's files are a contiguous range and parts are named by rank, the parts in name order are the
+stream one task would write: N tasks give the store one task gives. datatrove records each finished task in
+`logging_dir`; running the same command again runs only the tasks that failed or never ran.
+Executors: `local` (processes on this machine), `slurm` (an sbatch array), `ray`.
+
+Cost per task: one batch of repositories (64 rows) in memory, one open writer per (split, epoch); the index of
+the input files (a list of paths) is the only structure every task holds whole.
+"""
+
+import logging
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
+
+from starcoder2_train.configs import DataArguments, RecipeError
+from starcoder2_train.data.fim import FimRates
+from starcoder2_train.data.pipeline import ExampleTransform
+from starcoder2_train.data.prepared import held_out_part_path, part_name, store_directory
+from starcoder2_train.data.shards import (
+    REPOSITORIES_PER_BATCH,
+    file_filters,
+    filter_repository_rows,
+    resolve_data_files,
+)
+from starcoder2_train.data.shards import parquet_layout as _parquet_layout
+from starcoder2_train.data.skips import UNREADABLE_PARQUET
+from starcoder2_train.data.splits import eval_share
+from starcoder2_train.data.token_writer import TokenStoreWriter
+from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+HELD_OUT_SCHEMA = pa.schema(
+    [
+        ("repo_name", pa.string()),
+        ("files", pa.list_(pa.struct([("path", pa.string()), ("content", pa.string()), ("language", pa.string())]))),
+    ]
+)
+
+
+def contiguous_part(items: list, rank: int, world_size: int) -> list:
+    """Task `rank`'s share of `items`: a contiguous range, the ranges in rank order covering the list once."""
+    return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
+
+
+def input_plan(data_args: DataArguments) -> list[tuple[str, str | None]]:
+    """(parquet path, split or None) for every input file: None = split by the eval_fraction hash."""
+    if data_args.max_repositories is not None:
+        raise RecipeError(
+            "max_repositories: a cut of the first N repositories is global, and prepare_data.py's tasks each read "
+            "their own files; unset it (or train without prepared data for a quick run)."
+        )
+    plan = [(path, None if data_args.eval_data_files is None else "train") for path in resolve_data_files(data_args)]
+    if data_args.eval_data_files:
+        plan += [(path, "eval") for path in resolve_data_files(data_args, data_args.eval_data_files)]
+    return plan
+
+
+class RepositoryReader(PipelineStep):
+    """Per-repository parquet → one Document per kept repository (metadata: files, split); skips as stats."""
+
+    name, type = "Stack v2 repositories", "📖 - READER"
+
+    def __init__(self, plan: list[tuple[str, str | None]], data_args: DataArguments):
+        super().__init__()
+        self.plan, self.filters, self.eval_fraction = plan, file_filters(data_args), data_args.eval_fraction
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        for path, split in contiguous_part(self.plan, rank, world_size):
+            try:
+                parquet = pq.ParquetFile(path)
+            except (pa.ArrowException, OSError) as error:
+                logger.warning("Skipping %s: not a readable parquet file (%s: %s).", path, type(error).__name__, error)
+                self.stat_update(f"parquet files: {UNREADABLE_PARQUET}")
+                continue
+            if _parquet_layout(path, parquet.schema_arrow) != "repository":
+                raise RecipeError(
+                    f"{path}: one row per file; prepare_data.py's tasks read per-repository shards (a task cannot "
+                    "group a repository's files across other tasks' files). Train from these shards without "
+                    "prepared data, or convert them to one row per repository first."
+                )
+            for batch in parquet.iter_batches(batch_size=REPOSITORIES_PER_BATCH, columns=["repo_name", "files"]):
+                yield from self._documents(batch.to_pydict(), split)
+
+    def _documents(self, batch: dict, split: str | None):
+        out = filter_repository_rows(batch, self.filters)
+        for name, files, skipped, repo_skip in zip(out["repo_name"], out["files"], out["skipped"], out["repo_skip"]):
+            for reason in skipped:
+                self.stat_update(f"files: {reason}")
+            if repo_skip:
+                self.stat_update(f"repositories: {repo_skip}")
+                continue
+            held_out = split == "eval" if split is not None else eval_share(name) < self.eval_fraction
+            self.stat_update("eval repositories" if held_out else "train repositories")
+            yield Document(text="", id=name, metadata={"files": files, "split": "eval" if held_out else "train"})
+
+
+class ExampleTokenizer(PipelineStep):
+    """Documents → token ids of every epoch (metadata["input_ids"][epoch]), with this project's tokenization."""
+
+    name, type = "repository examples + FIM + tokens", "🔢 - TOKENIZER"
+
+    def __init__(self, data_args: DataArguments, seed: int, epochs: int):
+        super().__init__()
+        self.tokenizer_name = data_args.tokenizer_name_or_path
+        self.rates = FimRates(data_args.fim_rate, data_args.fim_fragment_rate, data_args.fim_spm_rate)
+        self.repo_metadata_rate, self.seed, self.epochs = data_args.repo_metadata_rate, seed, epochs
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        pieces = PieceTokenizer(load_tokenizer(self.tokenizer_name), self.tokenizer_name)
+        transforms = [
+            ExampleTransform(pieces, self.rates, self.repo_metadata_rate, self.seed, epoch)
+            for epoch in range(self.epochs)
+        ]
+        batch = []
+        for document in data or ():
+            batch.append(document)
+            if len(batch) == REPOSITORIES_PER_BATCH:
+                yield from self._tokenize(batch, transforms)
+                batch = []
+        yield from self._tokenize(batch, transforms)
+
+    def _tokenize(self, documents: list[Document], transforms):
+        if not documents:
+            return
+        rows = {"repo_name": [d.id for d in documents], "files": [d.metadata["files"] for d in documents]}
+        for document in documents:
+            document.metadata["input_ids"] = {}
+        for transform in transforms:
+            with self.track_time(unit="batch"):
+                out = transform(rows)
+            for index, document in enumerate(documents):
+                document.metadata["input_ids"][transform.epoch] = out["input_ids"][index]
+                if transform.epoch == 0:
+                    split = document.metadata["split"]
+                    self.stat_update(f"{split} files", value=out["num_files"][index])
+                    self.stat_update(f"{split} files FIM PSM", value=out["num_fim_psm"][index])
+                    self.stat_update(f"{split} files FIM SPM", value=out["num_fim_spm"][index])
+                    self.stat_update(f"{split} tokens", value=int(out["num_tokens"][index]))
+        yield from documents
+
+
+class StoreWriter(PipelineStep):
+    """Documents → this task's token-store parts (train epochs, eval) and its held-out repositories."""
+
+    name, type = "token stores", "💽 - WRITER"
+
+    def __init__(self, output_dir: str, epochs: int, vocab_size: int):
+        super().__init__()
+        self.output_dir, self.epochs, self.vocab_size = output_dir, epochs, vocab_size
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        name = part_name(rank, world_size)
+        writers = {("train", epoch): None for epoch in range(self.epochs)} | {("eval", 0): None}
+        for split, epoch in writers:
+            writers[split, epoch] = TokenStoreWriter(
+                store_directory(self.output_dir, split, epoch), name, self.vocab_size
+            )
+        held_out_path = held_out_part_path(self.output_dir, rank, world_size)
+        os.makedirs(os.path.dirname(held_out_path), exist_ok=True)
+        partial = f"{held_out_path}.partial"
+        held_out = pq.ParquetWriter(partial, HELD_OUT_SCHEMA)
+        for document in data or ():
+            split = document.metadata["split"]
+            epochs = range(self.epochs) if split == "train" else (0,)
+            for epoch in epochs:
+                writers[split, epoch].add(document.metadata["input_ids"][epoch])
+            if split == "eval":
+                row = {"repo_name": document.id, "files": document.metadata["files"]}
+                held_out.write_table(pa.Table.from_pylist([row], schema=HELD_OUT_SCHEMA))
+            yield document
+        held_out.close()
+        os.replace(partial, held_out_path)
+        for writer in writers.values():
+            writer.close()
+
+
+def build_pipeline(data_args: DataArguments, output_dir: str, seed: int, epochs: int, vocab_size: int) -> list:
+    return [
+        RepositoryReader(input_plan(data_args), data_args),
+        ExampleTokenizer(data_args, seed, epochs),
+        StoreWriter(output_dir, epochs, vocab_size),
+    ]
+
+
+def make_executor(kind: str, pipeline: list, tasks: int, logging_dir: str, workers: int = -1, **options):
+    """A datatrove executor for `pipeline`: local (options: local_tasks, local_rank_offset), slurm (its sbatch
+    options: time, partition, cpus_per_task, mem_per_cpu_gb, venv_path, sbatch_args, ...) or ray."""
+    if kind == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        local_tasks = options.get("local_tasks", tasks)
+        workers = local_tasks if workers == -1 else min(workers, local_tasks)  # 1: in this process, no pool
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, **options)
+    if kind == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        return SlurmPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, **options)
+    if kind == "ray":
+        from datatrove.executor import RayPipelineExecutor
+
+        return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, **options)
+    raise RecipeError(f"--executor: {kind!r} is not local, slurm or ray.")
