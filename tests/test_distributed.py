@@ -136,3 +136,35 @@ def test_two_processes_train_like_one_and_save_a_plain_model(stage, setup, one_p
         [sys.executable, "-I", "-c", program], env=ENV, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.startswith("OK"), result.stderr[-2000:]
+
+
+def test_two_processes_train_on_a_prepared_store_like_one_on_the_shards(setup, one_process):
+    """datatrove tasks write the store, 2 ranks with 2 loader workers each open it: the same run as from shards."""
+    root, recipe = setup
+    prepared = root / "prepared"
+    run([sys.executable, "scripts/prepare_data.py", str(recipe), "--output", str(prepared), "--tasks", "2"])
+    out = root / "prepared-zero2"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "accelerate_configs/deepspeed_zero2.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "0",
+            "scripts/run_pretrain.py",
+            str(recipe),
+            "--prepared_data_dir",
+            str(prepared),
+            "--dataloader_num_workers",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    assert losses(out) == pytest.approx(one_process, rel=1e-5)

@@ -102,3 +102,15 @@ def test_inputs_prepare_data_cannot_split_are_refused(tokenizer_dir, tmp_path):
         prepare_data.main(
             [recipe(tmp_path, shards, tokenizer_dir), "--output", str(tmp_path / "o2"), "--max_repositories", "2"]
         )
+
+
+def test_nothing_held_out_opens_as_no_eval_data(shards, tokenizer_dir, tmp_path):
+    from starcoder2_train.data.prepared import load_held_out_repositories
+
+    path = recipe(tmp_path, shards, tokenizer_dir)
+    prepare_data.main(
+        [path, "--output", str(tmp_path / "p"), "--tasks", "2", "--workers", "1", "--eval_fraction", "0"]
+    )
+    assert load_held_out_repositories(str(tmp_path / "p")) is None  # parts with no rows, not an error
+    assert open_store(str(tmp_path / "p"), "eval", 0) is None
+    assert open_store(str(tmp_path / "p"), "train", 0).num_examples == 59  # 60 less the one with no file left

@@ -19,6 +19,9 @@ import re
 from collections import Counter
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets.table import InMemoryTable
 
 from starcoder2_train.configs import RecipeError
 from starcoder2_train.data.skips import SkipReport
@@ -80,8 +83,8 @@ def load_held_out_repositories(directory: str) -> datasets.Dataset | None:
     if not os.path.isdir(root):
         return None
     paths = check_complete(root, ".parquet")
-    repositories = datasets.load_dataset("parquet", data_files={"eval": paths}, split="eval")
-    return repositories if len(repositories) else None
+    table = pa.concat_tables([pq.read_table(path) for path in paths])  # a task may hold out nothing: 0 rows
+    return datasets.Dataset(InMemoryTable(table)) if table.num_rows else None
 
 
 def prepared_stats(directory: str) -> Counter:
