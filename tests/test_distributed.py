@@ -78,6 +78,13 @@ def run(words: list[str], timeout: int = 600) -> None:
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
 
 
+def launch_two(config: str, recipe, *words: str) -> None:
+    """`accelerate launch` of the training script in 2 processes, micro batch 2 each."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2"]
+    command += ["--main_process_port", "0", "scripts/run_pretrain.py", str(recipe)]
+    run(command + ["--per_device_train_batch_size", "2", *words])
+
+
 @pytest.fixture(scope="module")
 def one_process(setup):
     root, recipe = setup
@@ -101,25 +108,7 @@ def one_process(setup):
 def test_two_processes_train_like_one_and_save_a_plain_model(stage, setup, one_process):
     root, recipe = setup
     out = root / f"zero{stage}"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            f"accelerate_configs/deepspeed_zero{stage}.yaml",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            "0",
-            "scripts/run_pretrain.py",
-            str(recipe),
-            "--per_device_train_batch_size",
-            "2",
-            "--output_dir",
-            str(out),
-        ]
-    )
+    launch_two(f"accelerate_configs/deepspeed_zero{stage}.yaml", recipe, "--output_dir", str(out))
     two = losses(out)
     assert len(two) == len(one_process) == 6
     assert two == pytest.approx(one_process, rel=1e-5)
@@ -144,27 +133,9 @@ def test_two_processes_train_on_a_prepared_store_like_one_on_the_shards(setup, o
     prepared = root / "prepared"
     run([sys.executable, "scripts/prepare_data.py", str(recipe), "--output", str(prepared), "--tasks", "2"])
     out = root / "prepared-zero2"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            "accelerate_configs/deepspeed_zero2.yaml",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            "0",
-            "scripts/run_pretrain.py",
-            str(recipe),
-            "--prepared_data_dir",
-            str(prepared),
-            "--dataloader_num_workers",
-            "2",
-            "--per_device_train_batch_size",
-            "2",
-            "--output_dir",
-            str(out),
-        ]
+    launch_two(
+        "accelerate_configs/deepspeed_zero2.yaml",
+        recipe,
+        *("--prepared_data_dir", str(prepared), "--dataloader_num_workers", "2", "--output_dir", str(out)),
     )
     assert losses(out) == pytest.approx(one_process, rel=1e-5)
