@@ -192,3 +192,54 @@ def test_the_token_cache_follows_the_code_that_makes_the_rows(code_shards, token
         monkeypatch.undo()
         pipeline.code_fingerprint.cache_clear()
     assert pipeline.code_fingerprint() == original
+
+
+def test_later_epochs_are_made_when_training_reaches_them(code_shards, tokenizer_dir, tokenizer, tmp_path):
+    import torch
+    from transformers import TrainingArguments
+
+    from starcoder2_train.data.epochs import DataEpochs
+    from starcoder2_train.data.pipeline import build_training_data
+
+    args = data_args(code_shards, tokenizer_dir, num_proc=2)
+    first, _ = build_packed_dataset(args, tokenizer, seed=3, epoch=0)
+    needed = 2 * len(first) + 5  # into the third epoch
+    training = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=needed, per_device_train_batch_size=1, seed=3, use_cpu=True
+    )
+    dataset, report = build_training_data(args, tokenizer, training)
+    assert isinstance(dataset, DataEpochs) and len(dataset) == needed and dataset.epochs_made == 1  # before step 1
+    eager = torch.utils.data.ConcatDataset(
+        [build_packed_dataset(args, tokenizer, seed=3, epoch=e)[0] for e in range(3)]
+    )
+    # Read as training reads it: 2 data-loader workers (daemonic: they make the epochs without num_proc).
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=PackedCollator())
+    lazily = torch.cat([batch["input_ids"] for batch in loader])
+    assert lazily.shape[0] == needed
+    assert all(torch.equal(lazily[i], torch.from_numpy(eager[i]["input_ids"])) for i in range(needed))
+    assert dataset[needed - 1]["input_ids"].tolist() == eager[needed - 1]["input_ids"].tolist()
+    assert dataset.epochs_made == 3 and report.repositories == 120
+    with pytest.raises(IndexError):
+        dataset[needed]
+
+
+def test_too_few_prepared_epochs_fail_before_training(code_shards, tokenizer_dir, tokenizer, tmp_path):
+    from transformers import TrainingArguments
+
+    from starcoder2_train.data.pipeline import build_training_data
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_config: test\ndataset_name_or_path: {code_shards}\nseq_length: 64\noutput_dir: o\n")
+    load_script("prepare_data").main(
+        [str(recipe), "--output", str(tmp_path / "p"), "--tokenizer_name_or_path", tokenizer_dir, "--epochs", "2"]
+    )
+    args = data_args(None, tokenizer_dir, prepared_data_dir=str(tmp_path / "p"))
+    both = sum(len(build_packed_dataset(args, tokenizer, seed=42, epoch=e)[0]) for e in range(2))
+    training = TrainingArguments(output_dir=str(tmp_path), max_steps=both + 1, seed=42, use_cpu=True)
+    training.per_device_train_batch_size = 1
+    with pytest.raises(
+        RecipeError, match=f"its 2 data epoch.s. hold {both:,} windows and max_steps needs {both + 1:,}"
+    ):
+        build_training_data(args, tokenizer, training)
+    training.max_steps = both  # exactly the 2 prepared epochs
+    assert len(build_training_data(args, tokenizer, training)[0]) == both

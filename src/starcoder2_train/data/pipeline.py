@@ -14,8 +14,9 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import datasets
 import numpy as np
@@ -23,9 +24,10 @@ import torch
 
 from starcoder2_train.configs import DataArguments, RecipeError, windows_per_step
 from starcoder2_train.data import fim, repo_examples, special_tokens, tokenization
+from starcoder2_train.data.epochs import DataEpochs, in_worker_process
 from starcoder2_train.data.fim import FimRates, apply_fim
 from starcoder2_train.data.packing import PackedDataset
-from starcoder2_train.data.prepared import open_store, prepared_skips, prepared_stats
+from starcoder2_train.data.prepared import open_store, prepared_skips, prepared_stats, store_directory
 from starcoder2_train.data.repo_examples import build_example
 from starcoder2_train.data.skips import SkipReport
 from starcoder2_train.data.special_tokens import SpecialTokenIds
@@ -233,25 +235,54 @@ def build_packed_dataset(
     return packed, DataReport.of(source, packed, skips)
 
 
+@dataclass
+class EpochMaker:
+    """Makes data epoch e of the training split (a picklable callable for DataEpochs)."""
+
+    data_args: DataArguments
+    tokenizer: object
+    seed: int
+    repositories: object  # what load_split_repositories returned (None with prepared data)
+
+    def __call__(self, epoch: int) -> PackedDataset:
+        data_args = self.data_args
+        if in_worker_process() and data_args.num_proc:  # a data-loader worker may not start processes
+            data_args = replace(data_args, num_proc=None)
+        logger.info("making data epoch %d (its own file order and FIM draws)", epoch)
+        packed, _ = build_packed_dataset(data_args, self.tokenizer, self.seed, epoch, repositories=self.repositories)
+        return packed
+
+
 def build_training_data(data_args: DataArguments, tokenizer, training_args):
     """The training set over as many data epochs as the run needs, each with its own file order and FIM.
 
-    With max_steps set, enough epochs are prepared to cover max_steps; otherwise ceil(num_train_epochs)
-    of them, and num_train_epochs is rescaled to the share of the concatenation that it asks for.
-    Returns (dataset, DataReport of epoch 0).
+    With max_steps set: `DataEpochs` of exactly the windows the run reads. Before step 1 only epoch 0 is made
+    (from the raw shards), or every prepared epoch's store is opened and counted, so that too few prepared
+    epochs fail now rather than mid-run; later raw epochs are made when training reaches them (data/epochs.py).
+    Without max_steps: ceil(num_train_epochs) epochs made now, and num_train_epochs rescaled to the share of
+    their concatenation that it asks for. Returns (dataset, DataReport of epoch 0).
     """
     seed = training_args.seed
     # Read and filter the shards once; each epoch only redraws order and FIM over the same repositories.
     loaded = None if data_args.prepared_data_dir is not None else load_split_repositories(data_args, "train")
     first, report = build_packed_dataset(data_args, tokenizer, seed, epoch=0, repositories=loaded)
+    make_epoch = EpochMaker(data_args, tokenizer, seed, loaded)
     if training_args.max_steps > 0:
-        num_epochs = max(1, -(-training_args.max_steps * windows_per_step(training_args) // len(first)))
-    else:
-        num_epochs = max(1, int(-(-training_args.num_train_epochs // 1)))
-        training_args.num_train_epochs = training_args.num_train_epochs / num_epochs
-    epochs = [first] + [
-        build_packed_dataset(data_args, tokenizer, seed, epoch=e, repositories=loaded)[0] for e in range(1, num_epochs)
-    ]
-    if num_epochs > 1:
-        logger.info("prepared %d data epochs (each with its own file order and FIM draws)", num_epochs)
+        needed = training_args.max_steps * windows_per_step(training_args)
+        if needed <= len(first):
+            return first, report
+        if data_args.prepared_data_dir is not None:
+            prepared, epoch = len(first), 1
+            while prepared < needed and os.path.isdir(store_directory(data_args.prepared_data_dir, "train", epoch)):
+                prepared, epoch = prepared + len(make_epoch(epoch)), epoch + 1
+            if prepared < needed:
+                raise RecipeError(
+                    f"prepared_data_dir: its {epoch} data epoch(s) hold {prepared:,} windows and max_steps needs "
+                    f"{needed:,}; run scripts/prepare_data.py with more --epochs."
+                )
+        key = _fingerprint(loaded[0]._fingerprint if loaded else data_args.prepared_data_dir, asdict(data_args), seed)
+        return DataEpochs(first, make_epoch, needed, key=key), report
+    num_epochs = max(1, int(-(-training_args.num_train_epochs // 1)))
+    training_args.num_train_epochs = training_args.num_train_epochs / num_epochs
+    epochs = [first] + [make_epoch(e) for e in range(1, num_epochs)]
     return (epochs[0] if num_epochs == 1 else torch.utils.data.ConcatDataset(epochs)), report
