@@ -139,3 +139,19 @@ def test_two_processes_train_on_a_prepared_store_like_one_on_the_shards(setup, o
         *("--prepared_data_dir", str(prepared), "--dataloader_num_workers", "2", "--output_dir", str(out)),
     )
     assert losses(out) == pytest.approx(one_process, rel=1e-5)
+
+
+def test_later_epochs_made_by_the_loader_workers_of_two_ranks_train_like_one_process(setup):
+    """160 steps read past data epoch 0 (590 windows): epoch 1 is made mid-run, by each machine once."""
+    root, recipe = setup
+    long = ("--max_steps", "160", "--logging_steps", "10")
+    one, two = root / "long-one", root / "long-two"
+    run([sys.executable, "scripts/run_pretrain.py", str(recipe), *long, "--per_device_train_batch_size", "4"]
+        + ["--use_cpu", "true", "--output_dir", str(one)])  # fmt: skip
+    launch_two(
+        "accelerate_configs/deepspeed_zero2.yaml",
+        recipe,
+        *long,
+        *("--dataloader_num_workers", "2", "--output_dir", str(two)),
+    )
+    assert len(losses(one)) == 16 and losses(two) == pytest.approx(losses(one), rel=1e-5)

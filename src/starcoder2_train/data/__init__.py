@@ -4,7 +4,8 @@ Read it top to bottom in the order a sample takes: `special_tokens` (the structu
 IGNORE_INDEX), `languages` and `skips` (what a file is and why one is left out), `shards` (reading and
 filtering parquet), `splits` (held-out repositories, one machine's part), `repo_examples` (a repository as one
 example), `fim` (file-level Fill-in-the-Middle), `tokenization` (pieces → ids with special-token parsing
-off), `pipeline` (those steps as one cached `datasets.map`, and the data epochs), `token_store` and
+off), `pipeline` (those steps as one cached `datasets.map`, and the data epochs, made as training reaches them by
+`epochs`), `token_store` and
 `token_writer` (token ids as memory-mapped files, read in place by every rank), `permutation` (the window
 order in O(1) memory), `packing` (fixed windows, nothing dropped), `collators` (windows → the batch an
 attention kernel needs). Before training: `download/` (file contents from Software Heritage), `local/`
