@@ -86,7 +86,7 @@ def main(argv=None):
         else:
             split, held_out_repositories = None, load_held_out_repositories(data_args.prepared_data_dir)
         eval_dataset, _ = build_packed_dataset(
-            data_args, tokenizer, training_args.seed, split="eval", shuffle=False, repositories=split
+            data_args, tokenizer, training_args.seed, split="eval", shuffle=False, repositories=split, report=False
         )
         loss_rows, fim_problems = held_out.task_inputs(
             held_out_repositories,

@@ -23,18 +23,21 @@ from filelock import FileLock
 
 
 class DataEpochs(torch.utils.data.Dataset):
-    """`num_windows` windows of epochs 0, 1, 2, ...; `make_epoch(e)` builds epoch e's PackedDataset.
+    """`num_windows` windows of epochs 0, 1, 2, ...; `made`: the epochs made already (epoch 0 at least, in order);
+    `make_epoch(e)` builds epoch e's PackedDataset when it is first needed.
 
     make_epoch must be picklable (data-loader workers receive this dataset) and deterministic: every process
     that makes epoch e must get the same windows. `key` names the data (a fingerprint) for the machine's lock.
     """
 
-    def __init__(self, first, make_epoch, num_windows: int, key: str):
-        if len(first) == 0:
+    def __init__(self, made: list, make_epoch, num_windows: int, key: str):
+        if not made or len(made[0]) == 0:
             raise ValueError("DataEpochs: data epoch 0 has no window.")
         self.make_epoch, self.num_windows, self.key = make_epoch, num_windows, key
-        self.epochs = {0: first}
-        self.starts = [0, len(first)]  # starts[e]: the first window of epoch e; known up to the last made
+        self.epochs = dict(enumerate(made))
+        self.starts = [0]  # starts[e]: the first window of epoch e; known up to the last made
+        for epoch in made:
+            self.starts.append(self.starts[-1] + len(epoch))
 
     def __len__(self) -> int:
         return self.num_windows

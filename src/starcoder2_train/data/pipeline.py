@@ -153,7 +153,7 @@ class DataReport:
     @classmethod
     def of_prepared(cls, directory: str, split: str, store, packed: PackedDataset) -> "DataReport":
         """The report of a prepared store: its datatrove stats (epoch 0's FIM counts) and the packed windows."""
-        stats = prepared_stats(directory)
+        stats = prepared_stats(directory)  # every task's stats file, read once
         return cls(
             repositories=store.num_examples,
             files=int(stats[f"{split} files"]),
@@ -162,7 +162,7 @@ class DataReport:
             tokens=packed.total_tokens,
             windows=len(packed),
             padding_tokens=packed.padding_tokens,
-            skipped=prepared_skips(directory).as_dict(),
+            skipped=prepared_skips(directory, stats).as_dict(),
         )
 
     def summary_lines(self) -> list[str]:
@@ -211,11 +211,13 @@ def build_packed_dataset(
     split: str = "train",
     shuffle: bool = True,
     repositories=None,
+    report: bool = True,
 ):
     """(PackedDataset, DataReport) for one split and epoch; (None, None) when the split has no data.
 
     With `prepared_data_dir` the epoch's token store is only opened (memory-mapped); else the raw shards are
-    read, filtered and tokenized (cached by datasets).
+    read, filtered and tokenized (cached by datasets). `report=False`: no DataReport (None), so that later
+    epochs and the eval split do not read every task's stats, or sum the token rows, for a report nobody reads.
     """
     if data_args.prepared_data_dir is not None:
         source = open_store(data_args.prepared_data_dir, split, epoch)
@@ -230,6 +232,8 @@ def build_packed_dataset(
         cross_document_attention=data_args.cross_document_attention,
         shuffle_seed=(seed * 1_000_003 + epoch) if shuffle else None,
     )
+    if not report:
+        return packed, None
     if data_args.prepared_data_dir is not None:
         return packed, DataReport.of_prepared(data_args.prepared_data_dir, split, source, packed)
     return packed, DataReport.of(source, packed, skips)
@@ -249,8 +253,9 @@ class EpochMaker:
         if in_worker_process() and data_args.num_proc:  # a data-loader worker may not start processes
             data_args = replace(data_args, num_proc=None)
         logger.info("making data epoch %d (its own file order and FIM draws)", epoch)
-        packed, _ = build_packed_dataset(data_args, self.tokenizer, self.seed, epoch, repositories=self.repositories)
-        return packed
+        return build_packed_dataset(
+            data_args, self.tokenizer, self.seed, epoch, repositories=self.repositories, report=False
+        )[0]
 
 
 def build_training_data(data_args: DataArguments, tokenizer, training_args):
@@ -271,17 +276,19 @@ def build_training_data(data_args: DataArguments, tokenizer, training_args):
         needed = training_args.max_steps * windows_per_step(training_args)
         if needed <= len(first):
             return first, report
-        if data_args.prepared_data_dir is not None:
-            prepared, epoch = len(first), 1
-            while prepared < needed and os.path.isdir(store_directory(data_args.prepared_data_dir, "train", epoch)):
-                prepared, epoch = prepared + len(make_epoch(epoch)), epoch + 1
-            if prepared < needed:
+        made = [first]
+        if data_args.prepared_data_dir is not None:  # opening is cheap: count every prepared epoch now
+            windows = len(first)
+            while windows < needed and os.path.isdir(store_directory(data_args.prepared_data_dir, "train", len(made))):
+                made.append(make_epoch(len(made)))
+                windows += len(made[-1])
+            if windows < needed:
                 raise RecipeError(
-                    f"prepared_data_dir: its {epoch} data epoch(s) hold {prepared:,} windows and max_steps needs "
+                    f"prepared_data_dir: its {len(made)} data epoch(s) hold {windows:,} windows and max_steps needs "
                     f"{needed:,}; run scripts/prepare_data.py with more --epochs."
                 )
         key = _fingerprint(loaded[0]._fingerprint if loaded else data_args.prepared_data_dir, asdict(data_args), seed)
-        return DataEpochs(first, make_epoch, needed, key=key), report
+        return DataEpochs(made, make_epoch, needed, key=key), report
     num_epochs = max(1, int(-(-training_args.num_train_epochs // 1)))
     training_args.num_train_epochs = training_args.num_train_epochs / num_epochs
     epochs = [first] + [make_epoch(e) for e in range(1, num_epochs)]

@@ -35,9 +35,9 @@ from starcoder2_train.data.shards import (
     REPOSITORIES_PER_BATCH,
     file_filters,
     filter_repository_rows,
+    parquet_layout,
     resolve_data_files,
 )
-from starcoder2_train.data.shards import parquet_layout as _parquet_layout
 from starcoder2_train.data.skips import UNREADABLE_PARQUET
 from starcoder2_train.data.splits import eval_share
 from starcoder2_train.data.token_writer import TokenStoreWriter
@@ -88,7 +88,7 @@ class RepositoryReader(PipelineStep):
                 logger.warning("Skipping %s: not a readable parquet file (%s: %s).", path, type(error).__name__, error)
                 self.stat_update(f"parquet files: {UNREADABLE_PARQUET}")
                 continue
-            if _parquet_layout(path, parquet.schema_arrow) != "repository":
+            if parquet_layout(path, parquet.schema_arrow) != "repository":
                 raise RecipeError(
                     f"{path}: one row per file; prepare_data.py's tasks read per-repository shards (a task cannot "
                     "group a repository's files across other tasks' files). Train from these shards without "
@@ -166,11 +166,11 @@ class StoreWriter(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         name = part_name(rank, world_size)
-        writers = {("train", epoch): None for epoch in range(self.epochs)} | {("eval", 0): None}
-        for split, epoch in writers:
-            writers[split, epoch] = TokenStoreWriter(
-                store_directory(self.output_dir, split, epoch), name, self.vocab_size
-            )
+        parts = [("train", epoch) for epoch in range(self.epochs)] + [("eval", 0)]
+        writers = {
+            (split, epoch): TokenStoreWriter(store_directory(self.output_dir, split, epoch), name, self.vocab_size)
+            for split, epoch in parts
+        }
         held_out_path = held_out_part_path(self.output_dir, rank, world_size)
         os.makedirs(os.path.dirname(held_out_path), exist_ok=True)
         partial = f"{held_out_path}.partial"

@@ -98,8 +98,9 @@ def prepared_stats(directory: str) -> Counter:
     return totals
 
 
-def prepared_skips(directory: str) -> SkipReport:
-    """What the preparation left out, by reason: its "files: ...", "repositories: ..." stats."""
+def prepared_skips(directory: str, stats: Counter | None = None) -> SkipReport:
+    """What the preparation left out, by reason: its "files: ...", "repositories: ..." stats (`stats`: those
+    prepared_stats(directory) returned, when the caller has them already)."""
     units = ("files: ", "repositories: ", "parquet files: ", "directories: ")
-    stats = prepared_stats(directory)
+    stats = prepared_stats(directory) if stats is None else stats
     return SkipReport.from_dict({name: int(count) for name, count in stats.items() if name.startswith(units)})
