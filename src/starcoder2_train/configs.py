@@ -20,6 +20,10 @@ FLASH_ATTENTION_2 = "flash_attention_2"
 SDPA_VARLEN = "sdpa_varlen"
 SDPA_BLOCKED = "sdpa_blocked"
 ATTENTION_CHOICES = ("auto", FLASH_ATTENTION_2, "sdpa", "eager", "flex_attention", SDPA_VARLEN, SDPA_BLOCKED)
+# Flash-attention implementations PyTorch can route its flash kernel to (torch.nn.attention, Hopper and later).
+FLASH_IMPLS = ("auto", "fa2", "fa3", "fa4")
+# Training-loss kernels (training/loss.py): auto picks the fastest one this machine has.
+LOSS_KERNELS = ("auto", "transformers", "chunked", "liger", "cut_cross_entropy")
 # dtypes a recipe may give for the weights (`torch_dtype`); "auto": a checkpoint's own dtype.
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Evaluation tasks (evaluation/): all of them run in scripts/evaluate.py; the cheap ones also during training.
@@ -114,6 +118,16 @@ class ModelArguments:
             f"(model/attention.py). One of {', '.join(ATTENTION_CHOICES)}."
         },
     )
+    flash_attention_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "Which FlashAttention PyTorch's flash kernel runs (sdpa_varlen, sdpa): fa2 (PyTorch's own), "
+            "fa3 (Hopper, the flash_attn_interface package) or fa4 (Hopper/Blackwell, flash_attn.cute), "
+            "activated through torch.nn.attention.activate_flash_attention_impl. FA3 and FA4 have no "
+            "dropout. auto: fa3/fa4 where the GPU and package allow and attention_dropout is 0, else fa2. "
+            f"One of {', '.join(FLASH_IMPLS)}."
+        },
+    )
     rope_theta: float | None = field(
         default=None, metadata={"help": "Override the RoPE base (the long-context stage uses 1e6)."}
     )
@@ -122,6 +136,14 @@ class ModelArguments:
     )
     sliding_window: int | None = field(
         default=None, metadata={"help": "Override the attention window in tokens (StarCoder2: 4096)."}
+    )
+    attention_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Override the attention-probability dropout (the released 3B and 7B configs: 0.1, 15B: 0.0). "
+            "Dropout rules out the kernels without it (flex_attention, FlashAttention-3/4): 0 lets "
+            "flash_attention_impl auto pick them."
+        },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
 
@@ -135,7 +157,13 @@ class ModelArguments:
             raise RecipeError(
                 f"attn_implementation: {self.attn_implementation!r} is not one of {', '.join(ATTENTION_CHOICES)}."
             )
+        if self.flash_attention_impl not in FLASH_IMPLS:
+            raise RecipeError(
+                f"flash_attention_impl: {self.flash_attention_impl!r} is not one of {', '.join(FLASH_IMPLS)}."
+            )
         torch_dtype(self.torch_dtype)
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise RecipeError(f"attention_dropout: must be in [0, 1), got {self.attention_dropout}.")
         for key in ("rope_theta", "max_position_embeddings", "sliding_window"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -287,6 +315,13 @@ class PretrainingArguments(TrainingArguments):
             "optimizer step and a memory estimate per GPU, then exit without training."
         },
     )
+    dry_run_world_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "With dry_run: plan for this many GPUs (the cluster of the recipe's header) instead of the "
+            "processes this command was launched with; tokens per step and the ZeRO shares follow it."
+        },
+    )
     loss_chunk_size: int = field(
         default=0,
         metadata={
@@ -296,12 +331,48 @@ class PretrainingArguments(TrainingArguments):
             "transformers' loss over all logits at once."
         },
     )
-    gradient_checkpointing_layers: int | None = field(
+    loss_kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "Training-loss kernel (training/loss.py). liger (Liger-Kernel) and cut_cross_entropy fuse "
+            "lm_head with the cross-entropy on CUDA and never materialise the logits; chunked is "
+            "loss_chunk_size positions at a time in plain PyTorch (any device); transformers is the model's "
+            "own loss over all logits. auto: liger, else cut_cross_entropy on CUDA where installed, else "
+            f"chunked when loss_chunk_size is set, else transformers. One of {', '.join(LOSS_KERNELS)}."
+        },
+    )
+    float8: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the decoder's linear layers in float8 (torchao's convert_to_float8_training, "
+            "tensorwise scaling; lm_head and layers whose sizes are not multiples of 16 stay bf16). CUDA "
+            "with compute capability 8.9+ (H100, L40) only. MFU stays counted against the bf16 peak."
+        },
+    )
+    gpu_memory_gb: float = field(
+        default=80.0,
+        metadata={
+            "help": "Memory of one GPU in GB (1e9 bytes), for --dry_run: it says whether the recipe fits and, "
+            "if not, what would make it fit."
+        },
+    )
+    # A number or "auto": str here, because argparse takes one type; __post_init__ makes numbers ints.
+    gradient_checkpointing_layers: str | None = field(
         default=None,
         metadata={
             "help": "With gradient_checkpointing: checkpoint only the first N decoder layers and keep the "
             "others' activations; each layer left out saves recomputing its forward (about 1/3 of its "
-            "training FLOPs). Unset: every layer (or every_n_layers of gradient_checkpointing_kwargs)."
+            "training FLOPs). auto: the fewest layers for the memory estimate of --dry_run to stay under 92% "
+            "of gpu_memory_gb on this run's GPUs (0 turns checkpointing off), decided at start-up. Unset: every "
+            "layer (or every_n_layers of gradient_checkpointing_kwargs)."
+        },
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "transformers' filter that replaces a NaN/inf loss in the logged average: it reads the loss "
+            "on the host after every micro batch, a device synchronisation each time. Off here; a NaN loss "
+            "shows in the log as it is."
         },
     )
     compile_layers: bool = field(
@@ -320,6 +391,8 @@ class PretrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.accelerator_config is None:  # batches copied to the GPU without blocking the host (pinned memory)
+            self.accelerator_config = {"non_blocking": True}
         super().__post_init__()
         unknown = [task for task in self.eval_tasks if task not in TRAINING_EVAL_TASKS]
         if unknown:
@@ -328,11 +401,18 @@ class PretrainingArguments(TrainingArguments):
                 f"eval_tasks: {', '.join(unknown)} is not a training-time task{where}; choose among "
                 f"{', '.join(TRAINING_EVAL_TASKS)}."
             )
+        if self.loss_kernel not in LOSS_KERNELS:
+            raise RecipeError(f"loss_kernel: {self.loss_kernel!r} is not one of {', '.join(LOSS_KERNELS)}.")
+        if self.dry_run_world_size is not None and self.dry_run_world_size < 1:
+            raise RecipeError(f"dry_run_world_size: must be at least 1, got {self.dry_run_world_size}.")
+        if self.gpu_memory_gb <= 0:
+            raise RecipeError(f"gpu_memory_gb: must be positive, got {self.gpu_memory_gb}.")
         if self.loss_chunk_size < 0:
             raise RecipeError(f"loss_chunk_size: must be 0 (off) or a number of tokens, got {self.loss_chunk_size}.")
-        if self.gradient_checkpointing_layers is not None and self.gradient_checkpointing_layers < 0:
-            raise RecipeError(
-                f"gradient_checkpointing_layers: must be 0 or more, got {self.gradient_checkpointing_layers}."
-            )
+        layers = self.gradient_checkpointing_layers
+        if layers is not None and layers != "auto":
+            if not str(layers).isdigit():
+                raise RecipeError(f"gradient_checkpointing_layers: must be auto or a number >= 0, got {layers!r}.")
+            self.gradient_checkpointing_layers = int(layers)
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise RecipeError(f"peak_flops: must be positive (FLOP/s, e.g. 989e12), got {self.peak_flops}.")

@@ -61,6 +61,7 @@ class RecipeParser(HfArgumentParser):
 
     def __init__(self):
         super().__init__((ModelArguments, DataArguments, PretrainingArguments))
+        self.dry_run_bf16 = None  # the recipe's bf16 when a dry run without a GPU had to drop it
         self.known_keys = {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype) if f.init}
 
     def load(self, recipe_path: str | os.PathLike | None, override_words: list[str]) -> dict:
@@ -80,8 +81,9 @@ class RecipeParser(HfArgumentParser):
         for key, value in parse_overrides(override_words).items():
             values[key], where[key] = value, "the command line"
         if str(values.get("dry_run", "false")).lower() in ("true", "1", "yes") and not _has_accelerator():
-            # transformers refuses bf16 on a machine without a GPU; a dry run only plans, so plan from here too.
-            values.pop("bf16", None)
+            # transformers refuses bf16 on a machine without a GPU; a dry run only plans, so plan from here too,
+            # with the recipe's bf16 kept for the plan (training/dry_run.py).
+            self.dry_run_bf16 = str(values.pop("bf16", False)).lower() in ("true", "1", "yes")
         for key in values:
             if key not in self.known_keys:
                 raise RecipeError(f"unknown key '{key}' in {where[key]}.{_suggest(key, self.known_keys)}")

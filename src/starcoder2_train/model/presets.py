@@ -128,6 +128,8 @@ def _apply_overrides(config, model_args: ModelArguments):
         config.max_position_embeddings = model_args.max_position_embeddings
     if model_args.sliding_window is not None:
         config.sliding_window = model_args.sliding_window
+    if model_args.attention_dropout is not None:
+        config.attention_dropout = model_args.attention_dropout
     return config
 
 
