@@ -3,6 +3,6 @@
 `presets` (the released configs, vocabulary sizing, overrides), `attention` (the `sdpa_varlen` and
 `sdpa_blocked` kernels that keep packed documents apart), `factory` (attention choice, creating or loading the
 model, checking it against the tokenizer and the data), `flops` (model FLOPs per token, peak FLOP/s),
-`memory` (bytes per GPU) and `dry_run` (`--dry_run true`). May import `configs` and `data/` (special tokens,
-document boundaries), never training/ or later.
+`memory` (peak bytes per GPU for a precision, ZeRO stage, attention, loss and checkpointing plan). May import
+`configs` and `data/` (special tokens, document boundaries), never training/ or later.
 """

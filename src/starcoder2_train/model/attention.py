@@ -6,12 +6,19 @@ builds that as a full (batch, 1, s, s) mask for sdpa (one per layer, kept for th
 16k for StarCoder2-3B) and computes every score of it; flash_attention_2 needs the flash-attn package.
 Two implementations registered with transformers' `AttentionInterface` do without:
 
-- `sdpa_varlen` (CUDA): the FlashAttention-2 kernels that PyTorch ships (`aten::_flash_attention_forward`,
-  the kernel behind sdpa's flash backend) in their variable-length form: the batch is one stream of
-  tokens cut at `cu_seq_lens` (cumulative document lengths), as flash-attn's `flash_attn_varlen_func`.
-  Sliding window, grouped-query attention and dropout are done by the kernel; nothing is masked or
-  computed outside a document's window. `data.collators.DocumentBoundaryCollator` computes `cu_seq_lens` on the CPU,
-  so the GPU never waits for them (without it, each layer derives them from `position_ids`).
+- `sdpa_varlen`: the operator `starcoder2_train::varlen_attention` (`torch.library.custom_op`, with a fake
+  implementation and a backward that is a second operator), so that a compiled decoder layer
+  (`compile_layers`) is one graph with the attention inside, not two graphs around it. On CUDA it runs the
+  FlashAttention kernels PyTorch ships (`aten::_flash_attention_forward`/`_backward`, the kernels behind sdpa's
+  flash backend) in their variable-length form: the batch is one stream of tokens cut at `cu_seq_lens`
+  (cumulative document lengths), as flash-attn's `flash_attn_varlen_func`; sliding window, grouped-query
+  attention and dropout are done by the kernel, and the backward replays the forward's dropout mask from its
+  philox state. `torch.nn.attention.activate_flash_attention_impl` (model/flash.py, `flash_attention_impl`)
+  routes those aten kernels to FlashAttention-3 or -4, so this operator follows. The row width stands for the
+  longest document (the kernel only sizes its grid by it), so nothing that changes per batch becomes a
+  constant of the compiled graph. On other devices the operator runs a per-document sdpa reference, slowly.
+  `data.collators.DocumentBoundaryCollator` computes `cu_seq_lens` on the CPU, so the GPU never waits for
+  them (without it, each layer derives them from `position_ids`, a graph break when compiled).
 - `sdpa_blocked` (any device): queries in blocks (256 positions on a CPU, 1024 on a GPU); a block attends,
   through sdpa with a small mask, only to the keys its window can reach. The work grows with s·(block + window)
   instead of s², and each layer keeps masks of block × (block + window) instead of s × s.
@@ -20,6 +27,9 @@ Packed training needs no mask: PackedDataset pads only the end of a row, where c
 away from real tokens, and its positions restart like a new document's. When transformers does need a
 mask (a padding `attention_mask`, as in batched generation, or a KV cache), the registered mask function
 builds sdpa's, and both functions hand the call to transformers' sdpa.
+
+`varlen_reference` (sdpa one document at a time) is also what `model.factory.verify_attention` checks every
+kernel against before training.
 """
 
 import torch
@@ -39,15 +49,26 @@ def _compute_dtype(query: torch.Tensor) -> torch.dtype:
     return query.dtype
 
 
-def _varlen_reference(query, key, value, cu_seq_lens, dropout, scale, window_left):
-    """What the flash kernel computes, with sdpa one document at a time: for CPU tests, not for speed."""
+def _allowed(length: int, window_left: int, device) -> torch.Tensor:
+    """(length, length) bool: causal, and at most `window_left` positions back unless it is negative."""
+    positions = torch.arange(length, device=device)
+    allowed = positions[None, :] <= positions[:, None]
+    if window_left >= 0:
+        allowed &= positions[:, None] - positions[None, :] <= window_left
+    return allowed
+
+
+def _documents(cu_seq_lens: torch.Tensor):
+    """(begin, end) of each document, read to the CPU."""
+    return zip(cu_seq_lens[:-1].tolist(), cu_seq_lens[1:].tolist())
+
+
+def varlen_reference(query, key, value, cu_seq_lens, dropout, scale, window_left):
+    """What the flash kernel computes, with sdpa one document at a time: for CPUs and checks, not for speed."""
     outputs = []
-    for begin, end in zip(cu_seq_lens[:-1].tolist(), cu_seq_lens[1:].tolist()):
+    for begin, end in _documents(cu_seq_lens):
         q, k, v = (t[begin:end].transpose(0, 1) for t in (query, key, value))  # (heads, length, dim)
-        positions = torch.arange(end - begin, device=query.device)
-        allowed = positions[None, :] <= positions[:, None]
-        if window_left >= 0:
-            allowed &= positions[:, None] - positions[None, :] <= window_left
+        allowed = _allowed(end - begin, window_left, query.device)
         out = nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale, enable_gqa=True
         )
@@ -55,7 +76,144 @@ def _varlen_reference(query, key, value, cu_seq_lens, dropout, scale, window_lef
     return torch.cat(outputs)
 
 
-@torch.compiler.disable  # compiled layers break the graph here: document lengths change with every batch
+def _varlen_reference_backward(grad_out, query, key, value, out, cu_seq_lens, scale, window_left):
+    """The gradients of `varlen_reference` without dropout, written out per document in fp32.
+
+    Autograd does not record inside an operator's kernel, so the softmax backward is spelled out: with P the
+    probabilities, dV = Pᵀ·dO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K·scale, dK = dSᵀ·Q·scale; a key/value
+    head's gradients are summed over the query heads that share it. Memory: heads × length² floats per document.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    groups = query.shape[1] // key.shape[1]
+    grads = [torch.empty_like(t) for t in (query, key, value)]
+    for begin, end in _documents(cu_seq_lens):
+        q, do, o = (t[begin:end].transpose(0, 1).float() for t in (query, grad_out, out))  # (heads, length, dim)
+        k, v = (t[begin:end].transpose(0, 1).float().repeat_interleave(groups, dim=0) for t in (key, value))
+        scores = (q @ k.transpose(1, 2) * scale).masked_fill(~_allowed(end - begin, window_left, q.device), -torch.inf)
+        p = scores.softmax(dim=-1)
+        ds = p * (do @ v.transpose(1, 2) - (do * o).sum(dim=-1, keepdim=True))
+        dq, dk, dv = ds @ k * scale, ds.transpose(1, 2) @ q * scale, p.transpose(1, 2) @ do
+        dk, dv = (g.unflatten(0, (-1, groups)).sum(dim=1) for g in (dk, dv))
+        for grad, part in zip(grads, (dq, dk, dv)):
+            grad[begin:end] = part.transpose(0, 1)
+    return tuple(grads)
+
+
+def _kernel_state(query: torch.Tensor):
+    """What the flash forward keeps for its backward, zeroed: logsumexp (heads, tokens) and the philox state."""
+    tokens, heads, _ = query.shape
+    return (
+        query.new_zeros((heads, tokens), dtype=torch.float32),
+        query.new_zeros(2, dtype=torch.uint64),
+        query.new_zeros((), dtype=torch.uint64),
+    )
+
+
+def _window(window_left: int) -> dict:
+    return {"window_size_left": window_left, "window_size_right": 0} if window_left >= 0 else {}
+
+
+def _flash_forward(query, key, value, cu_seq_lens, max_length, dropout, scale, window_left):
+    """aten's flash forward, variable length and causal (FA2, or FA3/FA4 when activated) → the first four outputs."""
+    out, logsumexp, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+        query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, dropout, True, False,
+        scale=scale, **_window(window_left),
+    )  # fmt: skip
+    return out, logsumexp, seed, offset
+
+
+def _flash_backward(
+    grad_out, query, key, value, out, logsumexp, seed, offset, cu_seq_lens, max_length, dropout, scale, window_left
+):
+    """aten's flash backward of `_flash_forward` → the gradients of query, key and value."""
+    return torch.ops.aten._flash_attention_backward(
+        grad_out.contiguous(), query, key, value, out, logsumexp, cu_seq_lens, cu_seq_lens, max_length, max_length,
+        dropout, True, seed, offset, scale=scale, **_window(window_left),
+    )  # fmt: skip
+
+
+@torch.library.custom_op("starcoder2_train::varlen_attention", mutates_args=())
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int,
+    dropout: float,
+    scale: float | None,
+    window_left: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention within documents: (tokens, heads, dim) q and (tokens, kv_heads, dim) k, v, cut at the
+    int32 `cu_seq_lens`; → (output, logsumexp, philox seed, philox offset), the last three for the backward.
+
+    `max_length` bounds every document's length (the row width will do); `window_left` ≥ 0 lets a query see that
+    many earlier positions, -1 all of them. CUDA: FlashAttention (2, or 3/4 when activated), O(tokens) memory.
+    Other devices: sdpa per document, without dropout, and zeros for the kernel's state (the backward recomputes).
+    """
+    if query.device.type == "cuda":
+        return _flash_forward(query, key, value, cu_seq_lens, max_length, dropout, scale, window_left)
+    if dropout > 0:
+        raise ValueError(
+            "starcoder2_train::varlen_attention: dropout needs the CUDA kernel; on this device call "
+            "varlen_attention_forward (it runs the eager reference for attention_dropout > 0) or use sdpa_blocked."
+        )
+    return varlen_reference(query, key, value, cu_seq_lens, 0.0, scale, window_left), *_kernel_state(query)
+
+
+@varlen_attention.register_fake
+def _(query, key, value, cu_seq_lens, max_length, dropout, scale, window_left):
+    # Shapes only (those of aten's flash forward); none depends on cu_seq_lens, whose length changes per batch.
+    return torch.empty_like(query), *_kernel_state(query)
+
+
+@torch.library.custom_op("starcoder2_train::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    logsumexp: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int,
+    dropout: float,
+    scale: float | None,
+    window_left: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `varlen_attention` for q, k, v (k and v with their own, fewer, heads).
+
+    CUDA: the flash backward, which replays the forward's dropout from its philox seed and offset and recomputes
+    the scores from `logsumexp`. Other devices: `_varlen_reference_backward`.
+    """
+    if query.device.type == "cuda":
+        return _flash_backward(
+            grad_out, query, key, value, out, logsumexp, seed, offset, cu_seq_lens, max_length, dropout, scale,
+            window_left,
+        )  # fmt: skip
+    return _varlen_reference_backward(grad_out, query, key, value, out, cu_seq_lens, scale, window_left)
+
+
+@varlen_attention_backward.register_fake
+def _(grad_out, query, key, value, out, logsumexp, seed, offset, cu_seq_lens, max_length, dropout, scale, window_left):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _save_for_backward(ctx, inputs, output):
+    query, key, value, cu_seq_lens, *options = inputs
+    ctx.save_for_backward(query, key, value, *output, cu_seq_lens)
+    ctx.options = options
+
+
+def _varlen_backward(ctx, grad_out, *unused_grads):
+    grads = varlen_attention_backward(grad_out, *ctx.saved_tensors, *ctx.options)
+    return *grads, None, None, None, None, None
+
+
+varlen_attention.register_autograd(_varlen_backward, setup_context=_save_for_backward)
+
+
 def varlen_attention_forward(
     module,
     query,
@@ -67,41 +225,32 @@ def varlen_attention_forward(
     sliding_window: int | None = None,
     position_ids=None,
     cu_seq_lens_q=None,
-    max_length_q=None,
     **kwargs,
 ):
-    """transformers attention function: (batch, heads, seq, dim) inputs → ((batch, seq, heads, dim), None)."""
+    """transformers attention function: (batch, heads, seq, dim) inputs → ((batch, seq, heads, dim), None).
+
+    `varlen_attention` over the batch as one stream; `max_length_q` is not read: the row width bounds it, and a
+    per-batch Python int would recompile a compiled layer. What the bound costs when every document is short:
+    thread blocks that exit at once, and in FA2's backward a documents × heads × row fp32 scratch (100 documents,
+    24 heads, 4k: 39 MB). On a CPU with dropout, the eager reference instead (a graph break when compiled).
+    """
     if attention_mask is not None or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     batch, heads, seq, dim = query.shape
     if cu_seq_lens_q is None:
         if position_ids is None:
             position_ids = torch.arange(seq, device=query.device).expand(batch, seq)
-        boundaries = document_boundaries(position_ids)  # waits for the GPU: prefer DocumentBoundaryCollator
-        cu_seq_lens_q, max_length_q = boundaries["cu_seq_lens_q"], boundaries["max_length_q"]
+        cu_seq_lens_q = document_boundaries(position_ids)["cu_seq_lens_q"]  # waits: prefer DocumentBoundaryCollator
     # The kernel wants (tokens, heads, dim) in fp16/bf16; under autocast the rotary embedding may have
     # promoted queries and keys to fp32 (it multiplies by fp32 cos/sin), so cast to autocast's dtype.
     dtype = _compute_dtype(query)
     q, k, v = (t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim).to(dtype) for t in (query, key, value))
-    window_left = sliding_window - 1 if sliding_window is not None and sliding_window < max_length_q else -1
-    if query.device.type == "cuda":
-        out = torch.ops.aten._flash_attention_forward(
-            q,
-            k,
-            v,
-            cu_seq_lens_q,
-            cu_seq_lens_q,
-            max_length_q,
-            max_length_q,
-            dropout,
-            True,
-            False,
-            scale=scaling,
-            window_size_left=window_left if window_left >= 0 else None,
-            window_size_right=0 if window_left >= 0 else None,
-        )[0]
+    # A window at least as wide as the row limits nothing (nor does it a document shorter than the window).
+    window_left = sliding_window - 1 if sliding_window is not None and sliding_window < seq else -1
+    if dropout > 0 and query.device.type != "cuda":
+        out = varlen_reference(q, k, v, cu_seq_lens_q, dropout, scaling, window_left)
     else:
-        out = _varlen_reference(q, k, v, cu_seq_lens_q, dropout, scaling, window_left)
+        out = varlen_attention(q, k, v, cu_seq_lens_q, seq, dropout, scaling, window_left)[0]
     return out.view(batch, seq, heads, dim), None
 
 

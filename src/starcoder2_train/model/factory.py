@@ -1,16 +1,22 @@
 """The model a recipe trains: attention choice, creation from scratch or loading, and the checks against the data.
 
-`choose_attention` resolves `attn_implementation: auto` for this machine; `create_model` builds the config's
-model (or loads a checkpoint, or only its architecture on the meta device for a dry run), resizes the
-embeddings for a larger tokenizer and turns the KV cache off for training; `count_parameters` counts on
-the meta device; `validate_model_and_data` checks sequence length and structure tokens before any work.
+`choose_attention` resolves `attn_implementation: auto` for this machine; `create_model` routes PyTorch's
+flash kernel on a CUDA device (`flash_attention_impl`, model/flash.py), builds the config's model (or loads a
+checkpoint, or only its architecture on the meta device for a dry run), resizes the embeddings for a larger
+tokenizer, turns the KV cache off for training and checks this project's attention kernels and flex_attention
+against a reference on the device (`verify_attention`); `count_parameters` counts on the meta device;
+`validate_model_and_data` checks sequence length and structure tokens before any work.
 """
 
+import copy
 import importlib.util
 import logging
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from starcoder2_train.configs import (
     FLASH_ATTENTION_2,
@@ -20,11 +26,16 @@ from starcoder2_train.configs import (
     RecipeError,
     torch_dtype,
 )
+from starcoder2_train.data.collators import document_boundaries
 from starcoder2_train.data.special_tokens import SpecialTokenIds
-from starcoder2_train.model import attention as _registers_attention  # noqa: F401  (sdpa_varlen, sdpa_blocked)
+from starcoder2_train.model.attention import varlen_reference  # importing it registers sdpa_varlen, sdpa_blocked
+from starcoder2_train.model.flash import activate_flash_impl
 from starcoder2_train.model.presets import VOCAB_MULTIPLE, build_config, round_up
 
 logger = logging.getLogger(__name__)
+
+# The attention implementations create_model checks against the reference: this project's, and flex_attention.
+VERIFIED_ATTENTION = (SDPA_VARLEN, SDPA_BLOCKED, "flex_attention")
 
 
 def choose_attention(requested: str) -> str:
@@ -53,19 +64,27 @@ def create_model(
     attn_implementation: str | None = None,
     *,
     device: str | torch.device = "cpu",
+    verify: bool = True,
 ):
     """Create the model from scratch (`model_config`) or load `model_name_or_path`, ready to train.
 
     `config` defaults to `build_config(model_args, len(tokenizer))`; `attn_implementation` to
     `choose_attention(model_args.attn_implementation)`. On `device="meta"` only the architecture is
-    built, without weights, even for a checkpoint (dry runs). The embeddings are resized when the tokenizer
-    is larger than them, and `use_cache` is turned off (training needs no cache, and packed sequences are
-    isolated per document only without one).
+    built, without weights, even for a checkpoint (dry runs). On a CUDA device, `flash_attention_impl` is
+    activated first (`activate_flash_impl`: a RecipeError comes before any weights are read). The embeddings
+    are resized when the tokenizer is larger than them, and `use_cache` is turned off (training needs no cache,
+    and packed sequences are isolated per document only without one). With `verify` (not on meta), an
+    attention of VERIFIED_ATTENTION is checked once on `device` by `verify_attention` (milliseconds; a
+    RecipeError if it is wrong), in the model's dtype, or bf16 for an fp32 model on CUDA, which trains under
+    autocast there (FlashAttention has no fp32).
     """
+    device = torch.device(device)
     vocab_needed = len(tokenizer) if tokenizer is not None else 0
     config = config if config is not None else build_config(model_args, vocab_needed)
     attention = attn_implementation or choose_attention(model_args.attn_implementation)
-    pretrained = model_args.model_name_or_path is not None and torch.device(device).type != "meta"
+    if device.type == "cuda":
+        activate_flash_impl(model_args.flash_attention_impl, config.attention_dropout, device=device)
+    pretrained = model_args.model_name_or_path is not None and device.type != "meta"
     # "auto": a checkpoint's own dtype; from scratch, the config's dtype if it names one, else float32.
     dtype = torch_dtype(model_args.torch_dtype)
     if pretrained:
@@ -96,10 +115,86 @@ def create_model(
         )
         # New rows start at the old rows' mean (transformers' default); a meta model has no values to average.
         model.resize_token_embeddings(
-            vocab_needed, pad_to_multiple_of=VOCAB_MULTIPLE, mean_resizing=torch.device(device).type != "meta"
+            vocab_needed, pad_to_multiple_of=VOCAB_MULTIPLE, mean_resizing=device.type != "meta"
         )
     model.config.use_cache = False
+    if verify and attention in VERIFIED_ATTENTION and device.type != "meta":
+        dtype = torch.bfloat16 if device.type == "cuda" and model.dtype == torch.float32 else model.dtype
+        errors = verify_attention(attention, model.config, device, dtype)
+        logger.info("%s on %s in %s matches the reference: relative errors %s", attention, device, dtype, errors)
     return model
+
+
+# verify_attention's batch: two rows of 64 tokens, documents longer and shorter than its window of (at most) 16.
+_CHECK_DOCUMENTS = ((20, 30, 14), (50, 14))
+_CHECK_WINDOW = 16
+# Largest relative error (max |error| / max |reference|) accepted for fp32 (and wider), and for fp16/bf16.
+_TOLERANCE_FP32, _TOLERANCE_16_BIT = 1e-4, 2e-2
+
+
+def verify_attention(attn_implementation: str, config, device, dtype: torch.dtype) -> dict[str, float]:
+    """Check an attention implementation against an fp32 per-document sdpa reference before it is trained with.
+
+    Runs it as a Starcoder2 layer calls it (through transformers' AttentionInterface, with the mask transformers
+    builds for it from packed `position_ids`, and `cu_seq_lens` for sdpa_varlen) on two packed rows of 64 tokens
+    with the model's head counts and head dim, its window narrowed to 16 (none if it has none), dropout 0, in
+    `dtype` on `device`; the reference runs on the CPU in fp32. Returns the relative errors of the output and
+    of the three input gradients; raises RecipeError naming attn_implementation if one exceeds 1e-4 (fp32) or
+    2e-2 (16-bit). Cost: one forward and backward of attention alone on 128 tokens (milliseconds).
+    """
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    window = None if config.sliding_window is None else min(config.sliding_window, _CHECK_WINDOW)
+    position_ids = torch.stack([torch.cat([torch.arange(length) for length in row]) for row in _CHECK_DOCUMENTS])
+    boundaries = document_boundaries(position_ids)
+    rows, seq = position_ids.shape
+    generator = torch.Generator().manual_seed(0)
+    exact = [torch.randn(rows, n, seq, dim, generator=generator) for n in (heads, kv_heads, kv_heads)]
+    grad_out = torch.randn(rows, seq, heads, dim, generator=generator)
+
+    checked = copy.deepcopy(config)
+    checked.sliding_window, checked._attn_implementation = window, attn_implementation
+    make_mask = create_causal_mask if window is None else create_sliding_window_causal_mask
+    kwargs = {"position_ids": position_ids.to(device)}
+    if attn_implementation == SDPA_VARLEN:  # make_collator adds the document boundaries for it
+        kwargs.update((key, v.to(device) if torch.is_tensor(v) else v) for key, v in boundaries.items())
+    embeds = torch.empty(rows, seq, 1, device=device, dtype=dtype)  # the mask functions read only its shape
+    module = SimpleNamespace(config=checked, num_key_value_groups=heads // kv_heads, is_causal=True, training=True)
+    inputs = [t.to(device, dtype).requires_grad_() for t in exact]
+    try:
+        mask = make_mask(
+            config=checked, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=kwargs["position_ids"]
+        )
+        out, _ = ALL_ATTENTION_FUNCTIONS[attn_implementation](
+            module, *inputs, mask, dropout=0.0, scaling=dim**-0.5, sliding_window=window, **kwargs
+        )
+        out.backward(grad_out.to(device, dtype))
+    except (RuntimeError, ValueError) as error:  # NotImplementedError is a RuntimeError
+        raise RecipeError(
+            f"attn_implementation: {attn_implementation} fails forward and backward on {device} in {dtype} "
+            f"({error}). Use another attn_implementation (sdpa_blocked runs anywhere)."
+        ) from error
+
+    def flat(t):  # (rows, heads, seq, dim) → (tokens, heads, dim), as the reference takes them
+        return t.detach().transpose(1, 2).reshape(rows * seq, -1, dim).float().cpu()
+
+    reference_inputs = [flat(t).requires_grad_() for t in exact]
+    window_left = window - 1 if window is not None and window < seq else -1
+    reference = varlen_reference(*reference_inputs, boundaries["cu_seq_lens_q"], 0.0, dim**-0.5, window_left)
+    reference.backward(grad_out.reshape(rows * seq, heads, dim))
+    pairs = {"output": (out.detach().float().cpu().reshape(reference.shape), reference.detach())}
+    for name, ours, theirs in zip(("query", "key", "value"), inputs, reference_inputs):
+        pairs[f"grad_{name}"] = (flat(ours.grad), theirs.grad)
+    errors = {name: float((ours - theirs).abs().max() / theirs.abs().max()) for name, (ours, theirs) in pairs.items()}
+    tolerance = _TOLERANCE_FP32 if torch.finfo(dtype).bits >= 32 else _TOLERANCE_16_BIT
+    if not all(error <= tolerance for error in errors.values()):  # also catches NaN
+        measured = ", ".join(f"{name} {error:.1e}" for name, error in errors.items())
+        raise RecipeError(
+            f"attn_implementation: {attn_implementation} differs from the per-document reference on {device} in "
+            f"{dtype} (relative errors {measured}; tolerance {tolerance:.0e}). Use another attn_implementation "
+            "(sdpa_blocked runs anywhere), or for sdpa_varlen set flash_attention_impl: fa2."
+        )
+    return errors
 
 
 def count_parameters(config) -> int:
