@@ -11,7 +11,12 @@
   absent on a CPU unless `peak_flops` is given);
 - `peak_memory_gb`: the most memory allocated on the device since training started (GB = 1e9 bytes;
   on a CPU, the process's peak resident memory);
-- `data_wait_share`: the share of wall time the training loop spent waiting for its next batches.
+- `data_wait_share`: the share of wall time the training loop spent waiting for its next batches (host time);
+- `gpu_idle_share` (CUDA): the share of wall time the GPU had no work queued between optimizer steps, measured
+  with CUDA events recorded on the compute stream at the start and end of every step: the gap between one
+  step's end event and the next step's start event is time the GPU sat idle waiting for the host (data, Python,
+  logging). Idle time inside a step (kernel launch gaps) is the device check's profiler pass, not this figure.
+  The events are read at log time only; recording them does not synchronise.
 
 It needs to see the batches: `training.trainer.PretrainingTrainer` reports them (`record_batches`) with the time it
 waited for them. Totals are this process's figures times the number of processes (data parallelism gives
@@ -65,6 +70,26 @@ class ThroughputCallback(TrainerCallback):
         self._interval_start = now
         self._lengths = []  # per batch: (row width, real tokens per row as a tensor)
         self._wait = 0.0
+        self._events = []  # CUDA: (end of the previous step, start of this one)
+        self._last_end = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.device.type == "cuda" and self._last_end is not None:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append((self._last_end, start))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.device.type == "cuda":
+            self._last_end = torch.cuda.Event(enable_timing=True)
+            self._last_end.record()
+
+    def gpu_idle_seconds(self) -> float:
+        """GPU idle time between the steps of this interval (waits for the last recorded event)."""
+        if not self._events:
+            return 0.0
+        self._events[-1][1].synchronize()
+        return sum(end.elapsed_time(start) for end, start in self._events) / 1e3
 
     def record_batches(self, batches: list, wait_seconds: float) -> None:
         """Called by the trainer with each optimizer step's batches and the seconds it waited for them."""
@@ -97,6 +122,7 @@ class ThroughputCallback(TrainerCallback):
             real_tokens += sum(lengths)
             # The attention term depends on the sequence length: count each row at its own real length.
             flops += sum(length * self.flops_per_token(length) for length in lengths if length > 0)
+        last_end = self._last_end
         figures = {
             "tokens_per_second_per_device": total_tokens / elapsed,
             "tokens_per_second": total_tokens / elapsed * world_size,
@@ -106,9 +132,12 @@ class ThroughputCallback(TrainerCallback):
             "peak_memory_gb": peak_memory_gb(self.device),
             "data_wait_share": min(1.0, self._wait / elapsed),
         }
+        if self.device.type == "cuda":
+            figures["gpu_idle_share"] = min(1.0, self.gpu_idle_seconds() / elapsed)
         if self.peak_flops:
             figures["mfu_causal"] = flops / elapsed / self.peak_flops
         self._reset(now)
+        self._last_end = last_end  # the next interval's first gap starts at this step's end
         return figures
 
     def on_log(self, args, state, control, logs=None, **kwargs):

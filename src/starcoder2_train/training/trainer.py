@@ -2,21 +2,33 @@
 
 - Every optimizer step's batches, and the time spent waiting for them, go to `ThroughputCallback`, which is
   installed first among the callbacks so that the progress bar, TensorBoard and the log history see its figures.
-- `loss_chunk_size`: the training loss through `loss.enable_chunked_loss` (no full fp32 logits).
+- `float8`: the decoder's linear layers in float8 (training/float8.py, torchao), before anything is compiled.
+- `loss_kernel` / `loss_chunk_size`: the training loss through `loss.enable_training_loss` (fused linear +
+  cross-entropy or chunked: no full fp32 logits), checked once against transformers' loss on this device
+  (`check_loss_kernel`, a few milliseconds) before training; a kernel that disagrees stops the run.
 - `gradient_checkpointing_layers`: with `gradient_checkpointing`, only the first N decoder layers are
   checkpointed; the others keep their activations (set N as small as memory allows).
 - `compile_layers`: `torch.compile` each decoder layer (regional compilation: the layers share one compiled
   graph, so compiling costs about one layer's time, not the whole model's as `torch_compile` does).
+- No host-device synchronisation per micro batch or per step: the gradient norm stays a tensor until a log
+  step reads it, and `logging_nan_inf_filter` is off by default (configs.py).
 The keys are read from `PretrainingArguments`; plain `TrainingArguments` give transformers' behaviour.
 """
 
+import logging
 import time
 
+import torch
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from starcoder2_train.training.loss import enable_chunked_loss
+from starcoder2_train.configs import RecipeError
+from starcoder2_train.training.float8 import enable_float8
+from starcoder2_train.training.loss import check_loss_kernel, enable_training_loss, resolve_loss_kernel
+from starcoder2_train.training.precision import PrecisionReport
 from starcoder2_train.training.throughput import ThroughputCallback
+
+logger = logging.getLogger(__name__)
 
 
 def decoder_layers(model) -> list:
@@ -37,16 +49,33 @@ class _CheckpointFirstLayers(TrainerCallback):
                 layer.gradient_checkpointing = index < self.num_layers
 
 
+def prepare_model(model, args) -> None:
+    """Apply float8, the loss kernel (checked) and compile_layers to the unwrapped model, in that order: the
+    compiled layers must see the float8 linears, and everything before DeepSpeed or accelerate wrap the model."""
+    device = args.device
+    if getattr(args, "float8", False):
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        names = enable_float8(model, device.type, capability)
+        logger.info("float8: %d linear layers converted (lm_head and embeddings stay bf16)", len(names))
+    requested = getattr(args, "loss_kernel", "transformers")
+    chunk_size = getattr(args, "loss_chunk_size", 0)
+    kernel = resolve_loss_kernel(requested, chunk_size, device.type)
+    if kernel != "transformers":
+        enable_training_loss(model, kernel, chunk_size)
+        errors = check_loss_kernel(model, kernel, chunk_size, device, dtype=torch.bfloat16 if args.bf16 else None)
+        logger.info("loss kernel %s (loss_kernel: %s), relative errors %s", kernel, requested, errors)
+    if getattr(args, "compile_layers", False):
+        for layer in decoder_layers(model):
+            layer.compile()
+
+
 class PretrainingTrainer(Trainer):
-    """transformers.Trainer that reports throughput and applies loss_chunk_size, gradient_checkpointing_layers
-    and compile_layers (see the module's docstring)."""
+    """transformers.Trainer that reports throughput and precision and applies float8, loss_kernel,
+    gradient_checkpointing_layers and compile_layers (see the module's docstring)."""
 
     def __init__(self, model=None, args=None, *more, **kwargs):
-        if args is not None and getattr(args, "loss_chunk_size", 0):
-            enable_chunked_loss(model, args.loss_chunk_size)
-        if args is not None and getattr(args, "compile_layers", False):
-            for layer in decoder_layers(model):
-                layer.compile()
+        if args is not None and model is not None:
+            prepare_model(model, args)
         super().__init__(model, args, *more, **kwargs)
         # First among the callbacks (a given one is moved there), so that the others see its figures.
         callbacks = self.callback_handler.callbacks
@@ -55,8 +84,22 @@ class PretrainingTrainer(Trainer):
             callbacks.remove(callback)
         callbacks[:0] = given or [ThroughputCallback(getattr(self.args, "peak_flops", None))]
         layers = getattr(self.args, "gradient_checkpointing_layers", None)
+        if layers == "auto":
+            raise RecipeError(
+                "gradient_checkpointing_layers: auto must be resolved before the trainer is built "
+                "(training.dry_run.resolve_checkpointed_layers, as scripts/run_pretrain.py does)."
+            )
         if layers is not None:
             self.add_callback(_CheckpointFirstLayers(layers))
+        self.precision_report = PrecisionReport(self)
+        self.add_callback(self.precision_report)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The gradient norm as a tensor when there is one: the Trainer reads it (`.item()`, a device sync) only
+        on the steps it logs, instead of after every optimizer step as it does under DeepSpeed."""
+        if grad_norm is not None and torch.is_tensor(grad_norm):
+            return grad_norm
+        return super()._get_grad_norm(model, grad_norm)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         start = time.perf_counter()
