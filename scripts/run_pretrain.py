@@ -14,6 +14,7 @@ import os
 import sys
 
 import datasets
+import torch
 import transformers
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -30,11 +31,12 @@ from starcoder2_train.evaluation.fim import fim_generation_budget
 from starcoder2_train.hub.callback import ModelCardCallback
 from starcoder2_train.hub.model_card import write_model_card
 from starcoder2_train.hub.upload import push_to_hub
-from starcoder2_train.model.dry_run import print_dry_run
-from starcoder2_train.model.factory import choose_attention, create_model, validate_model_and_data
+from starcoder2_train.model.factory import choose_attention, create_model, validate_model_and_data, verify_attention
+from starcoder2_train.model.flash import activate_flash_impl
 from starcoder2_train.model.presets import build_config
 from starcoder2_train.recipe import RecipeParser
 from starcoder2_train.training.distributed import close_process_group, match_process_group
+from starcoder2_train.training.dry_run import print_dry_run, resolve_checkpointed_layers
 from starcoder2_train.training.trainer import PretrainingTrainer
 
 logger = logging.getLogger(__name__)
@@ -64,8 +66,12 @@ def main(argv=None):
     )
     attn_implementation = choose_attention(model_args.attn_implementation)
     if training_args.dry_run:
-        print_dry_run(config, model_args, data_args, training_args, attn_implementation)
+        print_dry_run(config, model_args, data_args, training_args, attn_implementation, bf16=parser.dry_run_bf16)
         return None
+    # gradient_checkpointing_layers: auto → the fewest layers the memory estimate allows on these GPUs.
+    layers = resolve_checkpointed_layers(config, model_args, data_args, training_args)
+    if training_args.gradient_checkpointing:
+        logger.info("activation checkpointing: %d of %d decoder layers", layers, config.num_hidden_layers)
 
     # Checkpoint detection: resume from the last checkpoint in output_dir unless told otherwise.
     last_checkpoint = None
@@ -100,6 +106,10 @@ def main(argv=None):
 
     # Model: from scratch (model_config) or from a checkpoint (model_name_or_path).
     model = create_model(model_args, config, tokenizer, attn_implementation)
+    if training_args.device.type == "cuda":  # built on the CPU; route and check the kernels where they will run
+        activate_flash_impl(model_args.flash_attention_impl, config.attention_dropout, device=training_args.device)
+        dtype = torch.bfloat16 if training_args.bf16 else model.dtype
+        verify_attention(attn_implementation, model.config, training_args.device, dtype)
     logger.info("model: %s parameters, attention %s", f"{model.num_parameters():,}", attn_implementation)
 
     # The Hub upload is ours (model card, dry run), not the Trainer's.

@@ -155,3 +155,23 @@ def test_later_epochs_made_by_the_loader_workers_of_two_ranks_train_like_one_pro
         *("--dataloader_num_workers", "2", "--output_dir", str(two)),
     )
     assert len(losses(one)) == 16 and losses(two) == pytest.approx(losses(one), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "stage,optimizer", [("1", "BF16_Optimizer"), ("2", "DeepSpeedZeroOptimizer"), ("3", "DeepSpeedZeroOptimizer_Stage3")]
+)
+def test_bf16_runs_keep_fp32_master_weights_and_accumulate_gradients_in_fp32(stage, optimizer, setup):
+    """The recipes' precision, as DeepSpeed really builds it from accelerate_configs/deepspeed/*.json: bf16 weights
+    and compute, fp32 master weights in the optimizer, gradients of the micro batches accumulated in fp32."""
+    root, recipe = setup
+    out = root / f"bf16-zero{stage}"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    command += [f"accelerate_configs/deepspeed_zero{stage}.yaml", "--num_processes", "2", "--main_process_port", "0"]
+    command += ["scripts/run_pretrain.py", str(recipe), "--output_dir", str(out), "--bf16", "true", "--use_cpu"]
+    command += ["true", "--max_steps", "3", "--gradient_accumulation_steps", "2", "--log_level", "info"]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    line = next(line for line in result.stdout.splitlines() if "precision: " in line)
+    expected = "weights bfloat16, compute bfloat16, master_weights float32, gradient_accumulation float32"
+    assert f"{expected}, optimizer {optimizer}" in line, line
+    assert len(losses(out)) == 3

@@ -8,7 +8,6 @@ from transformers import Starcoder2Config
 from starcoder2_train.configs import ModelArguments, RecipeError
 from starcoder2_train.data.tokenizer import train_tokenizer
 from starcoder2_train.model.factory import choose_attention, count_parameters, create_model, validate_model_and_data
-from starcoder2_train.model.memory import estimate_memory_per_gpu
 from starcoder2_train.model.presets import MODEL_PRESETS, build_config
 
 
@@ -127,55 +126,3 @@ def test_validate_model_and_data(tokenizer):
     with pytest.raises(RecipeError, match=r"tokenizer_name_or_path: .*\[5, 6\]"):
         validate_model_and_data(config, tokenizer, seq_length=128, from_scratch=False)
     validate_model_and_data(config, tokenizer, seq_length=128)  # from scratch the vocabulary is sized to fit
-
-
-def test_memory_estimate_known_values():
-    config = Starcoder2Config(**MODEL_PRESETS["starcoder2-3b"])
-    n = 3_030_371_328
-    h, i, s = 3072, 12288, 16384
-    plain = estimate_memory_per_gpu(
-        config,
-        n,
-        zero_stage=0,
-        num_gpus=8,
-        micro_batch_size=1,
-        seq_length=s,
-        gradient_checkpointing=True,
-        attn_implementation="flash_attention_2",
-    )
-    states = plain["weights"] + plain["gradients"] + plain["optimizer_states"]
-    assert states == pytest.approx(16 * n / 1e9)  # 2 + 2 + 12 bytes per parameter
-    assert plain["logits"] == pytest.approx(3 * 3.22, abs=0.01)  # 3 × REFERENCE's 3.2 GB fp32 logits at 16k
-    # Checkpointed: 30 layer inputs (2h) + one layer rebuilt ((12 + 4·2/24)h + 4i) + final norm (4h), per token.
-    per_token = 30 * 2 * h + (12 + 4 * 2 / 24) * h + 4 * i + 4 * h
-    assert plain["activations"] == pytest.approx(s * per_token / 1e9)
-    assert plain["total"] == pytest.approx(states + plain["activations"] + plain["logits"])
-
-    z1 = estimate_memory_per_gpu(config, n, 1, 8, 1, s, True)
-    z2 = estimate_memory_per_gpu(config, n, 2, 8, 1, s, True)
-    z3 = estimate_memory_per_gpu(config, n, 3, 8, 1, s, True)
-    assert z1["optimizer_states"] == pytest.approx(12 * n / 8 / 1e9) and z1["gradients"] == plain["gradients"]
-    assert z2["gradients"] == pytest.approx(2 * n / 8 / 1e9) and z2["weights"] == plain["weights"]
-    assert z3["weights"] == pytest.approx(2 * n / 8 / 1e9)
-    assert z3["total"] < z2["total"] < z1["total"]
-    offloaded = estimate_memory_per_gpu(config, n, 2, 8, 1, s, True, offload=True)
-    assert offloaded["optimizer_states"] == 0.0 and offloaded["optimizer_states_cpu"] == z2["optimizer_states"]
-
-    # Without checkpointing, 2 × 4096 tokens. flash: no s² term, keys/values at kv width.
-    flash = estimate_memory_per_gpu(config, n, 0, 1, 2, 4096, False, attn_implementation="flash_attention_2")
-    per_layer = (12 + 4 * 2 / 24) * h + 4 * i
-    assert flash["activations"] == pytest.approx(2 * 4096 * (30 * per_layer + 4 * h) / 1e9)
-    # sdpa with packed documents (the default): a 2·s² mask per layer and keys/values repeated to 24 heads.
-    sdpa = estimate_memory_per_gpu(config, n, 0, 1, 2, 4096, False)
-    masked = 2 * 4096 * (30 * (16 * h + 4 * i) + 4 * h) + 30 * 2 * 2 * 4096**2
-    assert sdpa["activations"] == pytest.approx(masked / 1e9)
-    # Unpacked sequences shorter than the window build no mask; at the window's length they do.
-    unpacked = estimate_memory_per_gpu(config, n, 0, 1, 2, 2048, False, cross_document_attention=True)
-    assert unpacked == estimate_memory_per_gpu(config, n, 0, 1, 2, 2048, False, attn_implementation="flex_attention")
-    assert estimate_memory_per_gpu(config, n, 0, 1, 2, 4096, False, cross_document_attention=True) == sdpa
-    eager = estimate_memory_per_gpu(config, n, 0, 1, 2, 4096, False, attn_implementation="eager")
-    assert eager["activations"] - sdpa["activations"] == pytest.approx(30 * 2 * (6 * 24 - 2) * 4096**2 / 1e9)
-    with pytest.raises(RecipeError, match="zero_stage"):
-        estimate_memory_per_gpu(config, n, 4, 8, 1, 4096, True)
-    with pytest.raises(RecipeError, match="attn_implementation"):
-        estimate_memory_per_gpu(config, n, 0, 1, 1, 4096, True, attn_implementation="auto")

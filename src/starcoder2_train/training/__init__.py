@@ -1,7 +1,10 @@
 """Training: transformers' Trainer with this project's loss, throughput figures and process handling.
 
-`loss` (chunked cross-entropy: the fp32 logits of the whole batch never exist), `trainer` (PretrainingTrainer:
-chunked loss, partial activation checkpointing, compiled layers), `throughput` (tokens/s, TFLOP/s, MFU, peak
-memory and data wait on every log line) and `distributed` (DeepSpeed on CPUs, clean shutdown). May import
+`loss` (the training-loss kernels: fused linear + cross-entropy, chunked, transformers'; none keeps the fp32
+logits of the whole batch), `float8` (torchao float8 linears), `trainer` (PretrainingTrainer: the loss kernel,
+float8, partial activation checkpointing, compiled layers, no per-step host syncs), `precision` (what precision
+a run really got from DeepSpeed), `throughput` (tokens/s, TFLOP/s, MFU, peak memory, data wait and GPU idle time
+on every log line), `dry_run` (`--dry_run true` and `gradient_checkpointing_layers: auto`: the memory plan
+read from the DeepSpeed JSON and the recipe) and `distributed` (DeepSpeed on CPUs, clean shutdown). May import
 `configs`, `data/` and `model/`.
 """

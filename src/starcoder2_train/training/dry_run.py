@@ -1,44 +1,184 @@
-"""`--dry_run true`: what a recipe would train, and whether it fits, without training or downloading weights."""
+"""`--dry_run true`: what a recipe would train, and whether it fits, without training or downloading weights;
+and `gradient_checkpointing_layers: auto`, which checkpoints as few layers as that estimate allows.
 
+The plan is read from where the run takes it: the ZeRO stage and offload from the DeepSpeed JSON (the recipe's
+`deepspeed` key, or the `deepspeed_config_file` of an accelerate config, which accelerate passes on without
+setting ACCELERATE_DEEPSPEED_ZERO_STAGE), FSDP from accelerate's environment, the precision from `bf16` and
+`torch_dtype`, the attention, loss kernel, micro batch, accumulation and checkpointed layers from the recipe.
+The memory model itself is model/memory.py. The dry run models the GPU the recipe is for even when it runs on a
+login node without one: `attn_implementation: auto` is planned as CUDA's flash kernel, `loss_kernel: auto` as
+the fused kernel installed here (else the chunked or plain loss).
+"""
+
+import contextlib
 import json
 import os
 
-from starcoder2_train.configs import tokens_per_step
+from starcoder2_train.configs import FLASH_ATTENTION_2, RecipeError, tokens_per_step
 from starcoder2_train.model.factory import count_parameters
-from starcoder2_train.model.memory import estimate_memory_per_gpu
+from starcoder2_train.model.memory import checkpointed_layers_to_fit, estimate_memory_per_gpu
+from starcoder2_train.training.loss import resolve_loss_kernel
+
+AUTO_MEMORY_SHARE = 0.92  # `auto` plans to this share of gpu_memory_gb: the estimate's error and fragmentation
 
 
-def zero_stage(training_args) -> int:
-    """The DeepSpeed ZeRO stage this run would use (0 = plain data parallel)."""
+def deepspeed_settings(training_args) -> dict | None:
+    """The DeepSpeed JSON this run uses, as a dict, or None without DeepSpeed.
+
+    From `training_args.deepspeed` (a path or a dict), else from the plugin accelerate built from its config
+    (`deepspeed_config_file`, or the zero_stage/offload keys of the YAML, which it turns into a config too).
+    """
     config = training_args.deepspeed
-    if isinstance(config, str) and os.path.isfile(config):
+    if isinstance(config, str):
+        if not os.path.isfile(config):
+            raise RecipeError(f"deepspeed: {config}: no such file.")
         with open(config) as handle:
-            config = json.load(handle)
+            return json.load(handle)
     if isinstance(config, dict):
-        stage = config.get("zero_optimization", {}).get("stage", 0)
-        return int(stage) if stage != "auto" else 0
-    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0))
+        return config
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "hf_ds_config", None) is not None:
+        return plugin.hf_ds_config.config
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and os.path.isfile(path):
+        with open(path) as handle:
+            return json.load(handle)
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return {"zero_optimization": {"stage": int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])}}
+    return None
 
 
-def print_dry_run(config, model_args, data_args, training_args, attn_implementation: str) -> dict:
-    """Print the model, tokens per optimizer step and a per-GPU memory estimate; return them as a dict."""
-    num_params = count_parameters(config)
-    world_size = training_args.world_size
-    step_tokens = tokens_per_step(training_args, data_args.seq_length)
-    stage = zero_stage(training_args)
-    memory = estimate_memory_per_gpu(
-        config,
-        num_params,
-        zero_stage=stage,
-        num_gpus=world_size,
+def parallel_plan(training_args, torch_dtype: str, bf16: bool) -> dict:
+    """precision, zero_stage, offload_optimizer and offload_params for estimate_memory_per_gpu, and what told."""
+    settings = deepspeed_settings(training_args)
+    if settings is not None:
+        zero = settings.get("zero_optimization", {})
+        stage = zero.get("stage", 0)
+        stage = 0 if stage == "auto" else int(stage)
+        device = lambda key: (zero.get(key) or {}).get("device", "none")  # noqa: E731
+        grad_accum = (settings.get("data_types") or {}).get("grad_accum_dtype", "bf16")
+        return {
+            "precision": "deepspeed_bf16",
+            "zero_stage": stage,
+            "offload_optimizer": device("offload_optimizer") in ("cpu", "nvme"),
+            "offload_params": device("offload_param") in ("cpu", "nvme"),
+            "source": f"DeepSpeed ZeRO-{stage}, gradient accumulation in {grad_accum}",
+        }
+    if training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return {"precision": "fsdp_bf16", "zero_stage": 3, "source": "FSDP, bf16 compute over fp32 shards"}
+    if torch_dtype == "bfloat16":
+        return {"precision": "deepspeed_bf16", "zero_stage": 0, "source": "bf16 weights, no DeepSpeed"}
+    precision = "autocast_fp32" if bf16 or torch_dtype in ("float32", "auto") else "deepspeed_bf16"
+    source = "no DeepSpeed config (launch with an accelerate_configs/ file, or give --deepspeed JSON): data parallel"
+    return {"precision": precision, "zero_stage": 0, "source": source}
+
+
+def planned_attention(requested: str, here: str) -> str:
+    """The attention the memory model assumes: auto → the flash kernel a CUDA GPU gets."""
+    if requested == "auto":
+        return FLASH_ATTENTION_2 if here == FLASH_ATTENTION_2 else "sdpa_varlen"
+    return requested
+
+
+def memory_plan(config, model_args, data_args, training_args, bf16: bool | None = None) -> dict:
+    """The keyword arguments of estimate_memory_per_gpu for this recipe on its GPUs (checkpointed_layers: what
+    the recipe says; `auto` is left to resolve_checkpointed_layers)."""
+    plan = parallel_plan(training_args, model_args.torch_dtype, training_args.bf16 if bf16 is None else bf16)
+    plan.pop("source")
+    chunk = training_args.loss_chunk_size
+    try:
+        loss = resolve_loss_kernel(training_args.loss_kernel, chunk, "cuda")
+    except RecipeError:  # a fused kernel named in the recipe but not installed here: plan for it anyway
+        loss = training_args.loss_kernel
+    return dict(
+        plan,
+        num_gpus=planned_world_size(training_args),
         micro_batch_size=training_args.per_device_train_batch_size,
         seq_length=data_args.seq_length,
-        gradient_checkpointing=training_args.gradient_checkpointing,
+        gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+        attn_implementation=planned_attention(model_args.attn_implementation, model_args.attn_implementation),
+        cross_document_attention=data_args.cross_document_attention,
+        loss_kernel=loss,
+        loss_chunk_size=chunk,
     )
+
+
+def planned_world_size(training_args) -> int:
+    """The GPUs a dry run plans for: dry_run_world_size when given (with dry_run), else the processes launched."""
+    if training_args.dry_run and training_args.dry_run_world_size:
+        return training_args.dry_run_world_size
+    return training_args.world_size
+
+
+def recipe_checkpointed_layers(config, training_args) -> int | str:
+    """Checkpointed decoder layers as the recipe says: 0, a number, every layer, or "auto"."""
+    layers = training_args.gradient_checkpointing_layers
+    if layers == "auto":
+        return "auto"
+    if not training_args.gradient_checkpointing:
+        return 0
+    if layers is None:
+        return config.num_hidden_layers
+    return min(int(layers), config.num_hidden_layers)
+
+
+@contextlib.contextmanager
+def without_zero3_init():
+    """Build models without DeepSpeed's ZeRO-3 hooks: under accelerate with a ZeRO-3 config, transformers would
+    partition even a meta-device model at creation and fail ("Cannot copy out of meta tensor")."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def resolve_checkpointed_layers(config, model_args, data_args, training_args, num_params: int | None = None):
+    """For `gradient_checkpointing_layers: auto`: the fewest layers to checkpoint for the estimate to stay under
+    AUTO_MEMORY_SHARE of gpu_memory_gb, set on training_args (gradient_checkpointing on when it is above 0).
+    Raises a RecipeError when even every layer checkpointed does not fit. Returns the number of layers."""
+    if training_args.gradient_checkpointing_layers != "auto":
+        return recipe_checkpointed_layers(config, training_args)
+    if num_params is None:
+        with without_zero3_init():
+            num_params = count_parameters(config)
+    budget = AUTO_MEMORY_SHARE * training_args.gpu_memory_gb
+    plan = memory_plan(config, model_args, data_args, training_args)
+    layers = checkpointed_layers_to_fit(config, num_params, budget, **plan)
+    if layers is None:
+        raise RecipeError(
+            f"gradient_checkpointing_layers: auto: even with every layer checkpointed the estimate exceeds "
+            f"{budget:.1f} GB ({AUTO_MEMORY_SHARE:.0%} of gpu_memory_gb {training_args.gpu_memory_gb}); lower "
+            "per_device_train_batch_size, use more GPUs or a higher ZeRO stage (run --dry_run true)."
+        )
+    training_args.gradient_checkpointing_layers = layers
+    training_args.gradient_checkpointing = layers > 0
+    return layers
+
+
+def print_dry_run(config, model_args, data_args, training_args, attn_implementation: str, bf16=None) -> dict:
+    """Print the model, tokens per optimizer step and the per-GPU memory estimate; return them as a dict.
+    `bf16`: the recipe's value where the parser had to drop it (a dry run on a machine without a GPU)."""
+    with without_zero3_init():
+        num_params = count_parameters(config)
+    world_size = planned_world_size(training_args)
+    step_tokens = tokens_per_step(training_args, data_args.seq_length) // training_args.world_size * world_size
+    bf16 = training_args.bf16 if bf16 is None else bf16
+    parallel = parallel_plan(training_args, model_args.torch_dtype, bf16)
+    requested_layers = training_args.gradient_checkpointing_layers
+    try:
+        layers = resolve_checkpointed_layers(config, model_args, data_args, training_args, num_params)
+    except RecipeError:  # auto and nothing fits: plan every layer checkpointed and say it does not fit
+        layers = config.num_hidden_layers
+    plan = memory_plan(config, model_args, data_args, training_args, bf16)
+    memory = estimate_memory_per_gpu(config, num_params, checkpointed_layers=layers, **plan)
     source = model_args.model_name_or_path or model_args.model_config
     print(f"dry run: {source}")
     print(f"parameters: {num_params:,}")
-    print(f"attention: {attn_implementation}")
+    print(f"attention: {attn_implementation} here; memory planned for {plan['attn_implementation']}")
     print(f"config: {json.dumps(config.to_dict(), sort_keys=True, default=str)}")
     print(
         f"tokens per optimizer step: {step_tokens:,} = seq_length {data_args.seq_length} x micro batch "
@@ -47,8 +187,32 @@ def print_dry_run(config, model_args, data_args, training_args, attn_implementat
     )
     if training_args.max_steps > 0:
         print(f"tokens in {training_args.max_steps:,} steps: {step_tokens * training_args.max_steps:,}")
+    auto = " (auto)" if requested_layers == "auto" else ""
     print(
-        f"memory per GPU (ZeRO stage {stage}, {world_size} GPU(s)), GB: "
+        f"plan: {parallel['source']}; precision {plan['precision']}; loss {plan['loss_kernel']}; "
+        f"checkpointed layers {layers} of {config.num_hidden_layers}{auto}"
+    )
+    sharding = "FSDP, fully sharded" if plan["precision"] == "fsdp_bf16" else f"ZeRO stage {plan['zero_stage']}"
+    print(
+        f"memory per GPU ({sharding}, {world_size} GPU(s)), GB: "
         + ", ".join(f"{key} {value:.2f}" for key, value in memory.items())
     )
-    return {"parameters": num_params, "tokens_per_step": step_tokens, "zero_stage": stage, "memory_gb": memory}
+    budget = training_args.gpu_memory_gb
+    if memory["total"] <= budget:
+        print(f"fits: peak {memory['total']:.1f} GB of gpu_memory_gb {budget:g}")
+    else:
+        advice = checkpointed_layers_to_fit(config, num_params, AUTO_MEMORY_SHARE * budget, **plan)
+        hint = (
+            f"gradient_checkpointing_layers: {advice} (or auto)"
+            if advice is not None
+            else "a smaller micro batch, more GPUs or a higher ZeRO stage"
+        )
+        print(f"does not fit: peak {memory['total']:.1f} GB > gpu_memory_gb {budget:g}; try {hint}")
+    return {
+        "parameters": num_params,
+        "tokens_per_step": step_tokens,
+        "zero_stage": plan["zero_stage"],
+        "checkpointed_layers": layers,
+        "plan": plan,
+        "memory_gb": memory,
+    }
