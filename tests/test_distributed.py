@@ -175,3 +175,23 @@ def test_bf16_runs_keep_fp32_master_weights_and_accumulate_gradients_in_fp32(sta
     expected = "weights bfloat16, compute bfloat16, master_weights float32, gradient_accumulation float32"
     assert f"{expected}, optimizer {optimizer}" in line, line
     assert len(losses(out)) == 3
+
+
+def test_the_3b_recipes_fast_path_keys_train_together_under_zero2(setup):
+    """What recipes/starcoder2-3b/pretrain.yaml turns on, on the test model: sdpa_varlen as a compiled custom op in
+    every layer, loss_kernel auto (chunked here), gradient_checkpointing_layers auto, DeepSpeed ZeRO-2 in bf16."""
+    root, recipe = setup
+    out = root / "fast-path"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    command += ["accelerate_configs/deepspeed_zero2.yaml", "--num_processes", "2", "--main_process_port", "0"]
+    command += ["scripts/run_pretrain.py", str(recipe), "--output_dir", str(out), "--bf16", "true", "--use_cpu"]
+    command += ["true", "--attn_implementation", "sdpa_varlen", "--compile_layers", "true", "--loss_kernel", "auto"]
+    command += ["--loss_chunk_size", "32", "--gradient_checkpointing_layers", "auto", "--log_level", "info"]
+    command += ["--gradient_accumulation_steps", "2"]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "sdpa_varlen on cpu in torch.float32 matches the reference" in result.stdout
+    assert "loss kernel chunked (loss_kernel: auto)" in result.stdout
+    assert "optimizer DeepSpeedZeroOptimizer" in result.stdout
+    trained = losses(out)
+    assert len(trained) == 6 and trained[-1] < trained[0]
