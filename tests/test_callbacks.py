@@ -2,9 +2,11 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Starcoder2Config
+from transformers import AutoModelForCausalLM, Starcoder2Config, TrainerCallback
 
-from starcoder2_train.configs import PretrainingArguments
+from starcoder2_train.configs import SDPA_VARLEN, PretrainingArguments
+from starcoder2_train.data.collators import make_collator
+from starcoder2_train.model.attention import skip_mask_building
 from starcoder2_train.model.flops import model_flops_per_token
 from starcoder2_train.model.presets import MODEL_PRESETS
 from starcoder2_train.training.throughput import ThroughputCallback, real_lengths
@@ -115,3 +117,79 @@ def test_gradient_checkpointing_only_on_the_first_layers(tmp_path):
     )
     flags = [layer.gradient_checkpointing for layer in trainer.model.model.layers]
     assert flags == [True, False] and len(logs) == 3
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every read of a tensor's value into Python (what synchronises with a GPU), with who made it."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            import traceback
+
+            frames = [f"{frame.filename}:{frame.name}" for frame in traceback.extract_stack()[:-1]]
+            self.reads.append((name, frames))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_reads_of_device_values_between_log_steps(tmp_path):
+    """On a GPU each of these reads would stall the host until the device catches up. Outside log steps the loop
+    makes none: no NaN/inf filter on the loss, the gradient norm kept a tensor; the reads left are of host
+    tensors by design (the optimizer's CPU step counters, the data pipeline's batches)."""
+    args = PretrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=6,
+        max_grad_norm=1.0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    model = tiny_model()
+    model.set_attn_implementation(SDPA_VARLEN)
+    skip_mask_building(model)  # as create_model does for sdpa_varlen
+    trainer = PretrainingTrainer(
+        model=model, args=args, train_dataset=Windows(32), data_collator=make_collator(SDPA_VARLEN)
+    )
+    reads = HostReads()
+    steps = []
+
+    class Mark(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(len(reads.reads))
+
+    trainer.add_callback(Mark())
+    with reads:
+        trainer.train()
+    host_side = ("/torch/optim/", "/torch/utils/data/", "/starcoder2_train/data/", "/accelerate/data_loader.py")
+    in_steps = reads.reads[: steps[-2]]  # every step before the one that logs
+    device_reads = [
+        (name, frames[-3:]) for name, frames in in_steps if not any(h in f for f in frames for h in host_side)
+    ]
+    assert device_reads == []
+    # The check can fail: transformers' NaN/inf filter reads the loss of every micro batch, and without the
+    # packed marker transformers' mask code reads whether the rows are packed in every forward.
+    model = tiny_model()
+    model.set_attn_implementation(SDPA_VARLEN)
+    trainer = PretrainingTrainer(
+        model=model,
+        data_collator=make_collator(SDPA_VARLEN),
+        args=PretrainingArguments(**{**args.to_dict(), "logging_nan_inf_filter": True, "output_dir": str(tmp_path)}),
+        train_dataset=Windows(32),
+    )
+    reads = HostReads()
+    with reads:
+        trainer.train()
+    bools = [frames for name, frames in reads.reads if name == "__bool__"]
+    assert sum(any("transformers/trainer.py" in f for f in frames[-2:]) for frames in bools) >= 12
+    assert sum(any("find_packed_sequence_indices" in f for f in frames[-2:]) for frames in bools) >= 12

@@ -234,7 +234,7 @@ def varlen_attention_forward(
     thread blocks that exit at once, and in FA2's backward a documents × heads × row fp32 scratch (100 documents,
     24 heads, 4k: 39 MB). On a CPU with dropout, the eager reference instead (a graph break when compiled).
     """
-    if attention_mask is not None or key.shape[2] != query.shape[2]:
+    if not _no_mask_needed(attention_mask) or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     batch, heads, seq, dim = query.shape
     if cu_seq_lens_q is None:
@@ -269,7 +269,7 @@ def blocked_sdpa_attention_forward(
     **kwargs,
 ):
     """transformers attention function: sdpa over query blocks, each with the keys its window reaches."""
-    if attention_mask is not None or key.shape[2] != query.shape[2]:
+    if not _no_mask_needed(attention_mask) or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     batch, heads, seq, dim = query.shape
     window = sliding_window if sliding_window is not None and sliding_window < seq else None
@@ -313,6 +313,40 @@ def mask_only_when_needed(*, q_length: int, kv_length: int, attention_mask=None,
     return sdpa_mask(
         q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, q_offset=q_offset, **kwargs
     )
+
+
+def _no_mask_needed(attention_mask) -> bool:
+    """None, or the empty 4D mask `skip_mask_building` passes: the kernels keep the documents apart themselves."""
+    return attention_mask is None or (attention_mask.ndim == 4 and attention_mask.numel() == 0)
+
+
+def _pass_packed_marker(module, args, kwargs):
+    """Forward pre-hook of the decoder: in training, without a padding mask or cache, pass an empty 4D mask.
+
+    transformers builds masks through `masking_utils`, which for position_ids without an attention_mask first
+    checks whether the rows are packed (`find_packed_sequence_indices`: a `bool()` of a device tensor, one
+    host-device synchronisation per forward). A 4D mask is taken as given and skips that; this empty one means
+    "no mask" to sdpa_varlen and sdpa_blocked, which cut attention at the documents from `cu_seq_lens`/position_ids.
+    """
+    if not module.training or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
+        return args, kwargs
+    if kwargs.get("use_cache") or (kwargs.get("use_cache") is None and module.config.use_cache):
+        return args, kwargs
+    if module.config._attn_implementation not in (SDPA_VARLEN, SDPA_BLOCKED):
+        return args, kwargs
+    reference = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if reference is None:
+        return args, kwargs
+    kwargs["attention_mask"] = torch.empty((reference.shape[0], 1, 0, 0), dtype=torch.bool, device=reference.device)
+    return args, kwargs
+
+
+def skip_mask_building(model) -> None:
+    """Install `_pass_packed_marker` on `model`'s decoder (once): no host-device sync per training forward."""
+    decoder = getattr(model, model.base_model_prefix, model)
+    if not getattr(decoder, "_packed_marker_installed", False):
+        decoder.register_forward_pre_hook(_pass_packed_marker, with_kwargs=True)
+        decoder._packed_marker_installed = True
 
 
 def register_attention() -> None:

@@ -28,7 +28,10 @@ from starcoder2_train.configs import (
 )
 from starcoder2_train.data.collators import document_boundaries
 from starcoder2_train.data.special_tokens import SpecialTokenIds
-from starcoder2_train.model.attention import varlen_reference  # importing it registers sdpa_varlen, sdpa_blocked
+from starcoder2_train.model.attention import (  # registers sdpa_varlen, sdpa_blocked
+    skip_mask_building,
+    varlen_reference,
+)
 from starcoder2_train.model.flash import activate_flash_impl
 from starcoder2_train.model.presets import VOCAB_MULTIPLE, build_config, round_up
 
@@ -118,6 +121,8 @@ def create_model(
             vocab_needed, pad_to_multiple_of=VOCAB_MULTIPLE, mean_resizing=device.type != "meta"
         )
     model.config.use_cache = False
+    if attention in (SDPA_VARLEN, SDPA_BLOCKED):
+        skip_mask_building(model)  # no host-device sync per training forward (model/attention.py)
     if verify and attention in VERIFIED_ATTENTION and device.type != "meta":
         dtype = torch.bfloat16 if device.type == "cuda" and model.dtype == torch.float32 else model.dtype
         errors = verify_attention(attention, model.config, device, dtype)
