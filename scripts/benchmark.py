@@ -1,154 +1,104 @@
-"""Training throughput of this project's path, and of the plain path a user would otherwise write, on the same data.
+"""Training throughput of this project's path against the baselines transformers offers, on the same data.
 
-    python scripts/benchmark.py --recipe recipes/tiny/pretrain.yaml --seq_length 4096 --baseline
-    python scripts/benchmark.py --model_config starcoder2-3b --seq_length 16384 --token_file F.npz --baseline \
-        --bf16 true --attn_implementation sdpa_varlen --loss_chunk_size 4096 --plain gradient_checkpointing=true
+    python scripts/benchmark.py --recipe recipes/starcoder2-3b/pretrain.yaml --synthetic 2000 \
+        --deepspeed accelerate_configs/deepspeed/zero2.json --baselines plain,flattening
+    python scripts/benchmark.py --recipe recipes/tiny/pretrain.yaml --seq_length 4096 --baseline --use_cpu true
 
-Each path trains `--warmup` steps, then `--steps` timed steps, with the Trainer, and reports tokens/s per device
-(all and non-padding "useful" tokens), model TFLOP/s and MFU (causal convention, model/flops.py), peak memory
-and the share of time spent waiting for data (training/throughput.py's ThroughputCallback measures both paths
-alike). The code is in starcoder2_train.benchmarking: documents, paths, steps, report, provenance.
+Paths (benchmarking/paths.py): ours (the recipe as given, any `--key value` recipe override applied), plain
+(`--baseline`: padded rows, sdpa, transformers' loss) and flattening (transformers' DataCollatorWithFlattening,
+flash_attention_2 or sdpa with its packed mask), chosen with `--baselines plain,flattening`. The baselines share
+the model, precision, optimizer, batch and DeepSpeed config with ours; `--plain key=value` and `--flattening
+key=value` override their TrainingArguments. `--variant NAME="WORDS"` adds a path: ours with more words
+(for example `--variant "float8=--float8 true"`); its per-step losses are compared with ours'.
 
-- ours: the recipe as given (any `--key value` recipe override applies): packed windows with per-document
-  positions, the recipe's attention, loss_chunk_size, checkpointing and compile keys.
-- plain (`--baseline`): what one writes with transformers alone: one row per document, split into pieces of
-  at most seq_length tokens (nothing dropped, as tokenizing with return_overflowing_tokens gives), rows in
-  random order, padded to the longest row of the batch with an attention_mask, default attention (sdpa),
-  transformers' own loss and default optimizer. It shares the model, seq_length, batch size, accumulation,
-  precision and optimizer hyperparameters; `--plain key=value` overrides its TrainingArguments (for example
-  gradient_checkpointing=true where it would not fit otherwise).
+Timing: every path and repeat runs in a process of its own, the paths alternating, `--repeats` times
+(default 3). Each trains at least `--warmup` steps (default 10 on CUDA, 2 on a CPU) and on while a step still
+compiles, then is timed for `--seconds` (default 60 on CUDA, 10 on a CPU), or exactly `--steps` steps. The
+report gives per path the median and min–max of useful tokens/s, MFU (causal, and PaLM's k = seq_length),
+hardware TFLOP/s counting recomputation, peak memory, data wait; and ours / each baseline. `--profile_steps N`
+adds one profiled process of ours (device time by GEMM, attention, elementwise+norm, optimizer, communication,
+idle), `--gemm` the GEMM ceiling at the model's shapes. With `--deepspeed CONFIG` every path trains through
+DeepSpeed in a one-process distributed setup (on a CPU with DeepSpeed's CPU accelerator).
 
-Data: the recipe's dataset through the project's pipeline (needs the datasets library), or `--token_file` (an
-.npz written by `--save_token_file`: token rows without any preprocessing, so only torch and transformers are
-needed), or `--synthetic N` documents of log-normal lengths. Results go to `--output` (JSON), by default
-$OUT/benchmark-<label>.json when OUT is set, with the commit, date and command that produced it; the table is
-printed last. An out-of-memory path is reported as such and the other still runs.
+Data: the recipe's dataset through the project's pipeline (needs the datasets library), `--token_file` (an
+.npz written by `--save_token_file`), or `--synthetic N` documents of log-normal lengths. Results go to
+`--output` (JSON), by default $OUT/benchmark-<label>.json when OUT is set, with the commit, date and command.
 """
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
+import traceback
 
-from starcoder2_train.benchmarking.documents import describe, first_documents, load_documents, save_token_file
-from starcoder2_train.benchmarking.paths import ours_path, plain_path
-from starcoder2_train.benchmarking.provenance import run_record, write_json
-from starcoder2_train.benchmarking.report import print_table
-from starcoder2_train.benchmarking.steps import run_paths, useful_tokens_ratio
-from starcoder2_train.model.factory import choose_attention
-from starcoder2_train.model.flops import model_flops_per_token
-from starcoder2_train.model.presets import build_config
-from starcoder2_train.recipe import RecipeParser
+from starcoder2_train.benchmarking.isolated import exit_on_sigterm
+from starcoder2_train.benchmarking.processes import on_cpu
+from starcoder2_train.benchmarking.provenance import write_json
+from starcoder2_train.benchmarking.runner import measure_paths
+
+BASELINES = ("plain", "flattening")  # benchmarking/paths.py's, not imported: the parent stays light
+
+
+def baseline_list(text: str) -> list[str]:
+    names = [] if text in ("", "none") else text.split(",")
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline {', '.join(unknown)}: choose among {', '.join(BASELINES)}")
+    return names
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", help="Recipe YAML; without it, give --model_config and --seq_length.")
-    parser.add_argument("--steps", type=int, default=5, help="Timed optimizer steps per path.")
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed optimizer steps first (compilation, caches).")
-    parser.add_argument("--baseline", action="store_true", help="Also measure the plain path, on the same data.")
-    parser.add_argument("--only_baseline", action="store_true", help="Measure the plain path alone.")
-    parser.add_argument(
-        "--plain",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="TrainingArguments override for the plain path (repeatable).",
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
+    parser.add_argument("--recipe", help="Recipe YAML; without it, give --model_config and --seq_length.")
+    parser.add_argument("--warmup", type=int, default=None, help="Untimed steps at least (10 on CUDA, 2 on a CPU).")
+    parser.add_argument("--seconds", type=float, default=None, help="Timed interval (60 s on CUDA, 10 on a CPU).")
+    parser.add_argument("--steps", type=int, default=None, help="Time exactly this many steps instead of --seconds.")
+    parser.add_argument("--repeats", type=int, default=3, help="Processes per path, alternating the paths.")
+    parser.add_argument("--baseline", action="store_true", help="Also measure the plain path (= --baselines plain).")
+    parser.add_argument("--baselines", type=baseline_list, default=None, help="Comma-separated: plain,flattening.")
+    parser.add_argument("--plain", action="append", default=[], metavar="KEY=VALUE", help="Plain path override.")
+    parser.add_argument("--flattening", action="append", default=[], metavar="KEY=VALUE", help="Flattening override.")
+    parser.add_argument("--variant", action="append", default=[], metavar='NAME="WORDS"', help="Ours with WORDS.")
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="Model config override.")
+    parser.add_argument("--profile_steps", type=int, default=0, help="Profile ours over this many steps, once.")
+    parser.add_argument("--gemm", action="store_true", help="Also measure the GEMM ceiling at the model's shapes.")
     parser.add_argument("--token_file", help="Token rows from an .npz written by --save_token_file.")
     parser.add_argument("--synthetic", type=int, help="Use this many synthetic documents (log-normal lengths).")
     parser.add_argument("--save_token_file", help="Write the token rows used here to this .npz, for --token_file.")
-    parser.add_argument(
-        "--max_tokens", type=int, default=None, help="Use only the first documents, up to this many tokens."
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="Run each path this many times, alternating; report each one's best (shared machines).",
-    )
+    parser.add_argument("--max_tokens", type=int, default=None, help="Use only the first documents, up to this many.")
+    parser.add_argument("--child_timeout", type=float, default=None, help="Kill a path's process after this long.")
     parser.add_argument("--label", default="benchmark", help="Name of this measurement in the output.")
     parser.add_argument("--output", help="Results JSON (default $OUT/benchmark-<label>.json if OUT is set).")
+    # A child process: one path (ours, plain, flattening, a variant, or gemm), one repeat.
+    parser.add_argument("--only_path", help=argparse.SUPPRESS)
+    parser.add_argument("--repeat_index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)
 
 
 def main(argv=None):
     command_words = list(sys.argv[1:] if argv is None else argv)
-    args, recipe_argv = parse_args(command_words)
-    total_steps = args.warmup + args.steps
-    output_dir = tempfile.mkdtemp(prefix="benchmark-")  # the Trainer's; nothing is saved there
-    forced = {
-        "output_dir": output_dir,
-        "max_steps": total_steps,
-        "logging_steps": total_steps,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
-        "push_to_hub": "false",
-        "disable_tqdm": "true",
-    }
-    forced = [word for key, value in forced.items() for word in (f"--{key}", str(value))]
-    if args.recipe:
-        words = [args.recipe, *recipe_argv, *forced]
-    else:  # a named size: the data comes from --token_file or --synthetic
-        words = ["--dataset_name_or_path", "(benchmark data)", *recipe_argv, *forced]
-    model_args, data_args, training_args = RecipeParser().parse(words)
-    if training_args.dataloader_num_workers:
-        print("note: dataloader_num_workers is kept from the recipe for both paths", flush=True)
+    args, recipe_words = parse_args(command_words)
+    exit_on_sigterm()
+    cpu = on_cpu(recipe_words)
+    args.warmup = args.warmup if args.warmup is not None else (2 if cpu else 10)
+    args.seconds = args.seconds if args.seconds is not None else (10.0 if cpu else 60.0)
+    if args.only_path:
+        from starcoder2_train.benchmarking.child import measure_one  # torch, transformers' Trainer, the model
 
-    documents, special, vocab_needed, source = load_documents(
-        model_args, data_args, training_args, token_file=args.token_file, synthetic=args.synthetic
-    )
-    if args.max_tokens:
-        documents = first_documents(documents, args.max_tokens)
-    if args.save_token_file:
-        save_token_file(args.save_token_file, documents, special)
-        print(f"wrote {len(documents)} documents to {args.save_token_file}", flush=True)
-    config = build_config(model_args, vocab_needed)
-    seq_length = data_args.seq_length
-    attention = choose_attention(model_args.attn_implementation)
-
-    report = {
-        "label": args.label,
-        **run_record(command_words, __file__),
-        "model": model_args.model_config or model_args.model_name_or_path,
-        "seq_length": seq_length,
-        "micro_batch": training_args.per_device_train_batch_size,
-        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-        "bf16": training_args.bf16,
-        "warmup_steps": args.warmup,
-        "timed_steps": args.steps,
-        "flops_per_token_causal_at_seq_length": model_flops_per_token(config, seq_length),
-        "data": {"source": source, **describe(documents, seq_length)},
-        "results": {},
-    }
-    print(json.dumps({k: v for k, v in report.items() if k != "results"}), flush=True)
-
-    paths = {}
-    if not args.only_baseline:
-        paths["ours"] = ours_path(model_args, data_args, training_args, attention, documents, special)
-        report["packing_efficiency"] = paths["ours"].dataset.efficiency
-    if args.baseline or args.only_baseline:
-        paths["plain"] = plain_path(
-            model_args, training_args, args.plain, output_dir, documents, seq_length, special.eos
-        )
-    report["results"], runs = run_paths(paths, config, args.warmup, args.steps, args.repeats)
-    if args.repeats > 1:
-        report["all_repeats"] = runs
-    ratio = useful_tokens_ratio(report["results"])
-    if ratio:
-        report["useful_tokens_per_second_ratio"] = ratio
-
-    output = args.output
-    if output is None and os.environ.get("OUT"):
-        output = os.path.join(os.environ["OUT"], f"benchmark-{args.label}.json")
-    if output:
-        write_json(output, report)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    print_table(report)
-    return report
+        try:
+            written = measure_one(args, recipe_words)
+        except Exception as error:  # a recipe the path cannot run: the parent reports why
+            traceback.print_exc()
+            error = f"{type(error).__name__}: {str(error)[:300]}"
+            written = {"path": args.only_path, "repeat": args.repeat_index, "result": {"error": error}}
+        write_json(args.output, written)
+        return written
+    args.baselines = args.baselines if args.baselines is not None else (["plain"] if args.baseline else [])
+    if args.output is None and os.environ.get("OUT"):
+        args.output = os.path.join(os.environ["OUT"], f"benchmark-{args.label}.json")
+    return measure_paths(args, recipe_words, command_words, __file__)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
 """The device check's attention kernel check: which document-aware attention to train with on this machine.
 
 On one packed row of the data's documents, with 3B's shapes (24 query heads, 2 key/value heads, head size 128,
-window 4096; `tiny`: 8, 2, 32, 512), forward + backward: sdpa_varlen, sdpa_blocked, flex_attention and
+window 4096; `tiny`: 8, 2, 32, 512), forward + backward: sdpa_varlen (PyTorch's FlashAttention-2, and where
+their packages are importable FA3 and FA4 through torch.nn.attention.activate_flash_attention_impl, named
+sdpa_varlen+fa3 and sdpa_varlen+fa4; "not installed" otherwise), sdpa_blocked, flex_attention and
 transformers' sdpa with its per-document mask (the reference). Each is checked against the reference in fp32
-and timed; `choose_kernel` takes the fastest correct one the model can train with. The results are written to
-attention_kernels.json as {...provenance..., "kernels": [one entry per kernel and length]}.
+and timed with attention dropout 0.0 and, where the kernel supports dropout, 0.1 (`dropout_forward_backward_ms`;
+FA3, FA4 and flex_attention have none). `choose_kernel` takes the fastest correct one the model can train
+with at its dropout. The results are written to attention_kernels.json as {...provenance..., "kernels":
+[one entry per kernel and length]}.
 """
 
+import contextlib
+import functools
+import importlib
 import json
 import os
 import time
@@ -27,6 +34,38 @@ from starcoder2_train.data.packing import PackedDataset
 from starcoder2_train.model.attention import blocked_sdpa_attention_forward, varlen_attention_forward
 
 REFERENCE = "sdpa (transformers' packed mask)"
+DROPOUT = 0.1  # the 3B preset's attention dropout
+# FlashAttention implementations PyTorch can route its flash kernels to, and the module each needs.
+FLASH_IMPLS = {"fa3": ("FA3", "flash_attn_interface"), "fa4": ("FA4", "flash_attn.cute.interface")}
+NO_DROPOUT = ("flex_attention", "sdpa_varlen+fa3", "sdpa_varlen+fa4")
+
+
+def flash_impl_missing(impl: str) -> str | None:
+    """Why FA3/FA4 (`impl`) cannot be activated here, or None: "not installed (...)" or a missing torch API."""
+    try:
+        from torch.nn.attention import activate_flash_attention_impl  # noqa: F401
+    except ImportError:
+        return f"not available: torch {torch.__version__} has no activate_flash_attention_impl"
+    try:
+        importlib.import_module(FLASH_IMPLS[impl][1])
+    except Exception as error:
+        return f"not installed ({FLASH_IMPLS[impl][1]}: {type(error).__name__})"
+    return None
+
+
+@contextlib.contextmanager
+def flash_impl(impl: str | None):
+    """Route PyTorch's flash-attention kernels to FA3/FA4 inside the block (nothing for None)."""
+    if impl is None:
+        yield
+        return
+    from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
+
+    activate_flash_attention_impl(FLASH_IMPLS[impl][0])
+    try:
+        yield
+    finally:
+        restore_flash_attention_impl()
 
 
 def attention_pairs(documents_of_row, window) -> int:
@@ -98,6 +137,15 @@ def time_kernel(kernel, q, k, v, grad_out, device, repeats: int) -> dict:
     return entry
 
 
+def time_dropout(kernel, q, k, v, grad_out, device, repeats: int) -> dict:
+    """Forward + backward time of `kernel` with attention dropout DROPOUT, or why it failed."""
+    try:
+        timed = time_kernel(functools.partial(kernel, dropout=DROPOUT), q, k, v, grad_out, device, repeats)
+    except Exception as error:  # the kernel without dropout is still measured
+        return {"dropout": DROPOUT, "runs_with_dropout": False, "dropout_error": f"{type(error).__name__}: {error}"}
+    return {"dropout": DROPOUT, "dropout_forward_backward_ms": timed["forward_backward_ms"], "runs_with_dropout": True}
+
+
 def make_problem(table, seq_length, special, shapes, device, dtype) -> dict:
     """One packed row of `seq_length` tokens: random q, k, v and output gradient, and the kernels to try on it."""
     heads, kv_heads, dim, window = shapes
@@ -125,22 +173,24 @@ def make_problem(table, seq_length, special, shapes, device, dtype) -> dict:
     allowed = (positions[None, :] <= positions[:, None]) & (positions[:, None] - positions[None, :] < window)
     full_mask = (allowed & (documents_ids[:, None] == documents_ids[None, :]))[None, None]
 
-    def reference(q, k, v, mask=full_mask):
-        return sdpa_attention_forward(Module, q, k, v, mask, dropout=0.0, scaling=scale)[0]
+    def reference(q, k, v, mask=full_mask, dropout=0.0):
+        return sdpa_attention_forward(Module, q, k, v, mask, dropout=dropout, scaling=scale)[0]
 
     def varlen(q, k, v, dropout=0.0, boundaries=boundaries):
         return varlen_attention_forward(
             Module, q, k, v, None, dropout=dropout, scaling=scale, sliding_window=window, **boundaries
         )[0]
 
-    def blocked(q, k, v, position_ids=position_ids):
+    def blocked(q, k, v, position_ids=position_ids, dropout=0.0):
         return blocked_sdpa_attention_forward(
-            Module, q, k, v, None, scaling=scale, sliding_window=window, position_ids=position_ids
+            Module, q, k, v, None, dropout=dropout, scaling=scale, sliding_window=window, position_ids=position_ids
         )[0]
 
     kernels = {REFERENCE: reference, "sdpa_blocked": blocked}
     if device.type == "cuda":
         kernels["sdpa_varlen"] = varlen
+        for impl in FLASH_IMPLS:
+            kernels[f"sdpa_varlen+{impl}"] = varlen
         try:
             kernels["flex_attention"] = make_flex(documents_ids, window, scale, seq_length, device)
         except Exception as error:  # reported when its turn comes
@@ -180,7 +230,8 @@ def kernel_check(output_path: str, record: dict, token_file: str | None = None, 
     report = {**record, "kernels": []}
     results, truths, reference_errors = report["kernels"], {}, {}
     # flex_attention last: it compiles, and a slow compilation must not keep the others from being measured.
-    order = [(s, name) for name in (REFERENCE, "sdpa_varlen", "sdpa_blocked") for s in lengths]
+    names = (REFERENCE, "sdpa_varlen", *(f"sdpa_varlen+{impl}" for impl in FLASH_IMPLS), "sdpa_blocked")
+    order = [(s, name) for name in names for s in lengths]
     order += [(s, "flex_attention") for s in lengths]
     for seq_length, name in order:
         problem = problems[seq_length]
@@ -188,6 +239,15 @@ def kernel_check(output_path: str, record: dict, token_file: str | None = None, 
             continue
         q, k, v, grad_out = problem["tensors"]
         entry = {"kernel": name, "seq_length": seq_length, "documents_in_row": problem["documents"]}
+        impl = name.partition("+")[2] or None
+        missing = impl and flash_impl_missing(impl)
+        if missing:
+            entry["status"] = missing
+            results.append(entry)
+            print(json.dumps(entry), flush=True)
+            write_json(output_path, report)
+            continue
+        entry["supports_dropout"] = name not in NO_DROPOUT
         try:
             if name == REFERENCE:
                 # The truth: transformers' masked sdpa in fp32. A kernel is correct when it is about as close
@@ -196,7 +256,8 @@ def kernel_check(output_path: str, record: dict, token_file: str | None = None, 
                     problem["kernels"][name], q.float(), k.float(), v.float(), grad_out.float(), device, repeats=0
                 )
                 truths[seq_length] = [value.float() for value in exact["values"]]
-            measured = time_kernel(problem["kernels"][name], q, k, v, grad_out, device, repeats=5 if cuda else 2)
+            with flash_impl(impl):
+                measured = time_kernel(problem["kernels"][name], q, k, v, grad_out, device, repeats=5 if cuda else 2)
             values = measured.pop("values")
             entry.update(measured)
             entry["attention_tflops"] = 12 * heads * dim * problem["pairs"] / entry["forward_backward_ms"] / 1e9
@@ -207,10 +268,8 @@ def kernel_check(output_path: str, record: dict, token_file: str | None = None, 
                     reference_errors[seq_length] = max(errors)
                 else:
                     entry["correct"] = max(errors) <= max(3 * reference_errors.get(seq_length, 0.0), 1e-2)
-            if name == "sdpa_varlen":  # the kernel's own dropout must run too (its values are random)
-                out = problem["varlen"](q.detach().requires_grad_(), k, v, dropout=0.1)
-                out.sum().backward()
-                entry["runs_with_dropout"] = True
+            if entry["supports_dropout"]:  # timed with the model's dropout too (its values are random)
+                entry.update(time_dropout(problem["kernels"][name], q, k, v, grad_out, device, 5 if cuda else 1))
             del values
         except Exception as error:  # recorded; the other kernels still run
             entry["error"] = f"{type(error).__name__}: {str(error)[:300]}"
@@ -229,15 +288,26 @@ def read_kernels(path: str) -> list[dict]:
 
 
 def choose_kernel(results: list[dict], model_attention_dropout: float) -> str:
-    """Fastest correct kernel at the longest length (summed over lengths), among those the model can train with."""
+    """Fastest correct kernel (time summed over the lengths) among those the model can train with at its
+    dropout, timed with that dropout where measured. "sdpa_varlen+fa3" means attn_implementation sdpa_varlen
+    with flash_attention_impl fa3 (see `attention_words`)."""
     usable = {}
     for entry in results:
         name = "sdpa" if entry["kernel"].startswith("sdpa (") else entry["kernel"]  # the reference is correct
-        if "error" in entry or not (name == "sdpa" or entry.get("correct")):
+        if "error" in entry or "status" in entry or not (name == "sdpa" or entry.get("correct")):
             continue
-        if name == "flex_attention" and model_attention_dropout > 0:
-            continue  # transformers' flex_attention refuses dropout in training
-        usable.setdefault(name, []).append(entry["forward_backward_ms"])
+        unsupported = name in NO_DROPOUT or entry.get("supports_dropout") is False or entry.get("dropout_error")
+        if model_attention_dropout > 0 and unsupported:
+            continue  # transformers' flex_attention refuses dropout in training; FA3/FA4 have none
+        key = "dropout_forward_backward_ms" if model_attention_dropout > 0 else "forward_backward_ms"
+        usable.setdefault(name, []).append(entry.get(key, entry["forward_backward_ms"]))
     lengths = len({entry["seq_length"] for entry in results})
     usable = {name: sum(times) for name, times in usable.items() if len(times) == lengths}
     return min(usable, key=usable.get) if usable else "sdpa"
+
+
+def attention_words(choice: str) -> list[str]:
+    """Recipe words for a `choose_kernel` result: sdpa_varlen+fa3 -> --attn_implementation sdpa_varlen
+    --flash_attention_impl fa3."""
+    kernel, _, impl = choice.partition("+")
+    return ["--attn_implementation", kernel, *(["--flash_attention_impl", impl] if impl else [])]

@@ -3,63 +3,125 @@ data benchmark's sections. They read the same dicts the JSON files hold, so what
 """
 
 TRAINING_COLUMNS = (
-    ("tokens/s/dev", "tokens_per_second_per_device", "{:,.0f}"),
-    ("useful tok/s/dev", "real_tokens_per_second_per_device", "{:,.0f}"),
-    ("TFLOP/s/dev", "tflops_per_device_causal", "{:.4g}"),
-    ("MFU causal", "mfu_causal", "{:.1%}"),
+    ("useful tok/s (median)", "real_tokens_per_second_per_device", "{:,.0f}"),
+    ("min-max", None, None),
+    ("MFU causal", "mfu_causal_at_seq_length", "{:.1%}"),
+    ("MFU PaLM", "mfu_palm", "{:.1%}"),
+    ("HW TFLOP/s", "hardware_tflops", "{:.4g}"),
     ("peak GB", "peak_memory_gb", "{:.1f}"),
     ("data wait", "data_wait_share", "{:.1%}"),
+    ("GPU idle", "gpu_idle_share", "{:.1%}"),
     ("s/step", "seconds_per_step", "{:.3f}"),
 )
 
 
+def _cells(result: dict) -> list[str]:
+    cells = []
+    for _, key, fmt in TRAINING_COLUMNS:
+        if key is None:  # the min-max of useful tokens/s over the repeats
+            low, high = result.get(f"{TRAINING_COLUMNS[0][1]}_min"), result.get(f"{TRAINING_COLUMNS[0][1]}_max")
+            cells.append(f"{low:,.0f}-{high:,.0f}" if low is not None else "-")
+        else:
+            cells.append(fmt.format(result[key]) if result.get(key) is not None else "-")
+    return cells
+
+
+def print_ratios(ratios: dict, indent: str = "") -> None:
+    for name, value in ratios.items():
+        if name not in ("best_baseline", "vs_best_baseline"):
+            print(f"{indent}useful tokens/s, ours / {name}: {value:.2f}x")
+    if "vs_best_baseline" in ratios:
+        print(f"{indent}ours / best baseline ({ratios['best_baseline']}): {ratios['vs_best_baseline']:.2f}x")
+
+
 def print_table(report: dict) -> None:
-    """benchmark.py's report: one row per path, then the ratio of useful tokens/s."""
-    print(f"\n{report['label']}: {report['model']} at seq_length {report['seq_length']}, {report['machine']}")
-    print(f"{'path':8}" + "".join(f"{title:>18}" for title, _, _ in TRAINING_COLUMNS))
+    """benchmark.py's report: one row per path (median over its processes), then the ratios, the profile's
+    split of device time, the GEMM ceiling and the loss differences of the variants."""
+    print(
+        f"\n{report['label']}: {report.get('model')} at seq_length {report.get('seq_length')}, {report.get('machine')}"
+    )
+    print(f"{'path':12}" + "".join(f"{title:>22}" for title, _, _ in TRAINING_COLUMNS))
     for path, result in report["results"].items():
         if "error" in result:
-            print(f"{path:8}  {result['error'][:120]}")
+            print(f"{path:12}  {result['error'][:150]}")
             continue
-        cells = [(fmt.format(result[key]) if result.get(key) is not None else "-") for _, key, fmt in TRAINING_COLUMNS]
-        print(f"{path:8}" + "".join(f"{cell:>18}" for cell in cells))
-    if report.get("useful_tokens_per_second_ratio"):
-        print(f"useful tokens/s, ours / plain: {report['useful_tokens_per_second_ratio']:.2f}x")
+        print(f"{path:12}" + "".join(f"{cell:>22}" for cell in _cells(result)))
+    print_ratios(report.get("useful_tokens_per_second_ratio") or {})
+    profile = (report.get("profile") or {}).get("profile")
+    if profile:
+        shares = ", ".join(f"{kind} {share:.1%}" for kind, share in profile["share_of_wall"].items())
+        print(f"profile of ours ({profile['steps']} steps, {profile['device']}): {shares}")
+    elif report.get("profile"):
+        print(f"profile of ours: {report['profile'].get('error')}")
+    gemm = report.get("gemm") or {}
+    if gemm.get("ceiling_tflops"):
+        print(f"GEMM ceiling at {gemm['tokens']} tokens ({gemm['dtype']}): {gemm['ceiling_tflops']:.4g} TFLOP/s")
+    for name, difference in (report.get("loss_difference") or {}).items():
+        if difference:
+            print(
+                f"loss {name} - ours over {difference['steps']} micro batches: mean |diff| "
+                f"{difference['mean_abs']:.4g}, max {difference['max_abs']:.4g}, last {difference['last']:+.4g}"
+            )
+
+
+def print_kernels(summary: dict) -> None:
+    for entry in (summary.get("attention_kernels") or {}).get("kernels", []):
+        label = f"  attention {entry['kernel']:34} s={entry['seq_length']:6}"
+        if "error" in entry or "status" in entry:
+            print(f"{label}  {entry.get('error', entry.get('status'))[:90]}")
+            continue
+        dropout = entry.get("dropout_forward_backward_ms")
+        print(
+            f"{label}  {entry['forward_backward_ms']:8.2f} ms fwd+bwd"
+            f"{f' ({dropout:.2f} with dropout)' if dropout else '':24} correct={entry.get('correct', 'reference')}"
+        )
+    for entry in (summary.get("loss_kernels") or {}).get("kernels", []):
+        label = f"  loss {entry['kernel']:20} tokens={entry['tokens']:6}"
+        if "error" in entry or "status" in entry:
+            print(f"{label}  {entry.get('error', entry.get('status'))[:90]}")
+            continue
+        memory = entry.get("peak_extra_memory_gb")
+        print(
+            f"{label}  {entry['forward_backward_ms']:8.2f} ms fwd+bwd  "
+            f"{f'{memory:.2f} GB' if memory is not None else '-':>9}  correct={entry['correct']}  "
+            f"errors {', '.join(f'{e:.1e}' for e in entry['relative_error_loss_dh_dw'])}"
+        )
+    gemm = summary.get("gemm") or {}
+    if gemm.get("ceiling_tflops"):
+        print(f"  GEMM ceiling at {gemm['tokens']} tokens ({gemm['dtype']}): {gemm['ceiling_tflops']:.4g} TFLOP/s")
 
 
 def print_summary(summary: dict) -> None:
-    """device_check.py's summary: the attention kernels, then one row per case and path."""
-    print(f"\n==== device check: {summary['seconds']} s; attention used: {summary['chosen_attention']}")
-    for entry in summary["attention_kernels"]:
-        if "error" in entry:
-            print(f"  kernel {entry['kernel']:34} s={entry['seq_length']:6}  {entry['error'][:90]}")
-        else:
-            print(
-                f"  kernel {entry['kernel']:34} s={entry['seq_length']:6}  {entry['forward_backward_ms']:8.2f} ms "
-                f"fwd+bwd  {entry.get('attention_tflops', 0):8.3g} TFLOP/s  "
-                f"correct={entry.get('correct', 'reference')}"
-            )
-    header = f"  {'case':22}{'path':32}{'useful tok/s/dev':>18}{'MFU causal':>12}{'peak GB':>9}{'data wait':>10}"
-    print(header)
+    """device_check.py's summary: the kernels, then one row per step and path, ratios, profile, float8."""
+    timing = summary.get("timing", {})
+    print(
+        f"\n==== device check: {summary.get('seconds')} s of {summary.get('budget_seconds')}; attention used: "
+        f"{summary.get('chosen_attention')}; timing per path: {timing} (shorter than a full benchmark)"
+    )
+    print_kernels(summary)
+    print(f"  {'step':12}{'path':12}" + "".join(f"{title:>22}" for title, _, _ in TRAINING_COLUMNS))
     for step in summary["steps"]:
         if "skipped" in step:
-            print(f"  {step['label']:22}skipped: {step['skipped']}")
+            print(f"  {step['label']:12}skipped: {step['skipped']}")
             continue
-        for path, result in step.get("results", {}).items():
+        for path, result in (step.get("results") or {}).items():
             if "error" in result:
-                print(f"  {step['label']:22}{path:32}{result['error'][:70]}")
+                print(f"  {step['label']:12}{path:12}{result['error'][:120]}")
                 continue
-            mfu = result.get("mfu_causal")
-            print(
-                f"  {step['label']:22}{path:32}{result.get('real_tokens_per_second_per_device', 0):>18,.0f}"
-                f"{(f'{mfu:.1%}' if mfu is not None else '-'):>12}{result.get('peak_memory_gb', 0):>9.1f}"
-                f"{result.get('data_wait_share', 0):>10.1%}"
-            )
-        if step.get("useful_tokens_per_second_ratio"):
-            ratio = step["useful_tokens_per_second_ratio"]
-            print(f"  {step['label']:22}{'ours / plain, useful tokens/s':32}{ratio:>17.2f}x")
-        if not step.get("results"):
-            print(f"  {step['label']:22}{step.get('error', step.get('status'))}")
+            print(f"  {step['label']:12}{path:12}" + "".join(f"{cell:>22}" for cell in _cells(result)))
+        print_ratios(step.get("useful_tokens_per_second_ratio") or {}, indent=f"  {step['label']:12}")
+        profile = (step.get("profile") or {}).get("profile")
+        if profile:
+            shares = ", ".join(f"{kind} {share:.1%}" for kind, share in profile["share_of_wall"].items())
+            print(f"  {step['label']:12}device time: {shares}")
+        for name, difference in (step.get("loss_difference") or {}).items():
+            if difference:
+                print(
+                    f"  {step['label']:12}loss {name} - ours: mean |diff| {difference['mean_abs']:.4g}, "
+                    f"last {difference['last']:+.4g} over {difference['steps']} micro batches"
+                )
+        if not step.get("results") and not step.get("profile"):
+            print(f"  {step['label']:12}{step.get('error', step.get('status'))}")
 
 
 def print_tokenization(figures: dict) -> None:

@@ -1,9 +1,17 @@
-"""Timed training steps: each path trains `warmup` untimed optimizer steps, then `steps` timed ones, with the
-Trainer; ThroughputCallback measures every path alike (tokens/s, TFLOP/s, MFU, peak memory, data wait).
+"""Timed training steps of one path, in this process: warm-up until compilation stops, then a timed interval.
 
-A path that fails (out of memory included) is recorded with its error, and the other paths still run.
+`run_path` trains with the Trainer (max_steps set far beyond what is run; the `TimedSteps` callback stops
+training): at least `warmup` optimizer steps, and more while a step still compiled something (torch._dynamo's
+graph and AOT-autograd counters moved; at most `max_warmup` steps), then either `steps` timed steps or as many
+as end after `seconds` of timing. ThroughputCallback measures the timed interval (tokens/s, TFLOP/s, MFU,
+peak memory, data wait, and what else it reports, such as gpu_idle_share). With `profile_steps`, the interval
+after the warm-up is profiled instead of timed (profile.py). Each micro batch's loss is kept (detached, read
+once at the end: no synchronisation per step), so that two runs on the same data and seed can be compared.
+
+A path that fails (out of memory included) is recorded with its error.
 """
 
+import dataclasses
 import gc
 import json
 import time
@@ -12,46 +20,140 @@ import traceback
 import torch
 from transformers import TrainerCallback, set_seed
 
+from starcoder2_train.benchmarking import profile
 from starcoder2_train.benchmarking.paths import TrainingPath
 from starcoder2_train.model.factory import create_model
 from starcoder2_train.training.throughput import ThroughputCallback
 from starcoder2_train.training.trainer import PretrainingTrainer
 
-BEST_BY = "real_tokens_per_second_per_device"
+
+@dataclasses.dataclass
+class Timing:
+    """How long a path runs: warm-up steps (at least), then `steps` timed steps if set, else `seconds`."""
+
+    warmup: int = 10
+    seconds: float = 60.0
+    steps: int | None = None
+    profile_steps: int = 0
+
+    @property
+    def max_warmup(self) -> int:
+        return 3 * self.warmup + 10
+
+
+def compilations() -> int:
+    """Graphs compiled so far in this process (dynamo's unique graphs plus AOT-autograd compilations)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"] + counters["aot_autograd"]["total"]
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class TimedSteps(TrainerCallback):
-    """Discard the warm-up steps, then take the ThroughputCallback's figures over the timed steps."""
+    """Warm up, then time (or profile) an interval of steps and stop training (see the module's docstring)."""
 
-    def __init__(self, throughput: ThroughputCallback, warmup: int, steps: int):
-        self.throughput, self.warmup, self.steps = throughput, warmup, steps
-        self.figures, self.loss, self._start = None, None, None
+    def __init__(self, throughput: ThroughputCallback, timing: Timing):
+        self.throughput, self.timing = throughput, timing
+        self.figures, self.loss, self.warmup_steps = None, None, None
+        self._phase, self._compiled, self._start, self._start_step, self._profiler = "warmup", 0, None, 0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._compiled = compilations()
+        if self.timing.warmup == 0:
+            self._begin(args, state.global_step)
+
+    def _begin(self, args, step: int) -> None:
+        synchronize(args.device)
+        self.warmup_steps, self._start_step, self._phase = step, step, "timed"
+        self.compiled_before_timing = compilations()
+        if self.timing.profile_steps:
+            self._profiler = torch.profiler.profile(activities=profile.activities(args.device.type))
+            self._profiler.__enter__()
+        else:
+            self.throughput.measure()  # starts the timed interval
+        self._start = time.perf_counter()
+
+    def _finished(self, timed_steps: int) -> bool:
+        if self.timing.profile_steps:
+            return timed_steps >= self.timing.profile_steps
+        if self.timing.steps:
+            return timed_steps >= self.timing.steps
+        return time.perf_counter() - self._start >= self.timing.seconds
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step not in (self.warmup, self.warmup + self.steps):
+        step = state.global_step
+        if self._phase == "warmup":
+            now = compilations()
+            compiled, self._compiled = now != self._compiled, now
+            if step < self.timing.warmup or (compiled and step < self.timing.max_warmup):
+                return
+            self.still_compiling = compiled
+            self._begin(args, step)
             return
-        if args.device.type == "cuda":
-            torch.cuda.synchronize(args.device)  # the device's queued work belongs to the steps before
-        if state.global_step == self.warmup:
-            self.throughput.measure()  # starts the timed interval
-            self._start = time.perf_counter()
+        if self._phase != "timed" or not self._finished(step - self._start_step):
+            return
+        synchronize(args.device)  # the device's queued work belongs to the interval
+        seconds = time.perf_counter() - self._start
+        timed = step - self._start_step
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            self.figures = {"profile": profile.summarize(self._profiler, seconds, args.device.type, timed)}
         else:
             self.figures = self.throughput.measure(args.world_size)
-            self.figures["seconds_per_step"] = (time.perf_counter() - self._start) / self.steps
+        self.figures.update(
+            seconds_per_step=seconds / max(timed, 1),
+            timed_steps=timed,
+            timed_seconds=seconds,
+            warmup_steps=self.warmup_steps,
+            compiled_during_timing=compilations() - self.compiled_before_timing,
+            still_compiling_at_end_of_warmup=self.still_compiling if self.timing.warmup else False,
+        )
+        self._phase = "done"
+        control.should_training_stop = True
+        control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.loss = logs["loss"]
 
 
-def run_path(name: str, path: TrainingPath, config, warmup: int, steps: int) -> dict:
-    """Train warmup + steps optimizer steps; the timed figures, or the error that stopped the path."""
+def keep_losses(trainer) -> list:
+    """Wrap `trainer.training_step` to keep each micro batch's (detached) loss; the list fills as it trains."""
+    losses, original = [], trainer.training_step
+
+    def training_step(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        losses.append(loss.detach())
+        return loss
+
+    trainer.training_step = training_step
+    return losses
+
+
+def float8_layers(model) -> int:
+    """Modules of a float8 class (torchao's Float8Linear): 0 when float8 training was not applied."""
+    return sum("float8" in type(module).__name__.lower() for module in model.modules())
+
+
+def peak_allocated_gb() -> float | None:
+    """torch.cuda.max_memory_allocated of this process (GB = 1e9 bytes), None without CUDA."""
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+
+
+def run_path(name: str, path: TrainingPath, config, timing: Timing) -> dict:
+    """Train until TimedSteps stops; the timed figures (or the profile), or the error that stopped the path."""
     training_args = path.training_args
     set_seed(training_args.seed)
     throughput = ThroughputCallback(training_args.peak_flops)
-    timer = TimedSteps(throughput, warmup, steps)
+    timer = TimedSteps(throughput, timing)
     model = trainer = None
+    losses = []
     start = time.perf_counter()
+    result = {}
     try:
         device = "cuda" if torch.cuda.is_available() and not training_args.use_cpu else "cpu"
         model = create_model(path.model_args, config, None, path.attention, device=device)
@@ -62,44 +164,24 @@ def run_path(name: str, path: TrainingPath, config, warmup: int, steps: int) -> 
             data_collator=path.collator,
             callbacks=[throughput, timer],
         )
+        losses = keep_losses(trainer)
+        result["deepspeed"] = bool(getattr(trainer, "is_deepspeed_enabled", False))
         trainer.train()
-        result = dict(timer.figures or {"error": "the timed steps did not complete"}, final_loss=timer.loss)
+        result.update(timer.figures or {"error": "the timed steps did not complete"}, final_loss=timer.loss)
     except torch.OutOfMemoryError as error:
-        result = {"error": f"out of memory: {str(error).splitlines()[0]}"}
-    except Exception as error:  # recorded, so that the other path and later cases still run
+        result["error"] = f"out of memory: {str(error).splitlines()[0]}"
+    except Exception as error:  # recorded, so that the other paths and later cases still run
         traceback.print_exc()
-        result = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        result["error"] = f"{type(error).__name__}: {str(error)[:300]}"
     result.update(wall_seconds=round(time.perf_counter() - start, 1), attention=path.attention)
+    if model is not None:
+        result["float8_layers"] = float8_layers(model)  # converted in place, whoever wraps the model
+    result["losses"] = [float(loss) for loss in losses]
     if torch.cuda.is_available():
         result.setdefault("peak_memory_gb", torch.cuda.max_memory_allocated() / 1e9)
+        result["peak_allocated_gb"] = peak_allocated_gb()
+        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
     del trainer, model
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    print(f"[{name}] {json.dumps(result)}", flush=True)
+    print(f"[{name}] {json.dumps({k: v for k, v in result.items() if k != 'losses'})}", flush=True)
     return result
-
-
-def run_paths(paths: dict[str, TrainingPath], config, warmup: int, steps: int, repeats: int = 1):
-    """(each path's best result, every result of each path): the fastest repeat in useful tokens/s, or the
-    last one when none finished; with repeats > 1 the best result says how many repeats it was chosen from."""
-    # On a shared machine other work steals time: alternate the paths and keep each one's best repeat.
-    runs = {name: [] for name in paths}
-    for _ in range(repeats):
-        for name, path in paths.items():
-            runs[name].append(run_path(name, path, config, warmup, steps))
-    best = {}
-    for name, results in runs.items():
-        finished = [r for r in results if r.get(BEST_BY)]
-        chosen = max(finished, key=lambda r: r[BEST_BY]) if finished else results[-1]
-        best[name] = dict(chosen, repeats=len(results)) if repeats > 1 else chosen
-    return best, runs
-
-
-def useful_tokens_ratio(results: dict) -> float | None:
-    """Useful tokens/s of ours over plain, where both finished."""
-    ours, plain = results.get("ours", {}), results.get("plain", {})
-    if ours.get(BEST_BY) and plain.get(BEST_BY):
-        return ours[BEST_BY] / plain[BEST_BY]
-    return None

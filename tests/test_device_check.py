@@ -1,0 +1,159 @@
+"""scripts/device_check.py on the CPU: its plan, its kernels step, memory_peaks.json, and the whole rehearsal."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import load_script
+
+from starcoder2_train.benchmarking import device_cases
+from starcoder2_train.benchmarking.kernels import choose_kernel, read_kernels
+
+ROOT = Path(__file__).parents[1]
+CASE_KEYS = {"name", "recipe", "overrides", "world_size", "zero_config", "attention", "peak_allocated_gb"}
+
+
+def head_commit() -> str:
+    completed = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return completed.stdout.strip() if completed.returncode == 0 else "unknown"
+
+
+def words_of(step) -> dict:
+    """benchmark.py words as {--key: value} (the last value of a repeated key)."""
+    pairs = {}
+    for index, word in enumerate(step.words):
+        if word.startswith("--"):
+            nxt = step.words[index + 1] if index + 1 < len(step.words) else ""
+            pairs[word] = nxt if not nxt.startswith("--") else "true"
+    return pairs
+
+
+def test_the_plan_runs_the_recipes_under_zero2_and_fits_the_budget():
+    kernels = [
+        {"kernel": "sdpa (transformers' packed mask)", "seq_length": 4, "forward_backward_ms": 9.0},
+        {"kernel": "sdpa_varlen", "seq_length": 4, "forward_backward_ms": 2.0, "correct": True},
+        {"kernel": "flex_attention", "seq_length": 4, "forward_backward_ms": 1.0, "correct": True},
+    ]
+    steps = {step.name: step for step in device_cases.plan(device_cases.Settings("/tmp/x"), kernels)}
+    assert list(steps) == ["4k", "16k", "profile-4k", "dropout-4k", "float8"]
+    assert sum(device_cases.PLANNED.values()) <= 450  # the default budget
+    four_k, sixteen_k = words_of(steps["4k"]), words_of(steps["16k"])
+    assert four_k["--recipe"] == device_cases.RECIPE_4K and sixteen_k["--recipe"] == device_cases.RECIPE_16K
+    for words in (four_k, sixteen_k):
+        assert words["--deepspeed"] == device_cases.ZERO and words["--repeats"] == "1"
+        assert "--per_device_train_batch_size" not in words and "--gradient_accumulation_steps" not in words
+    assert four_k["--attn_implementation"] == "sdpa_varlen"  # the 3B preset's dropout 0.1 rules flex out
+    assert four_k["--baselines"] == "plain,flattening" and sixteen_k["--baselines"] == "flattening"
+    assert sixteen_k["--model_config"] == "starcoder2-3b"  # from scratch: long_context.yaml names a checkpoint
+    dropout = words_of(steps["dropout-4k"])
+    assert dropout["--config"] == "attention_dropout=0.0" and dropout["--attn_implementation"] == "flex_attention"
+    float8 = words_of(steps["float8"])
+    assert float8["--variant"] == "float8=--float8 true" and float8["--steps"] == str(device_cases.FLOAT8_STEPS)
+    assert words_of(steps["profile-4k"])["--profile_steps"] == "3"
+
+
+def test_memory_peaks_name_each_path_process_with_its_recipe_words(tmp_path):
+    overrides = ["--deepspeed", device_cases.ZERO, "--attn_implementation", "sdpa_varlen"]
+    report = {
+        "label": "4k",
+        "machine": "NVIDIA H200",
+        "recipe": device_cases.RECIPE_4K,
+        "recipe_overrides": overrides,
+        "path_recipe_overrides": {"ours": overrides, "plain": overrides},
+        "config_overrides": [],
+        "seq_length": 4096,
+        "micro_batch": 2,
+        "all_repeats": {
+            "ours": [{"peak_allocated_gb": 70.5, "attention": "sdpa_varlen"}, {"peak_allocated_gb": 71.0}],
+            "plain": [{"error": "out of memory: CUDA", "peak_allocated_gb": 139.0, "attention": "sdpa"}],
+            "gemm": [{"ceiling_tflops": 700.0}],
+        },
+    }
+    written = device_cases.write_memory_peaks(str(tmp_path / "memory_peaks.json"), [report], tiny=False)
+    assert json.loads((tmp_path / "memory_peaks.json").read_text()) == written
+    assert written["device"] == "NVIDIA H200" and written["commit"] == head_commit()
+    ours, plain = written["cases"]
+    assert CASE_KEYS <= ours.keys()
+    assert ours["name"] == "4k-ours" and ours["peak_allocated_gb"] == 71.0 and ours["attention"] == "sdpa_varlen"
+    assert ours["overrides"] == overrides and ours["zero_config"] == device_cases.ZERO and ours["world_size"] == 1
+    assert plain["error"].startswith("out of memory") and plain["peak_allocated_gb"] == 139.0
+
+
+def test_device_check_kernels_step_writes_its_objects_with_provenance(tmp_path):
+    device_check = load_script("device_check")
+    device_check.main(["--kernels_only", "--tiny", "--output_dir", str(tmp_path)])
+    written = json.loads((tmp_path / "attention_kernels.json").read_text())
+    assert written["commit"] == head_commit() and written["date"].startswith("20")
+    assert written["command"] == f"python scripts/device_check.py --kernels_only --tiny --output_dir {tmp_path}"
+    kernels = read_kernels(str(tmp_path / "attention_kernels.json"))
+    assert kernels == written["kernels"]
+    assert {(entry["kernel"], entry["seq_length"]) for entry in kernels} == {
+        (kernel, length) for kernel in ("sdpa (transformers' packed mask)", "sdpa_blocked") for length in (1024, 2048)
+    }
+    assert all("error" not in entry and entry["dropout_forward_backward_ms"] > 0 for entry in kernels), kernels
+    assert next(entry for entry in kernels if entry["kernel"] == "sdpa_blocked")["correct"]
+    assert choose_kernel(kernels, model_attention_dropout=0.0) in ("sdpa", "sdpa_blocked")
+    assert read_kernels(str(tmp_path / "missing.json")) == []
+    losses = {
+        (e["kernel"], e["tokens"]): e for e in json.loads((tmp_path / "loss_kernels.json").read_text())["kernels"]
+    }
+    for tokens in (1024, 2048):
+        assert losses[("transformers", tokens)]["correct"] and losses[("chunked", tokens)]["correct"]
+        assert "status" in losses[("liger", tokens)] and "status" in losses[("cut_cross_entropy", tokens)]  # CPU
+    gemm = json.loads((tmp_path / "gemm.json").read_text())
+    assert gemm["ceiling_tflops"] > 0 and len(gemm["gemms"]) == 7 * 3  # 7 weights, 3 GEMMs each
+
+
+@pytest.mark.slow
+def test_device_check_rehearses_every_step_on_the_cpu(tmp_path):
+    device_check = load_script("device_check")
+    summary = device_check.main(["--tiny", "--output_dir", str(tmp_path), "--budget_seconds", "1500"])
+    steps = {step["label"]: step for step in summary["steps"]}
+    assert list(steps) == ["kernels", "4k", "16k", "profile-4k", "dropout-4k", "float8"]
+    assert all("skipped" not in step for step in steps.values()), steps
+    for case, paths in (("4k", ("ours", "plain", "flattening")), ("16k", ("ours", "flattening"))):
+        for path in paths:
+            result = steps[case]["results"][path]
+            assert result["real_tokens_per_second_per_device"] > 0 and result["deepspeed"], (case, path, result)
+    assert steps["profile-4k"]["profile"]["profile"]["share_of_wall"]["gemm"] > 0
+    assert steps["dropout-4k"]["config_overrides"] == ["attention_dropout=0.1"]  # tiny's own dropout is 0.0
+    assert "float8" in steps["float8"]["results"]  # on a CPU float8 fails; the error is recorded
+    written = json.loads((tmp_path / "device_check.json").read_text())
+    assert written["commit"] == head_commit() and written["command"].startswith("python scripts/device_check.py")
+    assert written["attention_kernels"]["kernels"] == read_kernels(str(tmp_path / "attention_kernels.json"))
+    peaks = json.loads((tmp_path / "memory_peaks.json").read_text())
+    assert peaks["commit"] == head_commit() and peaks["device"]
+    names = [case["name"] for case in peaks["cases"]]
+    assert {"4k-ours", "4k-plain", "4k-flattening", "16k-ours", "16k-flattening", "dropout-4k-ours"} <= set(names)
+    for case in peaks["cases"]:
+        assert CASE_KEYS <= case.keys() and isinstance(case["peak_allocated_gb"], float) and case["world_size"] == 1
+        assert case["recipe"] in (device_cases.RECIPE_4K, device_cases.RECIPE_16K)
+        assert case["zero_config"] == device_cases.ZERO and "--deepspeed" in case["overrides"]
+
+
+def test_a_step_killed_at_its_limit_takes_the_processes_it_started_along(tmp_path):
+    """run_limited kills the step's whole process group: a path process started without a session of its own
+    (as benchmark.py starts them) dies with it, and nothing keeps holding the device."""
+    import os
+    import sys
+    import time
+
+    from starcoder2_train.benchmarking.isolated import run_limited
+
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    step = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(60)"
+    start = time.perf_counter()
+    assert run_limited([sys.executable, "-c", step], limit=3) == "killed after 3 s"
+    assert time.perf_counter() - start < 30
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # the orphan is reaped by init a moment after the kill
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {pid} outlived its step")
+    assert run_limited([sys.executable, "-c", "pass"], limit=30) == "exit 0"
