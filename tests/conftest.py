@@ -14,6 +14,18 @@ import torch  # noqa: E402
 # Tiny models run faster on one thread than on two shared cores, and the golden losses stay bit-stable.
 torch.set_num_threads(1)
 
+# The environment of every `accelerate launch` a test makes: DeepSpeed on the CPU, offline, one thread per rank.
+LAUNCH_ENV = dict(
+    os.environ,
+    CUDA_VISIBLE_DEVICES="",
+    DS_ACCELERATOR="cpu",
+    HF_HUB_OFFLINE="1",
+    OMP_NUM_THREADS="1",
+    PYTHONWARNINGS="ignore::FutureWarning",
+    TORCH_CPP_LOG_LEVEL="ERROR",
+    TOKENIZERS_PARALLELISM="false",
+)
+
 SNIPPETS = [
     "def add(a, b):\n    return a + b\n",
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n"

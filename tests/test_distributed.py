@@ -5,28 +5,18 @@ order): measured within one float32 ulp (4.8e-7 at a loss of 5.5); the tolerance
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import random_repositories, write_repository_shards
+from conftest import LAUNCH_ENV, random_repositories, write_repository_shards
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
 deepspeed = pytest.importorskip("deepspeed")
 
-ENV = dict(
-    os.environ,
-    CUDA_VISIBLE_DEVICES="",
-    DS_ACCELERATOR="cpu",
-    HF_HUB_OFFLINE="1",
-    OMP_NUM_THREADS="1",
-    PYTHONWARNINGS="ignore::FutureWarning",
-    TORCH_CPP_LOG_LEVEL="ERROR",
-    TOKENIZERS_PARALLELISM="false",
-)
+ENV = LAUNCH_ENV
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +148,8 @@ def test_later_epochs_made_by_the_loader_workers_of_two_ranks_train_like_one_pro
 
 
 @pytest.mark.parametrize(
-    "stage,optimizer", [("1", "BF16_Optimizer"), ("2", "DeepSpeedZeroOptimizer"), ("3", "DeepSpeedZeroOptimizer_Stage3")]
+    "stage,optimizer",
+    [("1", "BF16_Optimizer"), ("2", "DeepSpeedZeroOptimizer"), ("3", "DeepSpeedZeroOptimizer_Stage3")],
 )
 def test_bf16_runs_keep_fp32_master_weights_and_accumulate_gradients_in_fp32(stage, optimizer, setup):
     """The recipes' precision, as DeepSpeed really builds it from accelerate_configs/deepspeed/*.json: bf16 weights

@@ -19,6 +19,8 @@ Model states, bytes per parameter (N = GPUs sharing the states under ZeRO):
   ends and, for a layer that is not checkpointed, until its backward. The Trainer frees the gradients at each
   optimizer step, so with one micro batch per step only lm_head's exist at the start of the backward (the
   activations shrink faster than the gradients grow); with accumulation they all exist.
+- `deepspeed_fp32` (DeepSpeed with `bf16: false`): fp32 weights 4 (they are the master weights), gradients 4
+  (4/N from ZeRO-2), Adam 8 (8/N from ZeRO-1), and every activation in fp32 (twice the bytes below).
 - `fsdp_bf16` (accelerate_configs/fsdp.yaml): fp32 weights, gradients and Adam sharded (16/N), plus two
   gathered decoder layers in bf16.
 
@@ -45,7 +47,7 @@ import math
 from starcoder2_train.configs import RecipeError
 
 GB = 1e9
-PRECISIONS = ("deepspeed_bf16", "autocast_fp32", "fsdp_bf16")
+PRECISIONS = ("deepspeed_bf16", "deepspeed_fp32", "autocast_fp32", "fsdp_bf16")
 FLASH_KERNELS = ("flash_attention_2", "sdpa_varlen", "flex_attention")
 ATTENTION_MODELS = (*FLASH_KERNELS, "sdpa", "sdpa_blocked", "eager")
 LOSS_MODELS = ("transformers", "chunked", "liger", "cut_cross_entropy")
@@ -71,6 +73,12 @@ def model_state_bytes(num_params: int, layer_params: int, precision: str, zero_s
             weights += GATHERED_LAYERS * 2 * layer_params
         gradients = (2 + 4) * num_params if zero_stage <= 1 else 4 * num_params / n
         optimizer = 12 * num_params / (n if zero_stage >= 1 else 1)
+    elif precision == "deepspeed_fp32":  # DeepSpeed without bf16: the weights are the master weights
+        weights = 4 * num_params / (n if zero_stage == 3 else 1)
+        if zero_stage == 3:
+            weights += GATHERED_LAYERS * 4 * layer_params
+        gradients = 4 * num_params / (n if zero_stage >= 2 else 1)
+        optimizer = 8 * num_params / (n if zero_stage >= 1 else 1)
     elif precision == "autocast_fp32":
         weights = 4 * num_params / (n if zero_stage == 3 else 1)
         gradients = 4 * num_params / (n if zero_stage >= 2 else 1)
@@ -180,6 +188,8 @@ def estimate_memory_per_gpu(
     per_token, per_sequence, residual = activation_bytes_per_token_and_layer(
         config, attn_implementation, seq_length, masked, autocast
     )
+    if precision == "deepspeed_fp32":  # every activation in fp32: twice the bf16 bytes
+        per_token, residual = 2 * per_token, 2 * residual
     kept = layers - checkpointed_layers
     per_layer = tokens * per_token + micro_batch_size * per_sequence
     activations = kept * per_layer + checkpointed_layers * tokens * residual

@@ -57,8 +57,9 @@ def parallel_plan(training_args, torch_dtype: str, bf16: bool) -> dict:
         stage = 0 if stage == "auto" else int(stage)
         device = lambda key: (zero.get(key) or {}).get("device", "none")  # noqa: E731
         grad_accum = (settings.get("data_types") or {}).get("grad_accum_dtype", "bf16")
+        enabled = (settings.get("bf16") or {}).get("enabled", False)
         return {
-            "precision": "deepspeed_bf16",
+            "precision": "deepspeed_bf16" if enabled is True or (enabled == "auto" and bf16) else "deepspeed_fp32",
             "zero_stage": stage,
             "offload_optimizer": device("offload_optimizer") in ("cpu", "nvme"),
             "offload_params": device("offload_param") in ("cpu", "nvme"),
@@ -136,7 +137,9 @@ def without_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def resolve_checkpointed_layers(config, model_args, data_args, training_args, num_params: int | None = None):
+def resolve_checkpointed_layers(
+    config, model_args, data_args, training_args, num_params: int | None = None, bf16: bool | None = None
+):
     """For `gradient_checkpointing_layers: auto`: the fewest layers to checkpoint for the estimate to stay under
     AUTO_MEMORY_SHARE of gpu_memory_gb, set on training_args (gradient_checkpointing on when it is above 0).
     Raises a RecipeError when even every layer checkpointed does not fit. Returns the number of layers."""
@@ -146,7 +149,7 @@ def resolve_checkpointed_layers(config, model_args, data_args, training_args, nu
         with without_zero3_init():
             num_params = count_parameters(config)
     budget = AUTO_MEMORY_SHARE * training_args.gpu_memory_gb
-    plan = memory_plan(config, model_args, data_args, training_args)
+    plan = memory_plan(config, model_args, data_args, training_args, bf16)
     layers = checkpointed_layers_to_fit(config, num_params, budget, **plan)
     if layers is None:
         raise RecipeError(
@@ -170,7 +173,7 @@ def print_dry_run(config, model_args, data_args, training_args, attn_implementat
     parallel = parallel_plan(training_args, model_args.torch_dtype, bf16)
     requested_layers = training_args.gradient_checkpointing_layers
     try:
-        layers = resolve_checkpointed_layers(config, model_args, data_args, training_args, num_params)
+        layers = resolve_checkpointed_layers(config, model_args, data_args, training_args, num_params, bf16)
     except RecipeError:  # auto and nothing fits: plan every layer checkpointed and say it does not fit
         layers = config.num_hidden_layers
     plan = memory_plan(config, model_args, data_args, training_args, bf16)
