@@ -25,8 +25,8 @@ AUTO_MEMORY_SHARE = 0.92  # `auto` plans to this share of gpu_memory_gb: the est
 def deepspeed_settings(training_args) -> dict | None:
     """The DeepSpeed JSON this run uses, as a dict, or None without DeepSpeed.
 
-    From `training_args.deepspeed` (a path or a dict), else from the plugin accelerate built from its config
-    (`deepspeed_config_file`, or the zero_stage/offload keys of the YAML, which it turns into a config too).
+    From `training_args.deepspeed` (a path or a dict), else the `deepspeed_config_file` accelerate passes on, else
+    the plugin accelerate built from the zero_stage/offload keys of its YAML.
     """
     config = training_args.deepspeed
     if isinstance(config, str):
@@ -36,13 +36,15 @@ def deepspeed_settings(training_args) -> dict | None:
             return json.load(handle)
     if isinstance(config, dict):
         return config
-    plugin = getattr(training_args, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "hf_ds_config", None) is not None:
-        return plugin.hf_ds_config.config
+    # The file as written first: the plugin's copy has its "auto" values already filled from this process's
+    # arguments (bf16 among them, which a dry run without a GPU had to drop).
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if path and os.path.isfile(path):
         with open(path) as handle:
             return json.load(handle)
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "hf_ds_config", None) is not None:
+        return plugin.hf_ds_config.config
     if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         return {"zero_optimization": {"stage": int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])}}
     return None
