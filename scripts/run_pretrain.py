@@ -10,14 +10,12 @@ model size, tokens per step and a memory estimate without training. On one CPU:
 """
 
 import logging
-import os
 import sys
 
 import datasets
 import torch
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from starcoder2_train.configs import RecipeError, tokens_per_step
 from starcoder2_train.data.collators import make_collator
@@ -35,8 +33,10 @@ from starcoder2_train.model.factory import choose_attention, create_model, valid
 from starcoder2_train.model.flash import activate_flash_impl
 from starcoder2_train.model.presets import build_config
 from starcoder2_train.recipe import RecipeParser
+from starcoder2_train.training.checkpoints import resolve_resume, run_recipe
 from starcoder2_train.training.distributed import close_process_group, match_process_group
 from starcoder2_train.training.dry_run import print_dry_run, resolve_checkpointed_layers
+from starcoder2_train.training.preemption import PreemptionCallback
 from starcoder2_train.training.trainer import PretrainingTrainer
 
 logger = logging.getLogger(__name__)
@@ -73,12 +73,11 @@ def main(argv=None):
     if training_args.gradient_checkpointing:
         logger.info("activation checkpointing: %d of %d decoder layers", layers, config.num_hidden_layers)
 
-    # Checkpoint detection: resume from the last checkpoint in output_dir unless told otherwise.
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.resume_from_checkpoint is None:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None:
-            logger.info("resuming from %s", last_checkpoint)
+    # Resume: resume_from_checkpoint, else the newest complete checkpoint in output_dir; another recipe's run or
+    # checkpoint is refused (training/checkpoints.py). SIGTERM/SIGUSR1 from here on: a checkpoint, then exit 75.
+    recipe = run_recipe(model_args, data_args, training_args, parser.recipe_values)
+    resume = resolve_resume(training_args, recipe)
+    preemption = PreemptionCallback().install()
     set_seed(training_args.seed)
 
     # Data: shards → examples → FIM → tokens → packed windows (cached by datasets), or a prepared store opened.
@@ -124,7 +123,9 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
+        run_recipe=recipe,
     )
+    trainer.add_callback(preemption)
     evaluation = None
     if loss_rows or fim_problems:
         evaluation = EvaluationCallback(
@@ -150,14 +151,23 @@ def main(argv=None):
             evaluation=evaluation,
             hub_model_id=training_args.hub_model_id,
             private=bool(training_args.hub_private_repo),
-            push_checkpoints=push
-            and training_args.hub_dry_run_dir is None
-            and training_args.hub_strategy == "checkpoint",
+            hub_strategy=training_args.hub_strategy if push else "end",
+            hub_revision=training_args.hub_revision,
+            hub_token=training_args.hub_token,
+            # uploads during training, offline: a mirror of the repository beside the final dry run's folder
+            dry_run_dir=f"{training_args.hub_dry_run_dir.rstrip('/')}.during-training"
+            if training_args.hub_dry_run_dir
+            else None,
         )
     )
 
     # Train.
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        preemption.uninstall()
+    if preemption.requested:  # a complete checkpoint at the step every rank stopped at: exit for the requeue
+        preemption.exit_for_requeue(trainer, close_process_group)
     metrics = result.metrics
     metrics["train_tokens"] = report.tokens
     metrics["packing_efficiency"] = report.packing_efficiency
@@ -204,4 +214,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RecipeError as error:  # a bad recipe, input or path: its message says what to do; no traceback
+        sys.exit(f"error: {error}")

@@ -5,6 +5,9 @@ logits of the whole batch), `float8` (torchao float8 linears), `trainer` (Pretra
 float8, partial activation checkpointing, compiled layers, no per-step host syncs), `precision` (what precision
 a run really got from DeepSpeed), `throughput` (tokens/s, TFLOP/s, MFU, peak memory, data wait and GPU idle time
 on every log line), `dry_run` (`--dry_run true` and `gradient_checkpointing_layers: auto`: the memory plan
-read from the DeepSpeed JSON and the recipe) and `distributed` (DeepSpeed on CPUs, clean shutdown). May import
+read from the DeepSpeed JSON and the recipe), `checkpoints` (checkpoints staged, verified, marked complete and
+renamed; the newest complete one picked on restart; the run's recipe checked against it), `preemption`
+(SIGTERM/SIGUSR1: every rank stops at the same step, saves and exits for a requeue) and `distributed`
+(DeepSpeed on CPUs, clean shutdown). May import
 `configs`, `data/` and `model/`.
 """

@@ -12,6 +12,8 @@
   graph, so compiling costs about one layer's time, not the whole model's as `torch_compile` does).
 - No host-device synchronisation per micro batch or per step: the gradient norm stays a tensor until a log
   step reads it, and `logging_nan_inf_filter` is off by default (configs.py).
+- Checkpoints are written under a temporary name, verified, marked complete and renamed, and rotated only then
+  (training/checkpoints.py); `run_recipe` (checkpoints.run_recipe) is saved into each one.
 The keys are read from `PretrainingArguments`; plain `TrainingArguments` give transformers' behaviour.
 """
 
@@ -23,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from starcoder2_train.configs import RecipeError
+from starcoder2_train.training.checkpoints import save_atomically
 from starcoder2_train.training.float8 import enable_float8
 from starcoder2_train.training.loss import check_loss_kernel, enable_training_loss, resolve_loss_kernel
 from starcoder2_train.training.precision import PrecisionReport
@@ -73,9 +76,11 @@ class PretrainingTrainer(Trainer):
     """transformers.Trainer that reports throughput and precision and applies float8, loss_kernel,
     gradient_checkpointing_layers and compile_layers (see the module's docstring)."""
 
-    def __init__(self, model=None, args=None, *more, **kwargs):
+    def __init__(self, model=None, args=None, *more, run_recipe: dict | None = None, **kwargs):
         if args is not None and model is not None:
             prepare_model(model, args)
+        self.run_recipe = run_recipe  # written into every checkpoint as run_recipe.json
+        self._staging_run_dir = None
         super().__init__(model, args, *more, **kwargs)
         # First among the callbacks (a given one is moved there), so that the others see its figures.
         callbacks = self.callback_handler.callbacks
@@ -93,6 +98,23 @@ class PretrainingTrainer(Trainer):
             self.add_callback(_CheckpointFirstLayers(layers))
         self.precision_report = PrecisionReport(self)
         self.add_callback(self.precision_report)
+
+    def _get_output_dir(self, trial):
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, written into OUTPUT_DIR/.incomplete/checkpoint-N with its own rotation off, then
+        verified, marked complete, renamed to OUTPUT_DIR/checkpoint-N and rotated (checkpoints.save_atomically)."""
+
+        def write(staging_parent):
+            self._staging_run_dir, limit = staging_parent, self.args.save_total_limit
+            self.args.save_total_limit = None  # rotation counts complete checkpoints only, after the rename
+            try:
+                super(PretrainingTrainer, self)._save_checkpoint(model, trial)
+            finally:
+                self._staging_run_dir, self.args.save_total_limit = None, limit
+
+        save_atomically(self, write, run_dir=super()._get_output_dir(trial))
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The gradient norm as a tensor when there is one: the Trainer reads it (`.item()`, a device sync) only
