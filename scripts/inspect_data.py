@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from starcoder2_train.configs import RecipeError
 from starcoder2_train.data.pipeline import build_training_data
 from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.recipe import RecipeParser
@@ -40,4 +41,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RecipeError as error:  # a bad recipe, input or path: its message says what to do; no traceback
+        sys.exit(f"error: {error}")

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from starcoder2_train.configs import RecipeError
 from starcoder2_train.data.prepare import build_pipeline, make_executor
 from starcoder2_train.data.prepared import LOGS, prepared_skips, prepared_stats
 from starcoder2_train.data.tokenizer import load_tokenizer
@@ -81,4 +82,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RecipeError as error:  # a bad recipe, input or path: its message says what to do; no traceback
+        sys.exit(f"error: {error}")

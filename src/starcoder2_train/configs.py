@@ -42,6 +42,25 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and HUB_ID.fullmatch(name) is not None
 
 
+def hub_hint(name: str) -> str:
+    """What to do when `name`, a path or Hub id, could not be loaded: offline, only the cache is looked at."""
+    from huggingface_hub import constants
+
+    if os.path.exists(name):
+        return f"{name} exists on this machine but does not hold what is needed; check what is in it"
+    if not is_hub_id(name):
+        return f"{name} is neither an existing local path nor a Hub id (owner/name); check it"
+    if constants.HF_HUB_OFFLINE:
+        return (
+            f"HF_HUB_OFFLINE is set, so the Hub id {name} was looked up in the local cache only and is not there: "
+            "unset HF_HUB_OFFLINE to download it, or give a local directory"
+        )
+    return (
+        f"check that the Hub id {name} exists (https://huggingface.co/{name}), and for a private or gated "
+        "repository that HF_TOKEN grants access to it"
+    )
+
+
 def torch_dtype(name: str):
     """A `torch_dtype` value as transformers takes it: "auto", or the torch.dtype of that name."""
     if name not in TORCH_DTYPES:

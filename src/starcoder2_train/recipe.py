@@ -80,6 +80,7 @@ class RecipeParser(HfArgumentParser):
         where = {key: f"recipe {recipe_path}" for key in values}
         for key, value in parse_overrides(override_words).items():
             values[key], where[key] = value, "the command line"
+        self.where = where
         if str(values.get("dry_run", "false")).lower() in ("true", "1", "yes") and not _has_accelerator():
             # transformers refuses bf16 on a machine without a GPU; a dry run only plans, so plan from here too,
             # with the recipe's bf16 kept for the plan (training/dry_run.py).
@@ -88,6 +89,19 @@ class RecipeParser(HfArgumentParser):
             if key not in self.known_keys:
                 raise RecipeError(f"unknown key '{key}' in {where[key]}.{_suggest(key, self.known_keys)}")
         return values
+
+    def error(self, message: str):
+        """argparse's refusal of a value ("argument --seq_length: invalid int value: 'long'") as a RecipeError
+        naming the key and where it was written, instead of the usage of every key and an exit."""
+        key, _, reason = message.removeprefix("argument ").partition(": ")
+        key = key.split("/")[0].strip().removeprefix("--")
+        if not reason or key not in self.known_keys:
+            raise RecipeError(f"recipe: {message}")
+        where = getattr(self, "where", {}).get(key, "the recipe")
+        raise RecipeError(
+            f"{key}: {reason} (in {where}). Write a value of the key's type; each key's type and help are in "
+            "src/starcoder2_train/configs.py."
+        )
 
     def parse(self, argv: list[str] | None = None):
         """argv: [RECIPE.yaml] [--key value ...]; defaults to sys.argv[1:]."""

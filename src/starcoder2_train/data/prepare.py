@@ -22,6 +22,7 @@ the input files (a list of paths) is the only structure every task holds whole.
 import logging
 import os
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.data import Document
@@ -36,6 +37,7 @@ from starcoder2_train.data.shards import (
     file_filters,
     filter_repository_rows,
     parquet_layout,
+    python_rows,
     resolve_data_files,
 )
 from starcoder2_train.data.skips import UNREADABLE_PARQUET
@@ -68,7 +70,30 @@ def input_plan(data_args: DataArguments) -> list[tuple[str, str | None]]:
     plan = [(path, None if data_args.eval_data_files is None else "train") for path in resolve_data_files(data_args)]
     if data_args.eval_data_files:
         plan += [(path, "eval") for path in resolve_data_files(data_args, data_args.eval_data_files)]
+    check_layouts(plan)
     return plan
+
+
+def check_layouts(plan: list[tuple[str, str | None]]) -> None:
+    """Refuse a shard of the wrong layout or schema here, before any task starts (one footer read per file), rather
+    than in a task whose failure datatrove logs with a traceback. An unreadable file is left to its task, which
+    counts it."""
+    for path, _ in plan:
+        try:
+            with fsspec.open(path, "rb") as handle:
+                schema = pq.read_schema(handle)
+        except (pa.ArrowException, OSError):
+            continue
+        _check_repository_layout(path, schema)
+
+
+def _check_repository_layout(path: str, schema: pa.Schema) -> None:
+    if parquet_layout(path, schema) != "repository":
+        raise RecipeError(
+            f"{path}: one row per file; prepare_data.py's tasks read per-repository shards (a task cannot "
+            "group a repository's files across other tasks' files). Train from these shards without "
+            "prepared data, or convert them to one row per repository first."
+        )
 
 
 class RepositoryReader(PipelineStep):
@@ -88,14 +113,9 @@ class RepositoryReader(PipelineStep):
                 logger.warning("Skipping %s: not a readable parquet file (%s: %s).", path, type(error).__name__, error)
                 self.stat_update(f"parquet files: {UNREADABLE_PARQUET}")
                 continue
-            if parquet_layout(path, parquet.schema_arrow) != "repository":
-                raise RecipeError(
-                    f"{path}: one row per file; prepare_data.py's tasks read per-repository shards (a task cannot "
-                    "group a repository's files across other tasks' files). Train from these shards without "
-                    "prepared data, or convert them to one row per repository first."
-                )
+            _check_repository_layout(path, parquet.schema_arrow)
             for batch in parquet.iter_batches(batch_size=REPOSITORIES_PER_BATCH, columns=["repo_name", "files"]):
-                yield from self._documents(batch.to_pydict(), split)
+                yield from self._documents(python_rows(batch), split)
 
     def _documents(self, batch: dict, split: str | None):
         out = filter_repository_rows(batch, self.filters)

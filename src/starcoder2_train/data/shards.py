@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
-from starcoder2_train.configs import DataArguments, RecipeError, is_hub_id
+from starcoder2_train.configs import DataArguments, RecipeError, hub_hint, is_hub_id
 from starcoder2_train.data.languages import language_of
 from starcoder2_train.data.skips import (
     BEYOND_MAX_REPOSITORIES,
@@ -188,7 +188,7 @@ def resolve_data_files(data_args: DataArguments, data_files: list[str] | None = 
         except OSError as error:
             raise RecipeError(
                 f"dataset_name_or_path: {source} is not a local directory, and listing it as a Hub dataset failed "
-                f"({type(error).__name__}: {error}); check the path or id, the network and HF_TOKEN."
+                f"({type(error).__name__}: {error}); {hub_hint(source)}."
             ) from error
     else:
         raise RecipeError(
@@ -211,7 +211,12 @@ def parquet_layout(path: str, schema: pa.Schema, required=("repo_name", "path", 
     if "files" in names:
         files_type = schema.field("files").type
         item = files_type.value_type if pa.types.is_list(files_type) or pa.types.is_large_list(files_type) else None
-        fields = {item.field(i).name for i in range(item.num_fields)} if pa.types.is_struct(item) else set()
+        if item is None or not pa.types.is_struct(item):
+            raise RecipeError(
+                f"{path}: column files is {files_type}, not a list of structs with path and content (one per file "
+                "of the repository); rewrite the shard in that layout (scripts/ingest.py writes it)."
+            )
+        fields = {item.field(i).name for i in range(item.num_fields)}
         missing = [f"files.{name}" for name in required if name != "repo_name" and name not in fields]
         layout = "repository"
     else:
@@ -233,7 +238,77 @@ def parquet_layout(path: str, schema: pa.Schema, required=("repo_name", "path", 
             "repo_name and files (a list of structs with path and content), or one row per file with "
             f"repo_name, path and content; its columns are {', '.join(schema.names)}.{hint}"
         )
+    types = {"repo_name": schema.field("repo_name").type} if "repo_name" in names else {}
+    files = item if layout == "repository" else schema
+    types.update((name, files.field(name).type) for name in ("path", "content") if files.get_field_index(name) >= 0)
+    for name, type_ in types.items():
+        text = _is_text(type_) or (name == "content" and _is_text(type_, binary=True))
+        if name in required and not text:
+            column = name if layout == "file" or name == "repo_name" else f"files.{name}"
+            raise RecipeError(
+                f"{path}: column {column} is {type_}, not a string{' or bytes' if name == 'content' else ''}; "
+                "rewrite the shard with it as text (scripts/ingest.py writes the accepted layout)."
+            )
     return layout
+
+
+def _is_text(type_: pa.DataType, binary: bool = False) -> bool:
+    """A string (or with `binary`, a bytes) column, or one that holds only nulls."""
+    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
+    kinds += (pa.types.is_binary, pa.types.is_large_binary) if binary else ()
+    if pa.types.is_dictionary(type_):
+        type_ = type_.value_type
+    return any(kind(type_) for kind in kinds)
+
+
+def python_rows(batch: pa.Table | pa.RecordBatch) -> dict:
+    """An Arrow batch as Python lists. A string `content` holding bytes that are not UTF-8 (a writer that did not
+    validate them) is given as those bytes with src_encoding utf-8, so that decode_content counts that file as
+    undecodable instead of the whole parquet file failing; the other files of the batch are read as usual."""
+    try:
+        return batch.to_pydict()
+    except UnicodeDecodeError:
+        pass
+    layout = "repository" if "files" in batch.schema.names else "file"
+    binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+
+    def as_binary(field: pa.Field) -> pa.Field:
+        return field.with_type(binary.get(field.type, field.type)) if field.name == "content" else field
+
+    if layout == "repository":
+        files_type = batch.schema.field("files").type
+        item = pa.struct([as_binary(field) for field in files_type.value_type])
+        list_type = pa.large_list(item) if pa.types.is_large_list(files_type) else pa.list_(item)
+        schema = pa.schema([f.with_type(list_type) if f.name == "files" else f for f in batch.schema])
+    else:
+        schema = pa.schema([as_binary(field) for field in batch.schema])
+    rows = batch.cast(schema).to_pydict()
+    files = [file for files in rows["files"] for file in files or ()] if layout == "repository" else None
+    if files is None:  # per-file rows: the columns themselves
+        contents = rows["content"]
+        rows.setdefault("src_encoding", [None] * len(contents))
+        for index, content in enumerate(contents):
+            contents[index], encoding = _utf8_or_bytes(content)
+            rows["src_encoding"][index] = encoding or rows["src_encoding"][index]
+    else:
+        for file in files:
+            file["content"], encoding = _utf8_or_bytes(file.get("content"))
+            file["src_encoding"] = encoding or file.get("src_encoding")
+    return rows
+
+
+def _utf8_or_bytes(content) -> tuple:
+    """(text, None) for UTF-8 bytes, (the bytes, "utf-8") for the others (decode_content then counts them)."""
+    if not isinstance(content, bytes):
+        return content, None
+    try:
+        return content.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return content, "utf-8"
+
+
+def _rows_from_arrow(batch: pa.Table, function, filters: dict) -> dict:
+    return function(python_rows(batch), filters)
 
 
 def _columns_to_read(path: str, schema: pa.Schema, filters: dict) -> tuple[str, list[str]]:
@@ -271,18 +346,19 @@ def _read_file(path: str, filters: dict, num_proc: int | None, report: SkipRepor
     else:
         function, batch_size = _filter_file_rows, 1000
         features = Features({"repo_name": Value("string"), **FILE_FEATURES, "skip": Value("string")})
+    dataset = dataset.with_format("arrow")  # Arrow batches, which python_rows reads
     dataset = dataset.map(
-        function,
+        _rows_from_arrow,
         batched=True,
         batch_size=batch_size,
         writer_batch_size=batch_size,
-        fn_kwargs={"filters": filters},
+        fn_kwargs={"function": function, "filters": filters},
         features=features,
         remove_columns=dataset.column_names,
         num_proc=num_proc,
         desc=f"Checking files of {os.path.basename(path)}",
     )
-    return layout, dataset
+    return layout, dataset.with_format(None)
 
 
 def _unreadable(path: str, error: Exception, report: SkipReport) -> None:

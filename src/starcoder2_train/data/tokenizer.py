@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from starcoder2_train.configs import RecipeError
+from starcoder2_train.configs import RecipeError, hub_hint
 from starcoder2_train.data.shards import parquet_layout
 from starcoder2_train.data.special_tokens import EOS_TOKEN, STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
 
@@ -188,8 +188,9 @@ def load_tokenizer(name_or_path: str | None, revision: str = "main", trust_remot
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise RecipeError(
-            f"tokenizer_name_or_path: could not load a tokenizer from {name_or_path!r} ({error}). Give a directory "
-            "written by scripts/train_tokenizer.py or a Hub id such as bigcode/starcoder2-3b."
+            f"tokenizer_name_or_path: could not load a tokenizer from {name_or_path!r} ({error}); "
+            f"{hub_hint(name_or_path)}. Give a directory written by scripts/train_tokenizer.py or a Hub id such as "
+            "bigcode/starcoder2-3b."
         ) from error
     try:
         SpecialTokenIds.from_tokenizer(tokenizer, name=repr(name_or_path))

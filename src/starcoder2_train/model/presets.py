@@ -15,7 +15,7 @@ import os
 
 from transformers import AutoConfig, Starcoder2Config
 
-from starcoder2_train.configs import ModelArguments, RecipeError
+from starcoder2_train.configs import ModelArguments, RecipeError, hub_hint
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of 64 for tensor-core friendly shapes
 
@@ -140,11 +140,15 @@ def build_config(model_args: ModelArguments, tokenizer_vocab_size: int):
     (create_model resizes the embeddings after loading the weights).
     """
     if model_args.model_name_or_path is not None:
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path,
-            revision=model_args.model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-        )
+        name = model_args.model_name_or_path
+        try:
+            config = AutoConfig.from_pretrained(
+                name, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            raise RecipeError(
+                f"model_name_or_path: could not load a model config from {name!r} ({error}); {hub_hint(name)}."
+            ) from error
         return _apply_overrides(config, model_args)
     name = model_args.model_config
     needed = round_up(tokenizer_vocab_size)
