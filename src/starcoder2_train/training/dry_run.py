@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 
-from starcoder2_train.configs import FLASH_ATTENTION_2, RecipeError, tokens_per_step
+from starcoder2_train.configs import RecipeError, tokens_per_step
 from starcoder2_train.model.factory import count_parameters
 from starcoder2_train.model.memory import checkpointed_layers_to_fit, estimate_memory_per_gpu
 from starcoder2_train.training.loss import resolve_loss_kernel
@@ -76,11 +76,10 @@ def parallel_plan(training_args, torch_dtype: str, bf16: bool) -> dict:
     return {"precision": precision, "zero_stage": 0, "source": source}
 
 
-def planned_attention(requested: str, here: str) -> str:
-    """The attention the memory model assumes: auto → the flash kernel a CUDA GPU gets."""
-    if requested == "auto":
-        return FLASH_ATTENTION_2 if here == FLASH_ATTENTION_2 else "sdpa_varlen"
-    return requested
+def planned_attention(requested: str) -> str:
+    """The attention the memory model assumes: auto → the flash kernel a CUDA GPU gets (sdpa_varlen; the memory of
+    flash_attention_2, which auto picks where flash-attn is installed, is the same)."""
+    return "sdpa_varlen" if requested == "auto" else requested
 
 
 def memory_plan(config, model_args, data_args, training_args, bf16: bool | None = None) -> dict:
@@ -99,7 +98,7 @@ def memory_plan(config, model_args, data_args, training_args, bf16: bool | None 
         micro_batch_size=training_args.per_device_train_batch_size,
         seq_length=data_args.seq_length,
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
-        attn_implementation=planned_attention(model_args.attn_implementation, model_args.attn_implementation),
+        attn_implementation=planned_attention(model_args.attn_implementation),
         cross_document_attention=data_args.cross_document_attention,
         loss_kernel=loss,
         loss_chunk_size=chunk,
@@ -140,18 +139,19 @@ def without_zero3_init():
 
 
 def resolve_checkpointed_layers(
-    config, model_args, data_args, training_args, num_params: int | None = None, bf16: bool | None = None
+    config, model_args, data_args, training_args, num_params: int | None = None, plan: dict | None = None
 ):
     """For `gradient_checkpointing_layers: auto`: the fewest layers to checkpoint for the estimate to stay under
     AUTO_MEMORY_SHARE of gpu_memory_gb, set on training_args (gradient_checkpointing on when it is above 0).
-    Raises a RecipeError when even every layer checkpointed does not fit. Returns the number of layers."""
+    Raises a RecipeError when even every layer checkpointed does not fit. Returns the number of layers.
+    `plan`: memory_plan's result when the caller has it (a dry run, which plans with the recipe's bf16)."""
     if training_args.gradient_checkpointing_layers != "auto":
         return recipe_checkpointed_layers(config, training_args)
     if num_params is None:
         with without_zero3_init():
             num_params = count_parameters(config)
     budget = AUTO_MEMORY_SHARE * training_args.gpu_memory_gb
-    plan = memory_plan(config, model_args, data_args, training_args, bf16)
+    plan = plan or memory_plan(config, model_args, data_args, training_args)
     layers = checkpointed_layers_to_fit(config, num_params, budget, **plan)
     if layers is None:
         raise RecipeError(
@@ -174,11 +174,11 @@ def print_dry_run(config, model_args, data_args, training_args, attn_implementat
     bf16 = training_args.bf16 if bf16 is None else bf16
     parallel = parallel_plan(training_args, model_args.torch_dtype, bf16)
     requested_layers = training_args.gradient_checkpointing_layers
+    plan = memory_plan(config, model_args, data_args, training_args, bf16)
     try:
-        layers = resolve_checkpointed_layers(config, model_args, data_args, training_args, num_params, bf16)
+        layers = resolve_checkpointed_layers(config, model_args, data_args, training_args, num_params, plan)
     except RecipeError:  # auto and nothing fits: plan every layer checkpointed and say it does not fit
         layers = config.num_hidden_layers
-    plan = memory_plan(config, model_args, data_args, training_args, bf16)
     memory = estimate_memory_per_gpu(config, num_params, checkpointed_layers=layers, **plan)
     source = model_args.model_name_or_path or model_args.model_config
     print(f"dry run: {source}")

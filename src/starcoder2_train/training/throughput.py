@@ -64,6 +64,7 @@ class ThroughputCallback(TrainerCallback):
         self.config = None
         self.device = torch.device("cpu")
         self._flops_per_token = {}
+        self._last_end = None  # CUDA: the event at the last step's end, where the next interval's first gap starts
         self._reset(time.perf_counter())
 
     def _reset(self, now: float) -> None:
@@ -71,7 +72,6 @@ class ThroughputCallback(TrainerCallback):
         self._lengths = []  # per batch: (row width, real tokens per row as a tensor)
         self._wait = 0.0
         self._events = []  # CUDA: (end of the previous step, start of this one)
-        self._last_end = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.device.type == "cuda" and self._last_end is not None:
@@ -109,6 +109,7 @@ class ThroughputCallback(TrainerCallback):
             self.peak_flops = peak_flops_for_device(torch.cuda.get_device_name(self.device))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        self._last_end = None
         self._reset(time.perf_counter())
 
     def measure(self, world_size: int = 1) -> dict:
@@ -122,7 +123,6 @@ class ThroughputCallback(TrainerCallback):
             real_tokens += sum(lengths)
             # The attention term depends on the sequence length: count each row at its own real length.
             flops += sum(length * self.flops_per_token(length) for length in lengths if length > 0)
-        last_end = self._last_end
         figures = {
             "tokens_per_second_per_device": total_tokens / elapsed,
             "tokens_per_second": total_tokens / elapsed * world_size,
@@ -137,7 +137,6 @@ class ThroughputCallback(TrainerCallback):
         if self.peak_flops:
             figures["mfu_causal"] = flops / elapsed / self.peak_flops
         self._reset(now)
-        self._last_end = last_end  # the next interval's first gap starts at this step's end
         return figures
 
     def on_log(self, args, state, control, logs=None, **kwargs):
