@@ -29,6 +29,8 @@ TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Evaluation tasks (evaluation/): all of them run in scripts/evaluate.py; the cheap ones also during training.
 EVAL_TASKS = ("loss", "fim", "humaneval")
 TRAINING_EVAL_TASKS = ("loss", "fim")
+# StarCoder2's linear layers (attention q/k/v/o_proj, MLP c_fc and c_proj): the LoRA targets by default.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")
 # A Hub repository id: owner/name (a dataset, model or tokenizer).
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -165,6 +167,21 @@ class ModelArguments:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Train low-rank adapters (peft LoRA) on lora_target_modules; the base stays frozen."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r (adapter weights: r × (in + out) per layer)."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA scale numerator: the update is (alpha/r)·B·A."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input, in [0, 1)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGET_MODULES),
+        metadata={"help": f"Linear layers that get adapters (StarCoder2's: {', '.join(LORA_TARGET_MODULES)})."},
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CUDA only; needs use_lora)."},
+    )
 
     def __post_init__(self):
         if (self.model_name_or_path is None) == (self.model_config is None):
@@ -183,6 +200,11 @@ class ModelArguments:
         torch_dtype(self.torch_dtype)
         if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
             raise RecipeError(f"attention_dropout: must be in [0, 1), got {self.attention_dropout}.")
+        if self.load_in_4bit and not (self.use_lora and self.model_name_or_path):
+            raise RecipeError(
+                "load_in_4bit: QLoRA trains adapters over a quantized checkpoint: set use_lora: true and "
+                "model_name_or_path, or load_in_4bit: false."
+            )
         for key in ("rope_theta", "max_position_embeddings", "sliding_window"):
             value = getattr(self, key)
             if value is not None and value <= 0:
