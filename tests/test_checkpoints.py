@@ -24,6 +24,7 @@ from starcoder2_train.training.checkpoints import (
     CheckpointError,
     _mark_complete,
     newest_complete_checkpoint,
+    recipe_differences,
     resolve_resume,
     rotate,
     verify_checkpoint,
@@ -114,6 +115,24 @@ def test_an_output_dir_or_a_checkpoint_of_another_recipe_is_refused(setup, tmp_p
     with pytest.raises(RecipeError, match=rf"resume_from_checkpoint {checkpoint} was made by .*seq_length"):
         short_run(setup, tmp_path / "new", "--seq_length", "32", "--resume_from_checkpoint", str(checkpoint))
     assert "Use a new output_dir" in str(pytest.raises(RecipeError, short_run, setup, out, "--seed", "6").value)
+
+
+def test_a_key_added_since_the_checkpoint_counts_at_its_default():
+    """A checkpoint written before this project had a key (its run_recipe.json lacks it) is the same run while
+    the key keeps its default, and another run once the recipe changes it."""
+    from starcoder2_train.configs import DataArguments, ModelArguments
+    from starcoder2_train.training.checkpoints import run_recipe
+
+    def recipe(**values):
+        model_args = ModelArguments(model_config="test", **values)
+        return run_recipe(model_args, DataArguments(dataset_name_or_path="data"), SimpleNamespace(seed=1), {})
+
+    older = recipe()
+    del older["defining"]["lora_r"], older["defaults"]["lora_r"]
+    older.pop("defaults")  # written by a version that recorded no defaults either
+    assert recipe_differences(older, recipe()) == []
+    assert recipe_differences(older, recipe(lora_r=8)) == ["lora_r"]
+    assert recipe_differences(recipe(), recipe(sliding_window=16)) == ["sliding_window"]
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ marked sizes, logs each one it skipped and why, and refuses an output_dir or a c
 (`run_recipe.json`: the values that define the run's model and data, compared key by key).
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -276,23 +277,42 @@ def save_atomically(trainer, write, run_dir: str) -> str:
 # -- The run's recipe ------------------------------------------------------------------------------------------
 
 
+def _field_defaults(arguments) -> dict:
+    defaults = {}
+    for item in dataclasses.fields(arguments):
+        if item.default is not dataclasses.MISSING:
+            defaults[item.name] = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            defaults[item.name] = item.default_factory()
+    return defaults
+
+
 def run_recipe(model_args, data_args, training_args, recipe_values: dict) -> dict:
     """What defines a run, for run_recipe.json: every model and data value (but the speed-only NOT_DEFINING) and
-    the seed, with the recipe as given (recipe_values) for people to read."""
-    defining = {}
+    the seed, with the recipe as given (recipe_values) for people to read, and each key's default (so that a key
+    added by a newer version of this project, at its default, does not make an older checkpoint another run's)."""
+    defining, defaults = {}, {}
     for arguments in (model_args, data_args):
         defining.update({k: v for k, v in vars(arguments).items() if k not in NOT_DEFINING})
+        defaults.update({k: v for k, v in _field_defaults(arguments).items() if k not in NOT_DEFINING})
     defining["seed"] = training_args.seed
-    return json.loads(json.dumps({"defining": defining, "recipe_values": recipe_values}, default=str))
+    record = {"defining": defining, "defaults": defaults, "recipe_values": recipe_values}
+    return json.loads(json.dumps(record, default=str))
 
 
 def recipe_differences(saved: dict | None, current: dict) -> list[str]:
     """The defining keys whose values differ between two run recipes (none when `saved` is None: nothing to
-    compare with)."""
+    compare with). A key one of them lacks (written by another version of this project) counts at its default."""
     if saved is None:
         return []
     old, new = saved.get("defining", {}), current["defining"]
-    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+    defaults = {**saved.get("defaults", {}), **current.get("defaults", {})}
+    absent = object()
+
+    def value(side: dict, key: str):
+        return side[key] if key in side else defaults.get(key, absent)
+
+    return sorted(key for key in set(old) | set(new) if value(old, key) != value(new, key))
 
 
 def _read_recipe(folder: str) -> dict | None:
