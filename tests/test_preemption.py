@@ -1,7 +1,9 @@
 """Preemption: SIGTERM/SIGUSR1 → a complete checkpoint at the same step on every rank → exit 75 → the same command
-resumes and trains exactly as an uninterrupted run (losses within rel 1e-5), in one process and under ZeRO-2 with
-2 processes (signal to one rank only). Real processes; the training steps are slowed by a test-only driver
-(tests write it; nothing in the package knows about it) so that a signal lands mid-run."""
+resumes and trains exactly as an uninterrupted run (losses within rel 1e-5, the same windows at every step, none
+twice, none missed), in one process and under ZeRO-2 with 2 processes (signal to one rank only); and a ZeRO-3 job
+of 2 processes killed outright after a checkpoint resumes from it the same way. Real processes; the training steps
+are slowed by a test-only driver (tests write it; nothing in the package knows about it) so that a signal lands
+mid-run."""
 
 import json
 import os
@@ -21,14 +23,27 @@ from starcoder2_train.training.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE
 ROOT = Path(__file__).parents[1]
 
 # Prints each optimizer step, sleeps STEP_DELAY after it (before the preemption check of that step), and, with
-# SLOW_SAVE=N, announces the optimizer file of checkpoint N and sleeps 120 s before writing it.
+# SLOW_SAVE=N, announces the optimizer file of checkpoint N and sleeps 120 s before writing it. With WINDOW_LOG=DIR,
+# each rank appends the identity (sha1 of input_ids) of every window it trains on, with the step, to
+# DIR/rank<R>.jsonl.
 DRIVER = """
-import importlib.util, os, sys, time
+import hashlib, importlib.util, json, os, sys, time
 import torch
 from transformers import TrainerCallback
 import starcoder2_train.training.trainer as trainer_module
 
 DELAY, SLOW_SAVE = float(os.environ.get("STEP_DELAY", "0")), os.environ.get("SLOW_SAVE")
+WINDOW_LOG = os.environ.get("WINDOW_LOG")
+
+training_step = trainer_module.PretrainingTrainer.training_step
+def logged_training_step(self, model, inputs, *args, **kwargs):
+    if WINDOW_LOG:
+        rows = [hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in inputs["input_ids"].cpu()]
+        os.makedirs(WINDOW_LOG, exist_ok=True)
+        with open(os.path.join(WINDOW_LOG, f"rank{self.args.process_index}.jsonl"), "a") as handle:
+            handle.write(json.dumps({"step": self.state.global_step + 1, "windows": rows}) + "\\n")
+    return training_step(self, model, inputs, *args, **kwargs)
+trainer_module.PretrainingTrainer.training_step = logged_training_step
 
 class Steps(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
@@ -103,10 +118,30 @@ def one_process(recipe, driver, out) -> list[str]:
     return command + ["--output_dir", str(out)]
 
 
-def two_processes(recipe, driver, out) -> list[str]:
+def two_processes(recipe, driver, out, stage: int = 2) -> list[str]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    command += ["accelerate_configs/deepspeed_zero2.yaml", "--num_processes", "2", "--main_process_port", "0"]
+    command += [f"accelerate_configs/deepspeed_zero{stage}.yaml", "--num_processes", "2", "--main_process_port", "0"]
     return command + [str(driver), str(recipe), "--per_device_train_batch_size", "2", "--output_dir", str(out)]
+
+
+def trained_windows(log_dir: Path) -> dict[int, list[str]]:
+    """Step → the identities of the windows all ranks trained on at that step (sorted), from WINDOW_LOG files."""
+    steps: dict[int, list[str]] = {}
+    for path in sorted(log_dir.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps.setdefault(record["step"], []).extend(record["windows"])
+    return {step: sorted(windows) for step, windows in sorted(steps.items())}
+
+
+def assert_windows_continue(before: dict, after: dict, resumed_at: int, reference: dict) -> None:
+    """The windows of the resumed run's history (those of `before` up to the checkpoint's step, then `after`) are
+    exactly the uninterrupted run's, step by step: none is trained twice, none is missed."""
+    assert min(after) == resumed_at + 1, (sorted(before), sorted(after))
+    history = {step: windows for step, windows in before.items() if step <= resumed_at} | after
+    assert history == reference
+    every = [window for windows in history.values() for window in windows]
+    assert len(every) == len(set(every)) == sum(map(len, reference.values()))
 
 
 def run(command, **env) -> subprocess.CompletedProcess:
@@ -138,9 +173,12 @@ def signal_mid_run(command, signum, at_step: int, rank: int, **env) -> tuple[int
 
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
+    """The losses and the windows of each step of the run never stopped."""
     root, recipe, driver = setup
-    run(one_process(recipe, driver, root / "reference"))
-    return losses(root / "reference")
+    run(one_process(recipe, driver, root / "reference"), WINDOW_LOG=str(root / "windows-reference"))
+    windows = trained_windows(root / "windows-reference")
+    assert sorted(windows) == list(range(1, 9)) and all(len(rows) == 4 for rows in windows.values())
+    return losses(root / "reference"), windows
 
 
 @pytest.mark.slow
@@ -148,9 +186,11 @@ def test_one_process_stops_at_a_complete_checkpoint_and_resumes_like_an_uninterr
     root, recipe, driver = setup
     out = root / "one"
     requeue_file = root / "requeue-one.json"
+    reference_losses, reference_windows = uninterrupted
     status, output, seconds = signal_mid_run(
-        one_process(recipe, driver, out), signal.SIGTERM, at_step=3, rank=0, **{REQUEUE_FILE_ENV: str(requeue_file)}
-    )
+        one_process(recipe, driver, out), signal.SIGTERM, at_step=3, rank=0,
+        **{REQUEUE_FILE_ENV: str(requeue_file), "WINDOW_LOG": str(root / "windows-one-1")},
+    )  # fmt: skip
     assert status == REQUEUE_EXIT_CODE, output[-5000:]
     assert seconds < 30, output[-3000:]
     assert "preemption: SIGTERM received; saving a checkpoint at step 3" in output
@@ -160,9 +200,12 @@ def test_one_process_stops_at_a_complete_checkpoint_and_resumes_like_an_uninterr
     assert json.loads(requeue_file.read_text())["step"] == 3
     assert not (out / "model.safetensors").exists()  # stopped: no final model, no evaluation
     # The same command again resumes from checkpoint-3 and trains the remaining steps exactly.
-    result = run(one_process(recipe, driver, out) + ["--log_level", "info"])
+    result = run(one_process(recipe, driver, out) + ["--log_level", "info"], WINDOW_LOG=str(root / "windows-one-2"))
     assert f"resuming from {checkpoint}" in result.stdout + result.stderr
-    assert losses(out) == pytest.approx(uninterrupted, rel=1e-5) and len(uninterrupted) == 8
+    assert losses(out) == pytest.approx(reference_losses, rel=1e-5) and len(reference_losses) == 8
+    before, after = trained_windows(root / "windows-one-1"), trained_windows(root / "windows-one-2")
+    assert max(before) == 3  # the signal's step is the last trained: nothing trained and lost
+    assert_windows_continue(before, after, 3, reference_windows)
 
 
 @pytest.mark.slow
@@ -173,9 +216,11 @@ def test_two_deepspeed_ranks_stop_at_the_same_step_when_only_one_is_signalled(se
     root, recipe, driver = setup
     out = root / "two"
     requeue_file = root / "requeue-two.json"
+    reference_losses, reference_windows = uninterrupted
     status, output, _ = signal_mid_run(
-        two_processes(recipe, driver, out), signal.SIGUSR1, at_step=3, rank=1, **{REQUEUE_FILE_ENV: str(requeue_file)}
-    )
+        two_processes(recipe, driver, out), signal.SIGUSR1, at_step=3, rank=1,
+        **{REQUEUE_FILE_ENV: str(requeue_file), "WINDOW_LOG": str(root / "windows-two-1")},
+    )  # fmt: skip
     # accelerate's launcher reports a worker's status 75 as its own 1; the requeue file says why.
     assert status != 0 and f"exitcode  : {REQUEUE_EXIT_CODE}" in output, output[-5000:]
     record = json.loads(requeue_file.read_text())
@@ -186,8 +231,50 @@ def test_two_deepspeed_ranks_stop_at_the_same_step_when_only_one_is_signalled(se
     assert {"rng_state_0.pth", "rng_state_1.pth", COMPLETE_MARKER} <= set(os.listdir(checkpoint))
     assert len(list(checkpoint.glob("global_step*/*optim_states.pt"))) == 2
     assert "saving a checkpoint at step" in output and "a signal to another rank" in output
-    run(two_processes(recipe, driver, out))
-    assert losses(out) == pytest.approx(uninterrupted, rel=1e-5)
+    run(two_processes(recipe, driver, out), WINDOW_LOG=str(root / "windows-two-2"))
+    assert losses(out) == pytest.approx(reference_losses, rel=1e-5)
+    before, after = trained_windows(root / "windows-two-1"), trained_windows(root / "windows-two-2")
+    assert max(before) == record["step"]
+    assert_windows_continue(before, after, record["step"], reference_windows)
+
+
+@pytest.mark.slow
+def test_two_zero3_ranks_killed_after_a_checkpoint_resume_with_the_same_windows_and_losses(setup, uninterrupted):
+    """SIGKILL to the whole job (a node lost) two steps after checkpoint-3 under ZeRO-3: the restart takes
+    checkpoint-3 (its parameter and optimizer shards of both ranks), trains steps 4-8 again on exactly the windows
+    and to the losses of the run never stopped; steps 4-5 of the killed run are what was lost."""
+    pytest.importorskip("deepspeed")
+    root, recipe, driver = setup
+    reference_losses, reference_windows = uninterrupted
+    out = root / "zero3"
+    command = two_processes(recipe, driver, out, stage=3) + ["--save_strategy", "steps", "--save_steps", "3"]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=dict(LAUNCH_ENV, STEP_DELAY="1.0", WINDOW_LOG=str(root / "windows-zero3-1")),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    lines, workers = [], {}
+    for line in process.stdout:
+        lines.append(line)
+        match = re.match(r"STEP (\d+) RANK (\d+) PID (\d+)", line)
+        if match:
+            workers[int(match[2])] = int(match[3])
+        if match and int(match[1]) == 5 and len(workers) == 2:
+            # The workers run in sessions of their own (torch elastic): kill them and the launcher, as a lost node.
+            for pid in [*workers.values(), process.pid]:
+                os.kill(pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(lines)[-5000:]
+    checkpoint, _ = newest_complete_checkpoint(str(out))
+    assert checkpoint == str(out / "checkpoint-3")
+    assert verify_checkpoint(checkpoint, world_size=2) == []
+    assert len(list((out / "checkpoint-3").glob("global_step*/*model_states.pt"))) == 2  # ZeRO-3: parameter shards
+    result = run(command + ["--log_level", "info"], WINDOW_LOG=str(root / "windows-zero3-2"))
+    assert f"resuming from {checkpoint}" in result.stdout + result.stderr, result.stdout[-6000:]
+    assert losses(out) == pytest.approx(reference_losses, rel=1e-5)
+    before, after = trained_windows(root / "windows-zero3-1"), trained_windows(root / "windows-zero3-2")
+    assert max(before) >= 5  # steps 4 and 5 were trained, then lost with the processes
+    assert_windows_continue(before, after, 3, reference_windows)
 
 
 def test_the_handler_only_sets_a_flag_and_one_process_agrees_with_itself():
