@@ -15,6 +15,10 @@ starcoder2_train.benchmarking.download).
 `--scale_tokens N [--seq_length S] [--vocab_size V] [--num_windows W]` runs the token-store benchmark instead:
 N synthetic tokens written to DIR/token_store with the project's writer, opened as training opens them, W
 shuffled windows read; its last line is the figures as JSON (starcoder2_train.benchmarking.token_store).
+`--restarts FIRST,SECOND [--model_config test] [--seq_length S] [--batch_size B] [--repeats R]` runs the restart
+benchmark instead: training saves a checkpoint every FIRST steps up to SECOND, then restarts from checkpoints
+FIRST and SECOND are timed from the command's start to the first new step, this project's run_pretrain.py beside
+the plain Trainer resuming a streamed dataset (starcoder2_train.benchmarking.resume).
 Set RAYON_NUM_THREADS=1 so that the Rust tokenizer uses one core, as the per-core figures assume.
 `--json PATH` writes the figures there, with the commit, date and command that produced them.
 The measurements are in starcoder2_train.benchmarking.data_pipeline.
@@ -36,6 +40,10 @@ def main(argv=None):
     parser.add_argument("--scale_tokens", type=int, default=None, metavar="N", help="Benchmark the token store.")
     parser.add_argument("--seq_length", type=int, default=4096, help="Window length (token-store benchmark).")
     parser.add_argument("--num_windows", type=int, default=2000, help="Windows read (token-store benchmark).")
+    parser.add_argument("--restarts", default=None, metavar="FIRST,SECOND", help="Benchmark restarts at 2 steps.")
+    parser.add_argument("--model_config", default="test", help="Model preset (restart benchmark).")
+    parser.add_argument("--batch_size", type=int, default=8, help="Windows per step (restart benchmark).")
+    parser.add_argument("--repeats", type=int, default=3, help="Restarts per point and side (restart benchmark).")
     args = parser.parse_args(argv)
     # Read when the datasets library is imported, so set before the package's modules are.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -49,6 +57,16 @@ def main(argv=None):
         record = run_record(argv, __file__, packages=("boto3", "moto"))
         figures = {**record, "download": download_throughput(args.download, args.output)}
         print_download(figures["download"])
+        if args.json:
+            write_json(args.json, figures)
+        return figures
+    if args.restarts is not None:
+        from starcoder2_train.benchmarking.resume import measure_restarts, print_restarts
+
+        args.first_point, args.second_point = (int(word) for word in args.restarts.split(","))
+        args.work = args.output or tempfile.mkdtemp(prefix="benchmark_restarts_")
+        figures = {**run_record(argv, __file__, packages=("datasets", "accelerate")), **measure_restarts(args)}
+        print_restarts(figures)
         if args.json:
             write_json(args.json, figures)
         return figures
