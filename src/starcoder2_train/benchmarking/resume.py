@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -146,7 +147,7 @@ def summarise(results: dict, args) -> dict:
     tokens_per_step = args.batch_size * args.seq_length
     first, second = str(args.first_point), str(args.second_point)
     for figures in results.values():
-        medians = {point: sorted(times)[len(times) // 2] for point, times in figures["restarts"].items()}
+        medians = {point: statistics.median(times) for point, times in figures["restarts"].items()}
         figures["median_seconds"] = medians
         slope = (medians[second] - medians[first]) / (args.second_point - args.first_point)
         figures["seconds_per_skipped_step"] = slope
