@@ -76,6 +76,14 @@ def check_target_modules(model, target_modules: Sequence[str] | str) -> list[str
     return list(targets)
 
 
+def check_targets_for_config(config, target_modules: Sequence[str] | str) -> list[str]:
+    """check_target_modules on the architecture of `config`, built on the meta device (no weights, milliseconds):
+    a wrong target is refused before any data or weights are read."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return check_target_modules(model, target_modules)
+
+
 def apply_lora(
     model,
     *,

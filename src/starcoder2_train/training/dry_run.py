@@ -164,6 +164,29 @@ def resolve_checkpointed_layers(
     return layers
 
 
+LORA_BASE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # per frozen weight; NF4: 0.5
+
+
+def lora_memory(config, num_params: int, model_args, memory: dict) -> dict:
+    """The full-training estimate with LoRA's model states instead: the frozen base (NF4 about 0.5 bytes a weight
+    with double quantization, else its dtype's bytes), no gradients or Adam states for it, and 16 bytes per
+    adapter weight (fp32 weight, gradient, two Adam moments). Activations and the rest as for full training,
+    which is what LoRA keeps too (unmeasured on a GPU so far; the full-training estimate is the tested one)."""
+    from starcoder2_train.model.lora import lora_parameter_count
+
+    trainable = lora_parameter_count(config, model_args.lora_r, model_args.lora_target_modules)
+    rest = memory["total"] - memory["weights"] - memory["gradients"] - memory["optimizer_states"]
+    base = 0.5 if model_args.load_in_4bit else LORA_BASE_BYTES[model_args.torch_dtype]
+    weights, adapter_states = base * num_params / 1e9, 16 * trainable / 1e9
+    return {
+        "base_weights": weights,
+        "adapter_states": adapter_states,
+        "activations_and_rest": rest,
+        "total": weights + adapter_states + rest,
+        "lora": {"trainable": trainable},
+    }
+
+
 def print_dry_run(config, model_args, data_args, training_args, attn_implementation: str, bf16=None) -> dict:
     """Print the model, tokens per optimizer step and the per-GPU memory estimate; return them as a dict.
     `bf16`: the recipe's value where the parser had to drop it (a dry run on a machine without a GPU)."""
@@ -202,6 +225,15 @@ def print_dry_run(config, model_args, data_args, training_args, attn_implementat
         f"memory per GPU ({sharding}, {world_size} GPU(s)), GB: "
         + ", ".join(f"{key} {value:.2f}" for key, value in memory.items())
     )
+    if model_args.use_lora:
+        memory = lora_memory(config, num_params, model_args, memory)
+        lora = memory.pop("lora")
+        print(
+            f"LoRA r {model_args.lora_r} on {', '.join(model_args.lora_target_modules)}: trainable "
+            f"{lora['trainable']:,} of {num_params:,} ({lora['trainable'] / num_params:.2%}); base "
+            f"{'NF4 (QLoRA)' if model_args.load_in_4bit else model_args.torch_dtype}, frozen"
+        )
+        print("memory per GPU with LoRA, GB: " + ", ".join(f"{key} {value:.2f}" for key, value in memory.items()))
     budget = training_args.gpu_memory_gb
     if memory["total"] <= budget:
         print(f"fits: peak {memory['total']:.1f} GB of gpu_memory_gb {budget:g}")

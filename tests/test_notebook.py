@@ -1,0 +1,159 @@
+"""notebooks/finetune_lora.ipynb executed end to end by papermill (a real Jupyter kernel), on a tiny saved model
+and a folder of synthetic repositories: ingest, packed samples, LoRA training with FIM, loss curve, infill before
+and after, merge; and the Python API it uses, in this process."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import random_repositories
+
+ROOT = Path(__file__).parents[1]
+NOTEBOOK = ROOT / "notebooks" / "finetune_lora.ipynb"
+
+# The tiny model on a CPU: what the notebook's `overrides` parameter changes in the 3B LoRA recipe.
+TINY = dict(
+    torch_dtype="float32",
+    bf16=False,
+    use_cpu=True,
+    seq_length=64,
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=1,
+    gradient_checkpointing_layers=0,
+    learning_rate=5e-3,
+    warmup_steps=1,
+    lora_r=8,
+    eval_fraction=0.3,
+    eval_strategy="no",
+    save_strategy="no",
+    logging_steps=1,
+    report_to="none",
+    num_proc=1,
+    dataloader_num_workers=0,
+    loss_kernel="transformers",
+    disable_tqdm=True,
+)
+
+
+@pytest.fixture(scope="module")
+def base_and_code(tmp_path_factory, tokenizer_dir):
+    """A saved tiny base model with its tokenizer, and a folder of 20 repositories (one per sub-folder), of which
+    eval_fraction 0.3 holds out 2."""
+    from starcoder2_train.configs import ModelArguments
+    from starcoder2_train.data.splits import eval_share
+    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.model.factory import create_model
+
+    root = tmp_path_factory.mktemp("notebook")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = create_model(ModelArguments(model_config="test", torch_dtype="float32"), tokenizer=tokenizer)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    repositories = random_repositories(20, seed=23, max_files=4)
+    names = [repository["repo_name"].replace("/", "__") for repository in repositories]  # the folders' names
+    assert sum(eval_share(name) < TINY["eval_fraction"] for name in names) == 2
+    for repository in repositories:
+        for file in repository["files"]:
+            path = root / "code" / repository["repo_name"].replace("/", "__") / file["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(file["content"] * 3)
+    return root
+
+
+def adapter_weights_and_base(output_dir: Path):
+    files = set(os.listdir(output_dir / "adapter"))
+    return files, set(os.listdir(output_dir / "merged"))
+
+
+@pytest.mark.slow
+def test_the_notebook_fine_tunes_merges_and_saves(base_and_code):
+    papermill = pytest.importorskip("papermill")
+    root = base_and_code
+    output_dir = root / "run"
+    executed = root / "executed.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(executed),
+        parameters=dict(
+            model_name_or_path=str(root / "base"),
+            code_dir=str(root / "code"),
+            output_dir=str(output_dir),
+            max_steps=12,
+            overrides=TINY,
+        ),
+        cwd=str(ROOT / "notebooks"),  # as Jupyter opens it; the recipe path resolves against the root
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    notebook = json.loads(executed.read_text())
+    tags = notebook["cells"][1]["metadata"].get("tags", [])
+    assert "parameters" in tags
+    outputs = "".join(
+        "".join(output.get("text", "")) + json.dumps(output.get("data", {}))
+        for cell in notebook["cells"]
+        if cell["cell_type"] == "code"
+        for output in cell.get("outputs", [])
+    )
+    assert "<file_sep>" in outputs and "<fim_" in outputs  # the packed sample, as the model sees it
+    assert "expected:" in outputs and "before:" in outputs and "after:" in outputs
+    adapter, merged = adapter_weights_and_base(output_dir)
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= adapter
+    assert "model.safetensors" in merged and not any(name.startswith("adapter_") for name in merged)
+    assert (output_dir / "loss_curve.png").stat().st_size > 1000
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_the_api_refuses_an_unknown_key_and_a_wrong_type_when_set(base_and_code):
+    from starcoder2_train import Recipe
+    from starcoder2_train.configs import RecipeError
+
+    recipe = Recipe(ROOT / "recipes" / "starcoder2-3b" / "finetune_lora.yaml", bf16=False)
+    with pytest.raises(RecipeError, match="unknown key 'lora_rank'"):
+        recipe.set(lora_rank=8)
+    with pytest.raises(RecipeError, match="lora_r: invalid int value"):
+        recipe.set(lora_r="eight")
+    assert recipe["lora_r"] == 16 and "lora_rank" not in recipe.values  # a refused change changes nothing
+    model_args, _, _, _ = recipe.set(lora_r=4).arguments()
+    assert model_args.lora_r == 4 and model_args.use_lora
+    with pytest.raises(RecipeError, match="use_lora"):
+        Recipe(ROOT / "recipes" / "tiny" / "pretrain.yaml").merge_adapter()
+
+
+def test_a_lora_recipe_with_a_target_starcoder2_lacks_is_refused_before_training(base_and_code, tmp_path):
+    from starcoder2_train import Recipe, ingest_code
+    from starcoder2_train.configs import RecipeError
+
+    root = base_and_code
+    ingest_code(root / "code", tmp_path / "data")
+    recipe = Recipe(
+        ROOT / "recipes" / "starcoder2-3b" / "finetune_lora.yaml",
+        model_name_or_path=str(root / "base"),
+        tokenizer_name_or_path=str(root / "base"),
+        dataset_name_or_path=str(tmp_path / "data"),
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        lora_target_modules=["q_proj", "gate_proj"],
+        **TINY,
+    )
+    with pytest.raises(RecipeError, match="gate_proj"):
+        recipe.train()
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_the_dry_run_of_a_lora_recipe_reports_trainable_parameters_and_memory(capsys, base_and_code):
+    from starcoder2_train import Recipe
+
+    root = base_and_code
+    Recipe(
+        ROOT / "recipes" / "starcoder2-3b" / "finetune_lora.yaml",
+        model_name_or_path=str(root / "base"),
+        tokenizer_name_or_path=str(root / "base"),
+        seq_length=512,
+        dry_run=True,
+    ).dry_run()
+    printed = capsys.readouterr().out
+    assert "LoRA r 16 on q_proj, k_proj, v_proj, o_proj, c_fc, c_proj: trainable" in printed
+    assert "memory per GPU with LoRA, GB: base_weights" in printed and "adapter_states" in printed
