@@ -157,3 +157,40 @@ def test_the_dry_run_of_a_lora_recipe_reports_trainable_parameters_and_memory(ca
     printed = capsys.readouterr().out
     assert "LoRA r 16 on q_proj, k_proj, v_proj, o_proj, c_fc, c_proj: trainable" in printed
     assert "memory per GPU with LoRA, GB: base_weights" in printed and "adapter_states" in printed
+
+
+@pytest.mark.slow
+def test_a_lora_run_saves_complete_checkpoints_and_resumes_from_them(base_and_code, tmp_path):
+    """Checkpoints of a LoRA run hold the adapter and its optimizer state and pass verification; a restart of the
+    same recipe from one continues with the uninterrupted run's losses."""
+    from starcoder2_train import Recipe, ingest_code
+    from starcoder2_train.training.checkpoints import newest_complete_checkpoint, verify_checkpoint
+
+    root = base_and_code
+    ingest_code(root / "code", tmp_path / "data")
+
+    def recipe(output_dir, max_steps):
+        values = dict(TINY, save_strategy="steps", save_steps=3, eval_fraction=0.0)
+        return Recipe(
+            ROOT / "recipes" / "starcoder2-3b" / "finetune_lora.yaml",
+            model_name_or_path=str(root / "base"),
+            tokenizer_name_or_path=str(root / "base"),
+            dataset_name_or_path=str(tmp_path / "data"),
+            output_dir=str(output_dir),
+            max_steps=max_steps,
+            **values,
+        )
+
+    def losses(output_dir):
+        state = json.loads((output_dir / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    recipe(tmp_path / "whole", 6).train()
+    checkpoint, skipped = newest_complete_checkpoint(str(tmp_path / "whole"))
+    assert checkpoint == str(tmp_path / "whole" / "checkpoint-6") and skipped == [], skipped
+    first = tmp_path / "whole" / "checkpoint-3"
+    assert verify_checkpoint(str(first)) == []
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt"} <= set(os.listdir(first))
+    # A restart from step 3 (another output_dir, the same recipe) trains steps 4-6 as the whole run did.
+    recipe(tmp_path / "resumed", 6).train(resume_from_checkpoint=str(first))
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)

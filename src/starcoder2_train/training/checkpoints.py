@@ -48,6 +48,7 @@ STAGING_DIR = ".incomplete"  # OUTPUT_DIR/.incomplete/checkpoint-N while a save 
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last, with fsync: {"step", "files": {name: size}}
 RUN_RECIPE = "run_recipe.json"  # in OUTPUT_DIR and in every checkpoint
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+UNMARKED = frozenset({"README.md"})  # rewritten after the marker (the model card); not needed to resume
 # Recipe keys of the model and data that do not change what is trained: how fast, not what.
 NOT_DEFINING = frozenset({"num_proc", "attn_implementation", "flash_attention_impl", "trust_remote_code"})
 
@@ -150,13 +151,16 @@ def completeness_problem(folder: str) -> str | None:
         return f"unreadable {COMPLETE_MARKER} ({error})"
     for name, size in marked.items():
         path = os.path.join(folder, name)
+        if name in UNMARKED:  # marked by an earlier version of this project; rewritten since, by design
+            continue
         if not os.path.exists(path) or os.path.getsize(path) != size:
             return f"{name}: {os.path.getsize(path) if os.path.exists(path) else 'no'} bytes, marked {size}"
     return None
 
 
 def _mark_complete(folder: str, step: int) -> None:
-    files = _files(folder)
+    # The model card is rewritten after every save (hub/callback.py), and is not needed to resume: not marked.
+    files = {name: size for name, size in _files(folder).items() if name not in UNMARKED}
     for name in files:
         _fsync(os.path.join(folder, name))
     with open(os.path.join(folder, COMPLETE_MARKER), "w") as handle:
