@@ -50,6 +50,14 @@ class Steps(TrainerCallback):
         print(f"STEP {state.global_step} RANK {args.process_index} PID {os.getpid()}", flush=True)
         time.sleep(DELAY)
 
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if WINDOW_LOG:  # this rank's weights after the last step, hashed, beside its windows
+            weights = hashlib.sha1()
+            for name, parameter in sorted(model.named_parameters()):
+                weights.update(name.encode() + parameter.detach().float().cpu().numpy().tobytes())
+            with open(os.path.join(WINDOW_LOG, f"weights{args.process_index}.txt"), "w") as handle:
+                handle.write(weights.hexdigest())
+
 init = trainer_module.PretrainingTrainer.__init__
 def patched_init(self, *args, **kwargs):
     init(self, *args, **kwargs)
