@@ -1,4 +1,4 @@
-"""Instruction SFT with LoRA through TRL's SFTTrainer (training/sft.py) on a tiny random StarCoder2: the loss sees the
+"""Instruction SFT with LoRA through TRL's SFTTrainer (sft.py) on a tiny random StarCoder2: the loss sees the
 assistant turns only, packed samples do not attend to each other and lose no token, a short run through
 scripts/run_sft.py trains and saves only the adapter with the chat template, bad rows are refused or counted by
 row, and a wrong LoRA target is refused."""
@@ -21,7 +21,7 @@ from starcoder2_train.configs import ModelArguments, RecipeError
 from starcoder2_train.data.collators import document_boundaries
 from starcoder2_train.data.special_tokens import IGNORE_INDEX
 from starcoder2_train.model.factory import create_model
-from starcoder2_train.training.sft import (
+from starcoder2_train.sft import (
     DEFAULT_CHAT_TEMPLATE,
     SFTArguments,
     SFTRecipeParser,
@@ -33,6 +33,7 @@ from starcoder2_train.training.sft import (
     sft_tokenizer,
     sft_trainer,
 )
+from starcoder2_train.training.checkpoints import newest_complete_checkpoint, verify_checkpoint
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = str(ROOT / "scripts" / "run_sft.py")
@@ -127,7 +128,7 @@ def test_loss_on_assistant_turns_only(tmp_path, base_dir):
         for input_ids, labels in samples(packed_row):
             row = by_text[tokenizer.decode(input_ids)]  # seq_length holds every sample whole: none was cut
             spans = [tokenizer.decode(span) for span in labelled_spans(input_ids, labels)]
-            # The response span: the newline after "### Response", the content, the end token (training/sft.py).
+            # The response span: the newline after "### Response", the content, the end token (sft.py).
             assert spans == ["\n" + m["content"] + EOS for m in row["messages"] if m["role"] == "assistant"]
             matched += 1
     assert matched == len(rows)
@@ -199,7 +200,7 @@ def test_run_sft_script_trains_only_the_adapter(tmp_path, base_dir):
         f"model_name_or_path: {base_dir}\ntorch_dtype: float32\nuse_lora: true\nlora_r: 8\nlora_alpha: 16\n"
         f"dataset_name_or_path: {data}\nbad_rows: skip\nseq_length: 128\noutput_dir: {output_dir}\nmax_steps: 30\n"
         "per_device_train_batch_size: 2\nlearning_rate: 0.01\nlr_scheduler_type: constant\nlogging_steps: 1\n"
-        "save_strategy: 'no'\nreport_to: none\nseed: 0\n"
+        "save_strategy: steps\nsave_steps: 15\nreport_to: none\nseed: 0\n"
     )
     result = subprocess.run(
         [sys.executable, SCRIPT, str(recipe), "--warmup_steps", "0"],
@@ -218,9 +219,18 @@ def test_run_sft_script_trains_only_the_adapter(tmp_path, base_dir):
 
     adapter_dir = output_dir / "adapter"
     assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(adapter_dir))
-    weights = [p.name for p in output_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
-    weights.remove("training_args.bin")  # the Trainer's pickled arguments
-    assert weights == ["adapter_model.safetensors"], weights  # no base weights anywhere
+    # The project's checkpoints: staged, verified, marked complete (checkpoint_complete.json), with the recipe.
+    assert newest_complete_checkpoint(str(output_dir)) == (str(output_dir / "checkpoint-30"), [])
+    for step in (15, 30):
+        assert verify_checkpoint(str(output_dir / f"checkpoint-{step}")) == []
+        assert (output_dir / f"checkpoint-{step}" / "run_recipe.json").exists()
+    weights = [p.relative_to(output_dir) for p in output_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
+    weights = sorted(str(path) for path in weights if path.suffix == ".safetensors")
+    assert weights == [  # no base weights anywhere: the adapter, and the adapter in each checkpoint
+        "adapter/adapter_model.safetensors",
+        "checkpoint-15/adapter_model.safetensors",
+        "checkpoint-30/adapter_model.safetensors",
+    ], weights
     with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as saved:
         assert saved.keys() and all("lora_" in key for key in saved.keys())
 

@@ -8,7 +8,8 @@ The subpackages follow a run, and each may import only those before it in this l
 - `training/`: the Trainer, its loss, checkpoints, preemption, the dry run, throughput and process groups;
 - `evaluation/`: held-out loss, FIM exact match, HumanEval, and the sandbox that runs model code;
 - `hub/`: the model card and the upload;
-- `run`: one training run from parsed recipe arguments (what scripts/run_pretrain.py runs);
+- `run`: one training run from parsed recipe arguments (what scripts/run_pretrain.py runs); `sft`: instruction
+  tuning through TRL's SFTTrainer on the same model building, checkpoints and preemption;
 - `api`: the Python API a notebook uses (`Recipe`, `ingest_code`, `infill`), over `run` and the rest;
 - `benchmarking/`: speed measurements against the plain transformers path (scripts only).
 docs/architecture.md follows one sample through them, file by file.

@@ -72,7 +72,31 @@ def prepare_model(model, args) -> None:
             layer.compile()
 
 
-class PretrainingTrainer(Trainer):
+class AtomicCheckpoints:
+    """Trainer mixin (before the Trainer class in the bases): the Trainer's checkpoint is written into
+    OUTPUT_DIR/.incomplete/checkpoint-N with its own rotation off, then verified, marked complete, renamed to
+    OUTPUT_DIR/checkpoint-N and rotated (checkpoints.save_atomically). `run_recipe` (set by the subclass) goes
+    into every checkpoint as run_recipe.json. PretrainingTrainer and the SFT trainer (sft.py) use it."""
+
+    run_recipe: dict | None = None
+    _staging_run_dir: str | None = None
+
+    def _get_output_dir(self, trial):
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        def write(staging_parent):
+            self._staging_run_dir, limit = staging_parent, self.args.save_total_limit
+            self.args.save_total_limit = None  # rotation counts complete checkpoints only, after the rename
+            try:
+                super(AtomicCheckpoints, self)._save_checkpoint(model, trial)
+            finally:
+                self._staging_run_dir, self.args.save_total_limit = None, limit
+
+        save_atomically(self, write, run_dir=super()._get_output_dir(trial))
+
+
+class PretrainingTrainer(AtomicCheckpoints, Trainer):
     """transformers.Trainer that reports throughput and precision and applies float8, loss_kernel,
     gradient_checkpointing_layers and compile_layers (see the module's docstring)."""
 
@@ -80,7 +104,6 @@ class PretrainingTrainer(Trainer):
         if args is not None and model is not None:
             prepare_model(model, args)
         self.run_recipe = run_recipe  # written into every checkpoint as run_recipe.json
-        self._staging_run_dir = None
         super().__init__(model, args, *more, **kwargs)
         # First among the callbacks (a given one is moved there), so that the others see its figures.
         callbacks = self.callback_handler.callbacks
@@ -98,23 +121,6 @@ class PretrainingTrainer(Trainer):
             self.add_callback(_CheckpointFirstLayers(layers))
         self.precision_report = PrecisionReport(self)
         self.add_callback(self.precision_report)
-
-    def _get_output_dir(self, trial):
-        return self._staging_run_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint, written into OUTPUT_DIR/.incomplete/checkpoint-N with its own rotation off, then
-        verified, marked complete, renamed to OUTPUT_DIR/checkpoint-N and rotated (checkpoints.save_atomically)."""
-
-        def write(staging_parent):
-            self._staging_run_dir, limit = staging_parent, self.args.save_total_limit
-            self.args.save_total_limit = None  # rotation counts complete checkpoints only, after the rename
-            try:
-                super(PretrainingTrainer, self)._save_checkpoint(model, trial)
-            finally:
-                self._staging_run_dir, self.args.save_total_limit = None, limit
-
-        save_atomically(self, write, run_dir=super()._get_output_dir(trial))
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The gradient norm as a tensor when there is one: the Trainer reads it (`.item()`, a device sync) only

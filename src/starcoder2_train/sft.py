@@ -52,6 +52,20 @@ from starcoder2_train.model.factory import choose_attention, validate_model_and_
 from starcoder2_train.model.presets import build_config
 from starcoder2_train.recipe import RecipeParser
 from starcoder2_train.run import build_model, configure_logging, final_model_dir
+from starcoder2_train.training.checkpoints import resolve_resume, run_recipe
+from starcoder2_train.training.distributed import close_process_group
+from starcoder2_train.training.preemption import PreemptionCallback
+from starcoder2_train.training.trainer import AtomicCheckpoints
+
+
+class ProjectSFTTrainer(AtomicCheckpoints, SFTTrainer):
+    """TRL's SFTTrainer with this project's checkpoints: staged, verified, marked complete, renamed, and the run's
+    recipe in each (training/checkpoints.py), so that a restart never picks a half-written one."""
+
+    def __init__(self, *args, run_recipe: dict | None = None, **kwargs):
+        self.run_recipe = run_recipe
+        super().__init__(*args, **kwargs)
+
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +320,7 @@ def set_chat_template(tokenizer, chat_template_path: str | None = None, assistan
             raise RecipeError(
                 f"chat_template_path: {which} chat template has no {{% generation %}} markers, which "
                 "assistant_only_loss needs; give a .jinja template with them (see DEFAULT_CHAT_TEMPLATE in "
-                "training/sft.py) or set assistant_only_loss: false."
+                "sft.py) or set assistant_only_loss: false."
             ) from error
     return which
 
@@ -339,7 +353,7 @@ def build_sft_dataset(sft_args, tokenizer):
     return dataset, report
 
 
-def sft_trainer(model_args, training_args, tokenizer, config, train_dataset) -> SFTTrainer:
+def sft_trainer(model_args, training_args, tokenizer, config, train_dataset, run_recipe=None) -> SFTTrainer:
     """TRL's SFTTrainer, ready to train: the model (run.py's build_model: create_model on the project's
     attention, LoRA through model/lora.py's apply_lora, whose target check refuses a wrong name), the messages
     tokenized, masked and packed by TRL as the module docstring says."""
@@ -347,18 +361,32 @@ def sft_trainer(model_args, training_args, tokenizer, config, train_dataset) -> 
     attn_implementation = choose_attention(model_args.attn_implementation)
     set_seed(training_args.seed)  # the adapters' initialisation
     model = build_model(model_args, config, tokenizer, attn_implementation, training_args)
-    return SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer)
+    return ProjectSFTTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer, run_recipe=run_recipe
+    )
 
 
 def run_sft(argv=None) -> SFTTrainer:
     """scripts/run_sft.py: parse the recipe, train, save the adapter (OUTPUT_DIR/adapter for LoRA, else the model)
     with the tokenizer and its chat template, and the train metrics with the data report."""
-    model_args, sft_args, training_args = SFTRecipeParser().parse(argv)
+    parser = SFTRecipeParser()
+    model_args, sft_args, training_args = parser.parse(argv)
     configure_logging(training_args)
     tokenizer, config = sft_tokenizer(model_args, sft_args, training_args)
+    # As pretraining: the newest complete checkpoint of this recipe (another recipe's refused); on SIGTERM or
+    # SIGUSR1 a complete checkpoint and exit 75 for the requeue.
+    recipe = run_recipe(model_args, sft_args, training_args, parser.recipe_values)
+    resume = resolve_resume(training_args, recipe)
     train_dataset, report = build_sft_dataset(sft_args, tokenizer)
-    trainer = sft_trainer(model_args, training_args, tokenizer, config, train_dataset)
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer = sft_trainer(model_args, training_args, tokenizer, config, train_dataset, run_recipe=recipe)
+    preemption = PreemptionCallback().install()
+    trainer.add_callback(preemption)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        preemption.uninstall()
+    if preemption.requested:
+        preemption.exit_for_requeue(trainer, close_process_group)
     packed = trainer.train_dataset
     tokens = pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py()  # in Arrow: no Python lists
     efficiency = tokens / (len(packed) * training_args.seq_length)  # real tokens over packed rows' room
