@@ -87,6 +87,7 @@ def main(argv=None):
         [python, "scripts/infill.py", model, "--recipe", args.recipe, "--dataset_name_or_path", data],
     )
     print(f"\nquickstart finished in {(time.perf_counter() - start) / 60:.1f} min; the model is in {model}")
+    print(f"loss curve (train and eval loss against tokens, learning rate beneath): {model}/loss_curve.png")
 
 
 if __name__ == "__main__":

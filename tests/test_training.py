@@ -107,7 +107,7 @@ def test_loss_falls_and_matches_the_golden_curve(tmp_path, code_shards, tokenize
     )
     # The output is a plain Hugging Face model directory.
     names = set(os.listdir(tmp_path / "out"))
-    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "loss_curve.png"} <= names
 
 
 def test_trained_model_infills_with_transformers_alone(tmp_path, tokenizer_dir):

@@ -40,6 +40,7 @@ from starcoder2_train.model.presets import build_config
 from starcoder2_train.training.checkpoints import resolve_resume, run_recipe
 from starcoder2_train.training.distributed import close_process_group
 from starcoder2_train.training.dry_run import print_dry_run, resolve_checkpointed_layers
+from starcoder2_train.training.loss_curve import LossCurveCallback
 from starcoder2_train.training.preemption import PreemptionCallback
 from starcoder2_train.training.trainer import PretrainingTrainer
 
@@ -171,6 +172,8 @@ def build_trainer(
             else None,
         )
     )
+    source = recipe_values.get("model_name_or_path") or recipe_values.get("model_config") or ""
+    trainer.add_callback(LossCurveCallback(tokens_per_step(training_args, data_args.seq_length), title=str(source)))
     return trainer, evaluation, push
 
 
