@@ -35,6 +35,7 @@ from starcoder2_train.data.shards import load_repositories
 from starcoder2_train.data.splits import load_split_repositories, repository_split
 from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import held_out
+from starcoder2_train.evaluation.chart import draw_language_chart
 from starcoder2_train.evaluation.execution import require_code_execution_allowed
 from starcoder2_train.evaluation.fim import evaluate_fim, fim_generation_budget
 from starcoder2_train.evaluation.humaneval import evaluate_humaneval
@@ -210,6 +211,9 @@ def main(argv=None):
                 handle,
                 indent=1,
             )
+        chart = draw_language_chart(results, os.path.splitext(args.output)[0] + ".png", title=args.model_dir)
+        if chart:
+            print(f"per-language chart: {chart}")
     if args.update_model_card:
         update_model_card_results(args.model_dir, results)
     return results

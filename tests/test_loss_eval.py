@@ -137,6 +137,7 @@ def test_evaluate_script_end_to_end(model, tokenizer, tmp_path, monkeypatch):
     assert written["results"] == results and set(written["seconds"]) == {"loss", "fim", "humaneval"}
     assert set(results["loss"]) >= {"loss/Python", "loss/JavaScript", "perplexity"}
     assert results["fim"]["problems/Python"] == 2 and results["humaneval"]["problems"] == 2
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")  # the per-language chart beside the JSON
     card = ModelCard.load(model_dir / "README.md")
     assert {r.metric_type for r in card.data.eval_results} == {"loss", "perplexity", "exact_match", "pass@1", "pass@2"}
 
