@@ -197,8 +197,9 @@ def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 64)
     prompt = fim_prompts(pieces, [FimProblem("", "", prefix, "", suffix)], room)
     stops = [pieces.special.eos, pieces.special.file_sep]
     generated = generate_batched(
-        model, tokenizer, prompt, stop_token_ids=stops, max_new_tokens=max_new_tokens, batch_size=1
-    )
+        model, tokenizer, prompt, stop_token_ids=stops, max_new_tokens=max_new_tokens, batch_size=1,
+        disable_progress=True,
+    )  # fmt: skip
     return tokenizer.decode(generated[0], skip_special_tokens=True)
 
 

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from starcoder2_train.evaluation import sandbox
 from starcoder2_train.evaluation.sandbox import landlock_abi
+from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +207,17 @@ def run_program(
 
 
 def run_programs(
-    programs: list[str], limits: ExecutionLimits | None = None, *, num_workers: int = 4, tmp_root: str | None = None
+    programs: list[str],
+    limits: ExecutionLimits | None = None,
+    *,
+    num_workers: int = 4,
+    tmp_root: str | None = None,
+    disable_progress: bool | None = None,
 ) -> list[ExecutionResult]:
-    """Run many programs, `num_workers` at a time (threads that each wait on one child process); in order."""
+    """Run many programs, `num_workers` at a time (threads that each wait on one child process); in order, with a
+    progress bar of programs run (quiet off a terminal or with `disable_progress`)."""
     require_code_execution_allowed()
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        return list(pool.map(lambda program: run_program(program, limits, tmp_root=tmp_root), programs))
+        running = pool.map(lambda program: run_program(program, limits, tmp_root=tmp_root), programs)
+        bar = progress(running, desc="running programs", total=len(programs), unit="program", disable=disable_progress)
+        return list(bar)

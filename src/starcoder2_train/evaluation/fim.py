@@ -117,6 +117,7 @@ def evaluate_fim(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         stop_texts=("\n",),
+        desc="FIM infills",
     )
     predictions = [first_line(text) for text in tokenizer.batch_decode(generated)]
     hits, counts = defaultdict(int), defaultdict(int)

@@ -7,6 +7,8 @@ Prompts are token ids made by the caller, with source text encoded by tokenizati
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from starcoder2_train.progress import progress
+
 
 class StopOnTexts(StoppingCriteria):
     """Finish a row once its generated text contains any of `stop_texts`.
@@ -41,8 +43,11 @@ def generate_batched(
     temperature: float = 1.0,
     top_p: float = 1.0,
     pad_token_id: int | None = None,
+    desc: str = "generating",
+    disable_progress: bool | None = None,
 ) -> list[list[int]]:
-    """Generate after each prompt, `batch_size` prompts at a time; the new ids of each, in order.
+    """Generate after each prompt, `batch_size` prompts at a time; the new ids of each, in order. A progress bar
+    (`desc`, prompts per second and ETA; quiet off a terminal or with `disable_progress`) counts the prompts.
 
     Prompts are sorted by length so that a batch holds similar lengths, then left-padded (the attention
     mask covers the pads; generate derives position ids from it). Each result is cut before its first
@@ -64,6 +69,7 @@ def generate_batched(
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
     outputs: list[list[int]] = [[] for _ in prompts]
     stop_set = set(stop_token_ids)
+    bar = progress(desc=desc, total=len(prompts), unit="prompt", disable=disable_progress)
     try:
         for start in range(0, len(order), batch_size):
             batch = [prompts[index] for index in order[start : start + batch_size]]
@@ -80,6 +86,8 @@ def generate_batched(
             for index, row in zip(order[start : start + batch_size], sequences[:, width:].tolist()):
                 cut = next((position for position, token in enumerate(row) if token in stop_set), len(row))
                 outputs[index] = row[:cut]
+            bar.update(len(batch))
     finally:
+        bar.close()
         model.train(was_training)
     return outputs

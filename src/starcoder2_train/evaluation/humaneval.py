@@ -62,6 +62,7 @@ import torch
 from starcoder2_train.data.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.execution import require_code_execution_allowed
 from starcoder2_train.evaluation.generation import generate_batched
+from starcoder2_train.progress import progress
 
 # bigcode_eval/tasks/humaneval.py, GeneralHumanEval.__init__: the task's stop_words, in the harness's order.
 # ("<file_sep>" is in the current version; the version of early 2023 lacked it.)
@@ -352,7 +353,8 @@ def generate_programs(
     text_stops = stop_words(settings, eos_token)
     new_ids: list[list[list[int]]] = [[] for _ in problems]
     torch.manual_seed(settings.seed)
-    for start in range(0, len(rows), settings.batch_size):
+    starts = range(0, len(rows), settings.batch_size)
+    for start in progress(starts, desc="HumanEval samples", total=len(starts), unit="batch"):
         batch = rows[start : start + settings.batch_size]
         generated = generate_batched(
             model,
@@ -365,6 +367,7 @@ def generate_programs(
             do_sample=sampling,
             temperature=settings.temperature,
             top_p=settings.top_p,
+            disable_progress=True,  # one bar over the batches, above
         )
         for index, row in zip(batch, generated):
             new_ids[index].append(row[: budgets[index]])  # this prompt's own max_length
