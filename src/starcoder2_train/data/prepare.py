@@ -1,11 +1,16 @@
 """Preprocessing on datatrove: a recipe's shards → memory-mapped token stores, in N tasks on any executor.
 
-The pipeline is three datatrove blocks, each usable alone:
+The pipeline is datatrove blocks, each usable alone, in the order of data/splits.py's in-process path:
 - `RepositoryReader`: task r of N reads only its own contiguous range of the input parquet files (per-repository
   layout), streams them in batches of rows (memory bounded by one batch, never the file), applies the recipe's
-  filters with data/shards.py's own checks, and counts every file, repository and parquet file left out as a
-  pipeline stat named like SkipReport's keys ("files: empty content"). It tags each repository train or eval
-  (eval_data_files, or the eval_fraction hash of data/splits.py).
+  opt-outs, filters and decontamination with data/shards.py's own `filter_repository_rows`, and counts every
+  file, repository and parquet file left out as a pipeline stat named like SkipReport's keys ("files: empty
+  content"); the files decontamination removed are listed in OUTPUT/decontamination/part-<r>-of-<N>.jsonl. It
+  tags each repository train or eval (eval_data_files, or the eval_fraction hash of data/splits.py).
+- with `near_dedup`: data/near_dedup.py's `NearDuplicateFilter`, after three stages that ran first
+  (`near_dedup_stages`: the reader and the files' MinHash signatures in the same N tasks, the duplicate pairs in
+  one task per band, the groups in one task), so each task drops the same files the in-process path drops;
+- with `pii_redaction`: `PiiRedaction`, data/pii.py's `redact_files`, counted as "redactions: <kind>" stats;
 - `ExampleTokenizer`: repository examples, FIM and tokens for every data epoch, with this project's own
   ExampleTransform (datatrove's tokenizer parses special tokens in the text, which must never happen here).
 - `StoreWriter`: one token-store part per (split, epoch) and task, `part-<r>-of-<N>`, and the held-out
@@ -16,9 +21,11 @@ stream one task would write: N tasks give the store one task gives. datatrove re
 Executors: `local` (processes on this machine), `slurm` (an sbatch array), `ray`.
 
 Cost per task: one batch of repositories (64 rows) in memory, one open writer per (split, epoch); the index of
-the input files (a list of paths) is the only structure every task holds whole.
+the input files (a list of paths), the opt-out set and the benchmark index (data/opt_outs.py,
+data/decontamination.py say their size) are the structures every task holds whole.
 """
 
+import json
 import logging
 import os
 
@@ -30,8 +37,24 @@ from datatrove.pipeline.base import PipelineStep
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data.fim import FimRates
+from starcoder2_train.data.near_dedup import (
+    FileSignatures,
+    KeepFirstOfCluster,
+    NearDuplicateFilter,
+    find_pairs,
+    minhash_config,
+)
+from starcoder2_train.data.pii import PiiRedactor, redact_files
 from starcoder2_train.data.pipeline import ExampleTransform
-from starcoder2_train.data.prepared import held_out_part_path, part_name, store_directory
+from starcoder2_train.data.prepared import (
+    DECONTAMINATION,
+    LOGS,
+    NEAR_DEDUP,
+    held_out_part_path,
+    near_dedup_logs,
+    part_name,
+    store_directory,
+)
 from starcoder2_train.data.shards import (
     REPOSITORIES_PER_BATCH,
     file_filters,
@@ -97,15 +120,26 @@ def _check_repository_layout(path: str, schema: pa.Schema) -> None:
 
 
 class RepositoryReader(PipelineStep):
-    """Per-repository parquet → one Document per kept repository (metadata: files, split); skips as stats."""
+    """Per-repository parquet → one Document per kept repository (metadata: files, split); skips as stats.
+
+    filters: data/shards.py's `file_filters` (opt-outs and the benchmark index in it), built once by the caller;
+    report_dir: where each task lists the files decontamination removed (None: not listed)."""
 
     name, type = "Stack v2 repositories", "📖 - READER"
 
-    def __init__(self, plan: list[tuple[str, str | None]], data_args: DataArguments):
+    def __init__(
+        self, plan: list[tuple[str, str | None]], data_args: DataArguments, filters=None, report_dir: str | None = None
+    ):
         super().__init__()
-        self.plan, self.filters, self.eval_fraction = plan, file_filters(data_args), data_args.eval_fraction
+        self.plan, self.eval_fraction, self.report_dir = plan, data_args.eval_fraction, report_dir
+        self.filters = file_filters(data_args) if filters is None else filters
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        report = None
+        if self.report_dir is not None:
+            os.makedirs(self.report_dir, exist_ok=True)
+            report_path = os.path.join(self.report_dir, f"{part_name(rank, world_size)}.jsonl")
+            report = open(f"{report_path}.partial", "w", encoding="utf-8")
         for path, split in contiguous_part(self.plan, rank, world_size):
             try:
                 parquet = pq.ParquetFile(path)
@@ -115,19 +149,42 @@ class RepositoryReader(PipelineStep):
                 continue
             _check_repository_layout(path, parquet.schema_arrow)
             for batch in parquet.iter_batches(batch_size=REPOSITORIES_PER_BATCH, columns=["repo_name", "files"]):
-                yield from self._documents(python_rows(batch), split)
+                yield from self._documents(python_rows(batch), split, report)
+        if report is not None:
+            report.close()
+            os.replace(f"{report_path}.partial", report_path)
 
-    def _documents(self, batch: dict, split: str | None):
+    def _documents(self, batch: dict, split: str | None, report):
         out = filter_repository_rows(batch, self.filters)
-        for name, files, skipped, repo_skip in zip(out["repo_name"], out["files"], out["skipped"], out["repo_skip"]):
+        rows = zip(out["repo_name"], out["files"], out["skipped"], out["repo_skip"], out["contaminated"])
+        for name, files, skipped, repo_skip, contaminated in rows:
             for reason in skipped:
                 self.stat_update(f"files: {reason}")
+            for entry in contaminated if report is not None else ():
+                report.write(json.dumps({"repo_name": name, **entry}, ensure_ascii=False) + "\n")
             if repo_skip:
                 self.stat_update(f"repositories: {repo_skip}")
                 continue
             held_out = split == "eval" if split is not None else eval_share(name) < self.eval_fraction
-            self.stat_update("eval repositories" if held_out else "train repositories")
             yield Document(text="", id=name, metadata={"files": files, "split": "eval" if held_out else "train"})
+
+
+class PiiRedaction(PipelineStep):
+    """Documents → the same, with personal data in their files replaced (data/pii.py), counted by kind."""
+
+    name, type = "PII redaction", "🔏 - PII"
+
+    def __init__(self, model_path: str | None = None):
+        super().__init__()
+        self.redactor = PiiRedactor(model_path)
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        for document in data or ():
+            with self.track_time():
+                counts = redact_files(document.metadata["files"], self.redactor)
+            for kind, count in counts.items():
+                self.stat_update(f"redactions: {kind}", value=count)
+            yield document
 
 
 class ExampleTokenizer(PipelineStep):
@@ -168,6 +225,7 @@ class ExampleTokenizer(PipelineStep):
                 document.metadata["input_ids"][transform.epoch] = out["input_ids"][index]
                 if transform.epoch == 0:
                     split = document.metadata["split"]
+                    self.stat_update(f"{split} repositories")  # here: after every step that drops repositories
                     self.stat_update(f"{split} files", value=out["num_files"][index])
                     self.stat_update(f"{split} files FIM PSM", value=out["num_fim_psm"][index])
                     self.stat_update(f"{split} files FIM SPM", value=out["num_fim_spm"][index])
@@ -210,12 +268,30 @@ class StoreWriter(PipelineStep):
             writer.close()
 
 
-def build_pipeline(data_args: DataArguments, output_dir: str, seed: int, epochs: int, vocab_size: int) -> list:
-    return [
-        RepositoryReader(input_plan(data_args), data_args),
-        ExampleTokenizer(data_args, seed, epochs),
-        StoreWriter(output_dir, epochs, vocab_size),
-    ]
+def build_stages(data_args: DataArguments, output_dir: str, seed: int, epochs: int, vocab_size: int) -> list:
+    """(name, pipeline, tasks, logging_dir) of each datatrove run, in order; tasks None: the --tasks of the call.
+
+    Without near_dedup one run; with it, three before the main one (each must finish before the next starts)."""
+    plan, filters = input_plan(data_args), file_filters(data_args)  # read and built once, pickled into tasks
+    main = [RepositoryReader(plan, data_args, filters, report_dir=os.path.join(output_dir, DECONTAMINATION))]
+    stages = []
+    if data_args.near_dedup:
+        folder, config = os.path.join(output_dir, NEAR_DEDUP), minhash_config(data_args)
+        stages = [
+            (
+                "near-dup signatures",
+                [RepositoryReader(plan, data_args, filters), FileSignatures(f"{folder}/signatures", config)],
+                None,
+            ),
+            ("near-dup pairs", [find_pairs(f"{folder}/signatures", f"{folder}/pairs", config)], config.num_buckets),
+            ("near-dup groups", [KeepFirstOfCluster(f"{folder}/pairs", f"{folder}/remove")], 1),
+        ]
+        stages = [(name, pipeline, tasks, near_dedup_logs(output_dir, name)) for name, pipeline, tasks in stages]
+        main.append(NearDuplicateFilter(f"{folder}/remove"))
+    if data_args.pii_redaction:
+        main.append(PiiRedaction(data_args.pii_model_path))
+    main += [ExampleTokenizer(data_args, seed, epochs), StoreWriter(output_dir, epochs, vocab_size)]
+    return stages + [("tokens", main, None, os.path.join(output_dir, LOGS))]
 
 
 def make_executor(kind: str, pipeline: list, tasks: int, logging_dir: str, workers: int = -1, **options):

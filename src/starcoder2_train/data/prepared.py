@@ -5,6 +5,8 @@ Layout of a prepared directory (data/prepare.py writes it, one part per datatrov
     train/epoch-<e>/part-<r>-of-<N>.{tokens,offsets,json}   token-store parts (data/token_store.py), epoch e
     eval/epoch-0/part-<r>-of-<N>.{tokens,offsets,json}      the held-out repositories' examples
     eval/repositories/part-<r>-of-<N>.parquet               the held-out repositories themselves (evaluation)
+    decontamination/part-<r>-of-<N>.jsonl                   the files decontamination removed, one JSON a line
+    near_dedup/{signatures,pairs,remove,logs-*}/            with near_dedup: the MinHash stages and their logs
     logs/                                                   datatrove's logs, task completions and stats
 
 Training only opens it: a store is memory-mapped (nothing is copied or tokenized), and the counts of the
@@ -28,11 +30,27 @@ from starcoder2_train.data.skips import SkipReport
 
 LOGS = "logs"
 HELD_OUT = os.path.join("eval", "repositories")
+DECONTAMINATION = "decontamination"
+NEAR_DEDUP = "near_dedup"
 _PART = re.compile(r"part-(\d{5})-of-(\d{5})")
 
 
 def part_name(rank: int, world_size: int) -> str:
     return f"part-{rank:05d}-of-{world_size:05d}"
+
+
+def near_dedup_logs(directory: str, stage: str) -> str:
+    """The logging directory of one near-deduplication stage (its stats are not the preparation's)."""
+    return os.path.join(directory, NEAR_DEDUP, "logs-" + stage.replace(" ", "-"))
+
+
+def decontamination_entries(directory: str) -> list[dict]:
+    """The files decontamination removed, from every task's list (repo_name, path, benchmark, text)."""
+    entries = []
+    for path in sorted(glob.glob(os.path.join(directory, DECONTAMINATION, "part-*.jsonl"))):
+        with open(path, encoding="utf-8") as handle:
+            entries += [json.loads(line) for line in handle if line.strip()]
+    return entries
 
 
 def store_directory(directory: str, split: str, epoch: int) -> str:
@@ -101,6 +119,6 @@ def prepared_stats(directory: str) -> Counter:
 def prepared_skips(directory: str, stats: Counter | None = None) -> SkipReport:
     """What the preparation left out, by reason: its "files: ...", "repositories: ..." stats (`stats`: those
     prepared_stats(directory) returned, when the caller has them already)."""
-    units = ("files: ", "repositories: ", "parquet files: ", "directories: ")
+    units = ("files: ", "repositories: ", "parquet files: ", "directories: ", "redactions: ")
     stats = prepared_stats(directory) if stats is None else stats
     return SkipReport.from_dict({name: int(count) for name, count in stats.items() if name.startswith(units)})

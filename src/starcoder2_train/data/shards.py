@@ -8,17 +8,27 @@ Two layouts are accepted, recognised per parquet file by its columns:
 Optional file fields, used when present: `language` (else derived from the path), `license_type`,
 `is_vendor`, `is_generated`, `src_encoding` (to decode contents stored as bytes; default UTF-8).
 
+Before any check, a repository named in `exclude_repositories` is removed (data/opt_outs.py); after a file's
+checks, a file holding a benchmark text is removed (data/decontamination.py, `decontamination_benchmarks`) and
+named in the SkipReport's `contaminated` list. Both are steps of `filter_repository_rows`, which the in-process
+pipeline and data/prepare.py's datatrove reader both call.
+
 Output rows: `repo_name: str`, `files: list of {path: str, content: str, language: str}`, in an
 order that depends on the input only (not on num_proc). Whatever is left out is counted in a SkipReport
 (skips.py). `parquet_layout` is the one test of a shard's layout (tokenizer training uses it too).
 """
 
+import functools
 import glob
+import hashlib
+import inspect
 import logging
 import os
+import sys
 from collections import Counter
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,7 +36,10 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from datasets.exceptions import DatasetGenerationError
 
 from starcoder2_train.configs import DataArguments, RecipeError, hub_hint, is_hub_id
+from starcoder2_train.data import decontamination, opt_outs
+from starcoder2_train.data.decontamination import Match, load_benchmark_index
 from starcoder2_train.data.languages import language_of
+from starcoder2_train.data.opt_outs import load_opt_outs
 from starcoder2_train.data.skips import (
     BEYOND_MAX_REPOSITORIES,
     BINARY,
@@ -38,12 +51,14 @@ from starcoder2_train.data.skips import (
     MISSING_PATH,
     MISSING_REPO_NAME,
     NO_FILE_LEFT,
+    OPTED_OUT,
     TOO_LARGE,
     UNDECODABLE,
     UNKNOWN_LANGUAGE,
     UNREADABLE_PARQUET,
     VENDOR,
     SkipReport,
+    contamination_reason,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,6 +67,8 @@ REPOSITORIES_PER_BATCH = 64
 OPTIONAL_FILE_COLUMNS = ("language", "license_type", "is_vendor", "is_generated", "src_encoding")
 FILE_FEATURES = {"path": Value("string"), "content": Value("string"), "language": Value("string")}
 REPOSITORY_FEATURES = Features({"repo_name": Value("string"), "files": List(FILE_FEATURES)})
+# A file decontamination removed, as the report names it (repo_name is added where the repository is known).
+CONTAMINATED_FEATURES = {"path": Value("string"), "benchmark": Value("string"), "text": Value("string")}
 
 
 def decode_content(content, src_encoding: str | None, max_file_bytes: int) -> tuple[str | None, str | None]:
@@ -77,59 +94,79 @@ def decode_content(content, src_encoding: str | None, max_file_bytes: int) -> tu
     return content, None
 
 
-def _check_file(file: dict, filters: dict) -> tuple[dict | None, str | None]:
-    """A file as {path, content, language} and None, or None and the reason it is left out."""
+def _check_file(file: dict, filters: dict) -> tuple[dict | None, str | None, Match | None]:
+    """(file as {path, content, language}, None, None) when kept, else (None, the reason it is left out, and
+    when decontamination removed it, the benchmark text it holds)."""
     path = file.get("path")
     if not path:
-        return None, MISSING_PATH
+        return None, MISSING_PATH, None
     if filters["exclude_vendor"] and file.get("is_vendor"):
-        return None, VENDOR
+        return None, VENDOR, None
     if filters["exclude_generated"] and file.get("is_generated"):
-        return None, GENERATED
+        return None, GENERATED, None
     if (
         filters["license_types"] is not None
         and (file.get("license_type") or "").lower() not in filters["license_types"]
     ):
-        return None, LICENSE_NOT_SELECTED
+        return None, LICENSE_NOT_SELECTED, None
     language = file.get("language") or language_of(path)
     if language is None:
-        return None, UNKNOWN_LANGUAGE
+        return None, UNKNOWN_LANGUAGE, None
     if filters["languages"] is not None and language.lower() not in filters["languages"]:
-        return None, LANGUAGE_NOT_SELECTED
+        return None, LANGUAGE_NOT_SELECTED, None
     text, reason = decode_content(file.get("content"), file.get("src_encoding"), filters["max_file_bytes"])
     if reason is not None:
-        return None, reason
-    return {"path": path, "content": text, "language": language}, None
+        return None, reason, None
+    match = filters["decontamination"].find(text) if filters["decontamination"] is not None else None
+    if match is not None:
+        return None, contamination_reason(match.benchmark), match
+    return {"path": path, "content": text, "language": language}, None, None
+
+
+def _opted_out(name: str | None, filters: dict) -> bool:
+    return bool(name) and filters["opt_outs"] is not None and name in filters["opt_outs"]
 
 
 def filter_repository_rows(batch: dict, filters: dict) -> dict:
-    """Per-repository layout: keep each repository's usable files; list the reasons of the others."""
-    out = {"repo_name": [], "files": [], "skipped": [], "repo_skip": []}
+    """Per-repository layout: keep each repository's usable files; list the reasons of the others and the files
+    decontamination removed. An opted-out repository is left out whole, before any of its files is looked at."""
+    out = {"repo_name": [], "files": [], "skipped": [], "repo_skip": [], "contaminated": []}
     for name, files in zip(batch["repo_name"], batch["files"]):
-        kept, skipped = [], []
-        for file in files or []:
-            checked, reason = _check_file(file, filters)
+        kept, skipped, contaminated = [], [], []
+        for file in [] if _opted_out(name, filters) else files or []:
+            checked, reason, match = _check_file(file, filters)
             if reason is None:
                 kept.append(checked)
             else:
                 skipped.append(reason)
+                if match is not None:
+                    contaminated.append({"path": file["path"], "benchmark": match.benchmark, "text": match.name})
         out["repo_name"].append(name or "")
         out["files"].append(kept if name else [])
         out["skipped"].append(skipped if name else [])
-        out["repo_skip"].append(MISSING_REPO_NAME if not name else "" if kept else NO_FILE_LEFT)
+        out["contaminated"].append(contaminated if name else [])
+        skip = OPTED_OUT if _opted_out(name, filters) else "" if kept else NO_FILE_LEFT
+        out["repo_skip"].append(MISSING_REPO_NAME if not name else skip)
     return out
 
 
 def _filter_file_rows(batch: dict, filters: dict) -> dict:
     """Per-file layout: one output row per input row, its `skip` reason empty when the file is kept."""
-    out = {"repo_name": [], "path": [], "content": [], "language": [], "skip": []}
+    out = {"repo_name": [], "path": [], "content": [], "language": [], "skip": [], "benchmark": [], "text": []}
     for values in zip(*batch.values()):
         row = dict(zip(batch, values))
-        checked, reason = _check_file(row, filters) if row["repo_name"] else (None, MISSING_REPO_NAME)
-        for key, value in (checked or {"path": "", "content": "", "language": ""}).items():
+        if not row["repo_name"]:
+            checked, reason, match = None, MISSING_REPO_NAME, None
+        elif _opted_out(row["repo_name"], filters):  # counted once per repository by _group_by_repository
+            checked, reason, match = None, OPTED_OUT, None
+        else:
+            checked, reason, match = _check_file(row, filters)
+        for key, value in (checked or {"path": row.get("path") or "", "content": "", "language": ""}).items():
             out[key].append(value)
         out["repo_name"].append(row["repo_name"] or "")
         out["skip"].append(reason or "")
+        out["benchmark"].append(match.benchmark if match else "")
+        out["text"].append(match.name if match else "")
     return out
 
 
@@ -145,11 +182,16 @@ def _group_by_repository(rows: Dataset, report: SkipReport) -> Dataset:
     """Per-file rows → repositories, repositories and files in first-seen order."""
     groups: dict[str, list[int]] = {}
     names, skips = rows.data.column("repo_name").to_pylist(), rows.data.column("skip").to_pylist()
+    opted_out = set()
     for index, (name, skip) in enumerate(zip(names, skips)):
-        if name:
+        if skip == OPTED_OUT:
+            opted_out.add(name)
+        elif name:
             indices = groups.setdefault(name, [])
             if not skip:
                 indices.append(index)
+    if opted_out:
+        report.repositories[OPTED_OUT] += len(opted_out)
     report.repositories[NO_FILE_LEFT] += sum(1 for indices in groups.values() if not indices)
     order, bounds = [], [0]
     for indices in groups.values():
@@ -342,10 +384,19 @@ def _read_file(path: str, filters: dict, num_proc: int | None, report: SkipRepor
         return None
     if layout == "repository":  # a repository row can hold thousands of files: small batches bound memory
         function, batch_size = filter_repository_rows, REPOSITORIES_PER_BATCH
-        features = Features({**REPOSITORY_FEATURES, "skipped": List(Value("string")), "repo_skip": Value("string")})
+        features = Features(
+            {
+                **REPOSITORY_FEATURES,
+                "skipped": List(Value("string")),
+                "repo_skip": Value("string"),
+                "contaminated": List(CONTAMINATED_FEATURES),
+            }
+        )
     else:
         function, batch_size = _filter_file_rows, 1000
-        features = Features({"repo_name": Value("string"), **FILE_FEATURES, "skip": Value("string")})
+        features = Features(
+            {"repo_name": Value("string"), **FILE_FEATURES, "skip": Value("string"), **CONTAMINATED_FEATURES}
+        )
     dataset = dataset.with_format("arrow")  # Arrow batches, which python_rows reads
     dataset = dataset.map(
         _rows_from_arrow,
@@ -379,18 +430,40 @@ def _lowered(values: list[str] | None) -> list[str] | None:
     return None if values is None else sorted({value.lower() for value in values})
 
 
+def _contaminated_files(rows: Dataset) -> list[dict]:
+    """{repo_name, path, benchmark, text} of each file decontamination removed (a few per million files)."""
+    if "contaminated" in rows.column_names:  # per-repository rows: a list per repository
+        found = pc.list_value_length(rows.data.column("contaminated")).to_numpy(zero_copy_only=False) > 0
+        found = rows.select(np.flatnonzero(found)).select_columns(["repo_name", "contaminated"])
+        return [{"repo_name": row["repo_name"], **entry} for row in found for entry in row["contaminated"]]
+    found = pc.not_equal(rows.data.column("text"), "").to_numpy(zero_copy_only=False)
+    found = rows.select(np.flatnonzero(found)).select_columns(["repo_name", *CONTAMINATED_FEATURES])
+    return found.to_list()
+
+
 def _kept(repo_skips: list[str]) -> list[bool]:
     return [not skip for skip in repo_skips]
 
 
+@functools.cache
+def filters_code() -> str:
+    """A hash of the source of the filters, so that editing them makes a new datasets cache."""
+    modules = (sys.modules[__name__], decontamination, opt_outs)
+    return hashlib.sha256("".join(inspect.getsource(module) for module in modules).encode()).hexdigest()[:32]
+
+
 def file_filters(data_args: DataArguments) -> dict:
-    """The recipe's file filters, as `filter_repository_rows` takes them."""
-    return {  # plain, sorted values: datasets hashes them into the cache fingerprint of the map
+    """The recipe's file filters, as `filter_repository_rows` takes them: opt-outs and the benchmark index are
+    read and built here, once (each pickles compactly into num_proc workers and datatrove tasks)."""
+    return {  # plain, sorted values and picklable objects: datasets hashes them into the cache fingerprint
         "languages": _lowered(data_args.languages),
         "license_types": _lowered(data_args.license_types),
         "exclude_vendor": data_args.exclude_vendor,
         "exclude_generated": data_args.exclude_generated,
         "max_file_bytes": data_args.max_file_bytes,
+        "opt_outs": load_opt_outs(data_args.exclude_repositories),
+        "decontamination": load_benchmark_index(data_args),
+        "code": filters_code(),
     }
 
 
@@ -415,10 +488,13 @@ def load_repositories(data_args: DataArguments, data_files: list[str] | None = N
     if layout == "repository":
         _count(rows, "skipped", report.files, flatten=True)
         _count(rows, "repo_skip", report.repositories)
+        report.contaminated += _contaminated_files(rows)
         rows = rows.filter(_kept, input_columns=["repo_skip"], batched=True, num_proc=data_args.num_proc)
         rows = rows.select_columns(["repo_name", "files"])
     else:
         _count(rows, "skip", report.files)
+        report.files.pop(OPTED_OUT, None)  # an opted-out repository is counted once, not per file
+        report.contaminated += _contaminated_files(rows)
         rows = _group_by_repository(rows, report)
     if data_args.max_repositories is not None and len(rows) > data_args.max_repositories:
         report.repositories[BEYOND_MAX_REPOSITORIES] += len(rows) - data_args.max_repositories

@@ -2,6 +2,9 @@
 
 Nothing is dropped silently: every step that leaves something out adds it to a SkipReport under one of the
 reasons below; reports merge with `+` (several files, several machines) and print as `summary_lines()`.
+What PII redaction rewrote is counted the same way, by kind, under the unit `redactions` (nothing is left out
+there), and the files that decontamination removed are also named one by one (`contaminated`, for the report
+file of data/decontamination.py).
 """
 
 from collections import Counter
@@ -29,6 +32,15 @@ DENIED_BLOB = "blob access denied (AccessDenied, HTTP 403)"
 NOT_GZIP = "blob is not valid gzip"
 MISSING_BLOB_ID = "missing blob_id"
 NO_FILE_FETCHED = "no file fetched (every blob missing, denied or undecodable)"
+# The steps of StarCoder2's preprocessing (docs/data_filters.md).
+OPTED_OUT = "opted-out repository (exclude_repositories)"
+NEAR_DUPLICATE = "near-duplicate of a file kept elsewhere (near_dedup, MinHash)"
+FILES_REDACTED = "files with a redaction"  # a key of SkipReport.redactions beside the kinds of data/pii.py
+
+
+def contamination_reason(benchmark: str) -> str:
+    """The reason of a file removed for holding a text of `benchmark` (one reason per benchmark)."""
+    return f"contains {benchmark} benchmark text (decontamination)"
 
 
 @dataclass
@@ -39,14 +51,17 @@ class SkipReport:
     repositories: Counter = field(default_factory=Counter)
     parquet_files: Counter = field(default_factory=Counter)
     directories: Counter = field(default_factory=Counter)
+    redactions: Counter = field(default_factory=Counter)  # PII spans replaced, by kind; FILES_REDACTED files
     details: list[str] = field(default_factory=list)  # one line per item worth naming (an unreadable file)
+    contaminated: list[dict] = field(default_factory=list)  # {repo_name, path, benchmark, text} per removed file
 
-    UNITS = ("files", "repositories", "parquet_files", "directories")
+    UNITS = ("files", "repositories", "parquet_files", "directories", "redactions")
 
     def update(self, other: "SkipReport") -> "SkipReport":
         for unit in self.UNITS:
             getattr(self, unit).update(getattr(other, unit))
         self.details.extend(other.details)
+        self.contaminated.extend(other.contaminated)
         return self
 
     def __add__(self, other: "SkipReport") -> "SkipReport":
@@ -61,6 +76,7 @@ class SkipReport:
             f"{unit.replace('_', ' ')}: {reason}": count
             for unit in self.UNITS
             for reason, count in getattr(self, unit).items()
+            if count  # a reason counted zero times is no skip
         }
 
     @classmethod
@@ -77,7 +93,8 @@ class SkipReport:
         for unit in self.UNITS:
             counter = getattr(self, unit)
             if counter:
-                lines.append(f"skipped {self.total(unit):,} {unit.replace('_', ' ')}:")
+                header = "redacted (pii_redaction), spans by kind:" if unit == "redactions" else None
+                lines.append(header or f"skipped {self.total(unit):,} {unit.replace('_', ' ')}:")
                 for reason, count in sorted(counter.items(), key=lambda item: (-item[1], item[0])):
                     lines.append(f"  {count:>10,}  {reason}")
         return (lines + self.details) or ["skipped nothing"]

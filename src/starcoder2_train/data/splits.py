@@ -2,7 +2,8 @@
 
 - `repository_split`: a repository is held out for evaluation when a hash of its name falls below
   `eval_fraction`; stable across runs, machines, shards and num_proc, and independent of the order of
-  the input. `load_split_repositories` reads the shards once and returns one split (or `eval_data_files`).
+  the input. `load_split_repositories` reads the shards once, cleans them (near_dedup, pii_redaction) and
+  returns one split (or `eval_data_files`).
 - `shard_repositories`: the contiguous part `shard_index` of `num_shards` (scripts/prepare_data.py on N
   machines); the parts in index order concatenate to what one machine would have made.
 Cost per rank: one boolean per repository for the split (3.3M repositories in the-stack-v2-train-smol: 3 MB).
@@ -14,6 +15,7 @@ import logging
 from datasets import Dataset
 
 from starcoder2_train.configs import DataArguments, check_eval_fraction, check_shard
+from starcoder2_train.data.cleaning import clean_repositories
 from starcoder2_train.data.shards import load_repositories
 
 logger = logging.getLogger(__name__)
@@ -45,10 +47,15 @@ def repository_split(dataset: Dataset, eval_fraction: float) -> tuple[Dataset, D
 
 
 def load_split_repositories(data_args: DataArguments, split: str = "train"):
-    """(repositories of one split or None, SkipReport): eval is eval_data_files, or the eval_fraction hold-out."""
+    """(repositories of one split or None, SkipReport): eval is eval_data_files, or the eval_fraction hold-out.
+
+    The shards are read and filtered (data/shards.py), then near-deduplicated and PII-redacted
+    (data/cleaning.py) before the split, so that a near-copy is kept once across both splits."""
     if split == "eval" and data_args.eval_data_files:
-        return load_repositories(data_args, data_files=data_args.eval_data_files)
+        repositories, skips = load_repositories(data_args, data_files=data_args.eval_data_files)
+        return clean_repositories(repositories, data_args, skips), skips
     repositories, skips = load_repositories(data_args)
+    repositories = clean_repositories(repositories, data_args, skips)
     if data_args.eval_data_files is None and data_args.eval_fraction > 0:
         train, held_out = repository_split(repositories, data_args.eval_fraction)
         return (held_out if split == "eval" else train), skips

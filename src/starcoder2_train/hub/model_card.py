@@ -1,7 +1,8 @@
 """The model card (README.md) written with every saved model.
 
 `write_model_card(output_dir, recipe, ...)` describes what was trained: the base model or architecture,
-the recipe, the data (languages, tokens seen), the FIM settings, the evaluation results and what each of
+the recipe, the data (languages, tokens seen, and what StarCoder2's preprocessing steps did to it: opt-outs,
+decontamination, PII redaction, near-deduplication), the FIM settings, the evaluation results and what each of
 them measures (also as model-index metadata, which the Hub shows and huggingface_hub's ModelCard parses)
 and a FIM usage example. `update_model_card_results` replaces the results after a later
 `scripts/evaluate.py` run.
@@ -18,6 +19,56 @@ from starcoder2_train.evaluation import TASK_DESCRIPTIONS
 RESULTS_START, RESULTS_END = "<!-- evaluation results -->", "<!-- end of evaluation results -->"
 
 FIM_KEYS = ("fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate")
+
+
+def _setting(recipe: dict, key: str):
+    """The recipe's value of a DataArguments key, else its default."""
+    if key in recipe:
+        return recipe[key]
+    field = DataArguments.__dataclass_fields__[key]
+    return field.default_factory() if callable(field.default_factory) else field.default
+
+
+def _on(value) -> bool:
+    return str(value).lower() in ("true", "1", "yes")
+
+
+def data_steps(recipe: dict) -> list[str]:
+    """One line per preprocessing step (docs/data_filters.md): what it did, or that it was off."""
+    opt_outs = _setting(recipe, "exclude_repositories")
+    benchmarks = _setting(recipe, "decontamination_benchmarks") or []
+    benchmarks = [benchmarks] if isinstance(benchmarks, str) else list(benchmarks)
+    benchmarks = [] if [str(b).lower() for b in benchmarks] in (["none"], ["false"]) else benchmarks
+    files = _setting(recipe, "decontamination_files") or []
+    files = [files] if isinstance(files, str) else list(files)
+    if benchmarks or files:
+        sources = ", ".join([*map(str, benchmarks), *(f"`{path}`" for path in files)])
+        decontamination = (
+            f"files containing a docstring or solution of {sources} (whitespace-insensitive, texts of at least "
+            f"{_setting(recipe, 'decontamination_min_chars')} characters) were removed"
+        )
+    else:
+        decontamination = "off: benchmark scores of this model (HumanEval) may be inflated by training on them"
+    if _on(_setting(recipe, "pii_redaction")):
+        model = _setting(recipe, "pii_model_path")
+        pii = "emails, API keys and secrets, passwords and public IP addresses replaced by placeholders"
+        pii += f", and the entities of the model `{model}`" if model else " (rules only; names not redacted)"
+    else:
+        pii = "off"
+    if _on(_setting(recipe, "near_dedup")):
+        n, b, r = (_setting(recipe, f"near_dedup_{key}") for key in ("ngrams", "buckets", "hashes_per_bucket"))
+        near_dedup = (
+            f"MinHash over {n}-word shingles, {b} bands of {r} hashes (Jaccard threshold about "
+            f"{(1 / int(b)) ** (1 / int(r)):.2f}); one file of each group of near-copies kept"
+        )
+    else:
+        near_dedup = "off"
+    return [
+        f"- Opt-outs: {f'repositories listed in `{opt_outs}` removed' if opt_outs else 'none given'}",
+        f"- Decontamination: {decontamination}",
+        f"- PII redaction: {pii}",
+        f"- Near-deduplication: {near_dedup}",
+    ]
 
 
 def model_index(results: dict[str, dict]) -> list[EvalResult]:
@@ -154,6 +205,7 @@ A StarCoder2 code model, {origin}, with the starcoder2-train recipe below.
 - Languages: {languages}
 - Tokens seen: {tokens}
 - Sequence length: {recipe.get("seq_length", DataArguments.__dataclass_fields__["seq_length"].default)} tokens
+{chr(10).join(data_steps(recipe))}
 
 ## Fill-in-the-middle
 
