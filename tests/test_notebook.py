@@ -101,6 +101,8 @@ def test_the_notebook_fine_tunes_merges_and_saves(base_and_code):
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= adapter
     assert "model.safetensors" in merged and not any(name.startswith("adapter_") for name in merged)
     assert (output_dir / "loss_curve.png").stat().st_size > 1000
+    assert "](loss_curve.png)" in (output_dir / "adapter" / "README.md").read_text()  # the adapter's card shows it
+    assert (output_dir / "adapter" / "loss_curve.png").exists()
     state = json.loads((output_dir / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3

@@ -294,6 +294,7 @@ def test_recipe_evaluates_writes_a_model_card_and_dry_runs_the_upload(tmp_path, 
     card = ModelCard.load(upload / "README.md")
     assert card.data.model_name == "me/tiny-starcoder2" and card.data.eval_results
     assert "<fim_prefix>" in card.text and "fim_rate" in card.text
+    assert "](loss_curve.png)" in card.text and (upload / "loss_curve.png").exists()  # the picture goes with it
     assert not (upload / "optimizer.pt").exists()
     AutoModelForCausalLM.from_pretrained(upload)  # the uploaded folder is a loadable model
     # Saved for generation (cache on), evaluated packed (cache off: with a cache packed documents would mix).

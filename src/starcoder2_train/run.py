@@ -14,6 +14,7 @@ optimizer state only.
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 
 import datasets
@@ -40,7 +41,7 @@ from starcoder2_train.model.presets import build_config
 from starcoder2_train.training.checkpoints import resolve_resume, run_recipe
 from starcoder2_train.training.distributed import close_process_group
 from starcoder2_train.training.dry_run import print_dry_run, resolve_checkpointed_layers
-from starcoder2_train.training.loss_curve import LossCurveCallback
+from starcoder2_train.training.loss_curve import LOSS_CURVE, LossCurveCallback
 from starcoder2_train.training.preemption import PreemptionCallback
 from starcoder2_train.training.trainer import PretrainingTrainer
 
@@ -202,6 +203,9 @@ def save_evaluate_publish(trainer, tokenizer, data: RunData, evaluation, model_a
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     if trainer.is_world_process_zero():
+        curve = os.path.join(training_args.output_dir, LOSS_CURVE)
+        if model_dir != training_args.output_dir and os.path.exists(curve):  # LoRA: the card is the adapter's
+            shutil.copyfile(curve, os.path.join(model_dir, LOSS_CURVE))
         write_model_card(
             model_dir,
             recipe_values,

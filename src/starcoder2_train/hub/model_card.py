@@ -15,6 +15,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from starcoder2_train.configs import DataArguments, is_hub_id
 from starcoder2_train.evaluation import TASK_DESCRIPTIONS
+from starcoder2_train.training.loss_curve import LOSS_CURVE
 
 RESULTS_START, RESULTS_END = "<!-- evaluation results -->", "<!-- end of evaluation results -->"
 
@@ -158,6 +159,17 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 ```'''
 
 
+def _loss_curve_section(output_dir: str) -> str:
+    """The run's loss curve (training/loss_curve.py) embedded, when it is in the folder the card describes."""
+    if not os.path.exists(os.path.join(output_dir, LOSS_CURVE)):
+        return ""
+    return f"""
+### Training curve
+
+![Train and eval loss against tokens seen, the learning rate beneath]({LOSS_CURVE})
+"""
+
+
 def write_model_card(
     output_dir: str,
     recipe: dict,
@@ -220,7 +232,7 @@ each of its files is then transformed with probability `fim_fragment_rate`, in S
 ## Evaluation
 
 {_results_section(eval_results)}
-
+{_loss_curve_section(output_dir)}
 ## Use: fill in the middle
 
 {_fim_example(hub_model_id or output_dir)}
