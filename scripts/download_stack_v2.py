@@ -18,11 +18,13 @@ what was fetched, what was skipped and why, and the speed. Train on it with `dat
 
 import argparse
 import logging
+import os
 import sys
 
 from starcoder2_train.data.download.fetch import S3Options
 from starcoder2_train.data.download.ids import DownloadError
 from starcoder2_train.data.download.run import download
+from starcoder2_train.progress import FORCE_ENV
 
 
 def main(argv=None) -> dict:
@@ -30,6 +32,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ids", metavar="IDS", help="Ids parquet: a file, a folder or a Hub dataset id.")
     parser.add_argument("--output", required=True, help="Directory for the shards (a rerun resumes it).")
+    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars (none off a terminal).")
     parser.add_argument("--endpoint_url", default=None, help="Another S3 endpoint (a mirror); default AWS.")
     parser.add_argument("--bucket", default=defaults.bucket, help=f"Bucket of the blobs (default {defaults.bucket}).")
     parser.add_argument("--prefix", default=defaults.prefix, help=f"Key prefix of a blob (default {defaults.prefix}).")
@@ -46,6 +49,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_shards", type=int, default=1, help="Split the ids across this many machines.")
     parser.add_argument("--shard_index", type=int, default=0, help="This machine's part, in [0, num_shards).")
     args = parser.parse_args(argv)
+    if args.disable_tqdm:
+        os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("botocore").setLevel(logging.WARNING)
     try:

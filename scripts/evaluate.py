@@ -41,6 +41,7 @@ from starcoder2_train.evaluation.fim import evaluate_fim, fim_generation_budget
 from starcoder2_train.evaluation.humaneval import evaluate_humaneval
 from starcoder2_train.evaluation.loss import evaluate_loss
 from starcoder2_train.hub.model_card import update_model_card_results
+from starcoder2_train.progress import FORCE_ENV
 from starcoder2_train.recipe import RecipeParser
 
 
@@ -87,8 +88,11 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--torch_dtype", default="auto", choices=TORCH_DTYPES, help="dtype of the loaded weights.")
     parser.add_argument("--output", help="Write {model, results, seconds, settings} to this JSON file.")
+    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars (none off a terminal).")
     parser.add_argument("--update_model_card", action="store_true", help="Write the results into MODEL_DIR/README.md.")
     args, args.recipe_overrides = parser.parse_known_args(argv)
+    if args.disable_tqdm:
+        os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off
     if args.recipe_overrides and not args.recipe:
         parser.error(f"unrecognized arguments: {' '.join(args.recipe_overrides)}")
     args.tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]

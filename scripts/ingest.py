@@ -11,15 +11,18 @@ was skipped and why, and the reading speed. Read the shards with `dataset_name_o
 """
 
 import argparse
+import os
 import sys
 
 from starcoder2_train.data.local.ingest import IngestError, ingest
+from starcoder2_train.progress import FORCE_ENV
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", metavar="PATH", help="Repository folders; none: this Python's stdlib.")
     parser.add_argument("--output", required=True, help="Directory for the parquet shards.")
+    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars (none off a terminal).")
     parser.add_argument("--max_file_bytes", type=int, default=1_000_000, help="Skip larger files (bytes).")
     parser.add_argument("--repos_per_shard", type=int, default=1000, help="Repositories per parquet file.")
     parser.add_argument(
@@ -35,6 +38,8 @@ def main(argv=None) -> dict:
         help="Replace shards in --output that an earlier ingest did not write (its own are always replaced).",
     )
     args = parser.parse_args(argv)
+    if args.disable_tqdm:
+        os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off
     try:
         summary, report = ingest(
             args.paths, args.output, args.max_file_bytes, args.repos_per_shard, args.overwrite, tuple(args.exclude)

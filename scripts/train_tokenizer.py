@@ -10,10 +10,12 @@ lists or per-file rows) in sorted shard order; `--max_files` stops after that ma
 import argparse
 import json
 import logging
+import os
 import sys
 
 from starcoder2_train.configs import RecipeError
 from starcoder2_train.data.tokenizer import DEFAULT_MODEL_MAX_LENGTH, train_tokenizer_from_parquet
+from starcoder2_train.progress import FORCE_ENV
 
 logger = logging.getLogger("train_tokenizer")
 
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="Tokens in all: 34 special, 256 bytes, the rest learned merges (StarCoder2: 49152).",
     )
     parser.add_argument("--output", required=True, help="Directory to write tokenizer.json and tokenizer_config.json.")
+    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars (none off a terminal).")
     parser.add_argument("--max_files", type=int, default=None, help="Train on at most this many source files.")
     parser.add_argument(
         "--model_max_length",
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="Longest sequence the tokenizer reports (tokenizer.model_max_length), in tokens.",
     )
     args = parser.parse_args(argv)
+    if args.disable_tqdm:
+        os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.max_files is not None and args.max_files < 1:
         raise RecipeError(f"--max_files: must be at least 1, got {args.max_files}.")

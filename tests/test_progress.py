@@ -44,3 +44,24 @@ def test_the_fim_evaluation_shows_its_bar(forced, shown, tokenizer, monkeypatch,
     monkeypatch.setenv(FORCE_ENV, forced)
     evaluate_fim(tiny_model(tokenizer), tokenizer, build_fim_problems(FILES, seed=0), max_new_tokens=2, batch_size=2)
     assert ("FIM infills" in capsys.readouterr().err) == shown
+
+
+@pytest.mark.parametrize("words, shown", [([], True), (["--disable_tqdm"], False)])
+def test_ingest_shows_its_bar_unless_disabled(words, shown, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import LAUNCH_ENV
+
+    for name in ("alpha", "beta"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "main.py").write_text("def main():\n    return 1\n")
+    command = [sys.executable, "scripts/ingest.py", str(tmp_path / "alpha"), str(tmp_path / "beta")]
+    command += ["--output", str(tmp_path / "shards"), *words]
+    result = subprocess.run(
+        command, cwd=Path(__file__).parents[1], env=dict(LAUNCH_ENV, **{FORCE_ENV: "1"}), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("ingest: 100%" in result.stderr and "2/2" in result.stderr) == shown, result.stderr[-2000:]

@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from starcoder2_train.configs import RecipeError, hub_hint
 from starcoder2_train.data.shards import parquet_layout
 from starcoder2_train.data.special_tokens import EOS_TOKEN, STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
+from starcoder2_train.progress import progress
 
 DEFAULT_MODEL_MAX_LENGTH = 16384  # the longest context of the released StarCoder2 models
 BATCH_ROWS = 64  # parquet rows read at a time: per-repository rows can hold thousands of files
@@ -157,7 +158,7 @@ def train_tokenizer_from_parquet(
     counts = {"files": 0, "bytes": 0}
 
     def counted():
-        for text in iter_parquet_contents(data_dir, max_files):
+        for text in progress(iter_parquet_contents(data_dir, max_files), desc="tokenizer: files read", unit="file"):
             counts["files"] += 1
             counts["bytes"] += len(text.encode("utf-8", errors="replace"))
             yield text

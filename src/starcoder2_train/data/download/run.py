@@ -36,6 +36,7 @@ from starcoder2_train.data.download.fetch import BlobFetcher, S3Options
 from starcoder2_train.data.download.ids import Chunk, DownloadError, IdsReader, plan_chunks, resolve_ids_files
 from starcoder2_train.data.shards import decode_content
 from starcoder2_train.data.skips import DENIED_BLOB, MISSING_BLOB_ID, MISSING_REPO_NAME, NO_FILE_FETCHED, SkipReport
+from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)
 STATE_DIRECTORY = "download_state"
@@ -209,7 +210,8 @@ def download(
     reader, fetcher = IdsReader(), BlobFetcher(options)
     try:
         with ThreadPoolExecutor(options.num_workers, thread_name_prefix="fetch") as pool:
-            for number, chunk in enumerate(mine, 1):
+            chunks_bar = progress(enumerate(mine, 1), desc="download", total=len(mine), unit="chunk")
+            for number, chunk in chunks_bar:
                 record = _load_record(output_dir, chunk)
                 if record is None:
                     record = download_chunk(chunk, reader, fetcher, pool, output_dir)

@@ -30,6 +30,7 @@ from starcoder2_train.data.languages import language_of
 from starcoder2_train.data.local.metadata import detect_licenses, repository_name
 from starcoder2_train.data.shards import decode_content
 from starcoder2_train.data.skips import EMPTY, NO_FILE_LEFT, TOO_LARGE, UNKNOWN_LANGUAGE, SkipReport
+from starcoder2_train.progress import progress
 
 SYMBOLIC_LINK = "symbolic link"
 UNREADABLE = "unreadable (permission or I/O error)"
@@ -276,8 +277,10 @@ def ingest(
     repos_per_shard: int = 1000,
     overwrite: bool = False,
     exclude_dirs: tuple[str, ...] = (),
+    disable_progress: bool | None = None,
 ) -> tuple[dict, SkipReport]:
     """Write the shards and ingest_summary.json; return the summary and the report of what was left out.
+    A progress bar counts the repositories (quiet off a terminal or with `disable_progress`).
 
     exclude_dirs: directory names to leave out wherever they occur (e.g. test suites), counted.
     """
@@ -290,7 +293,7 @@ def ingest(
     prepare_output(output_dir, overwrite)
     writer, languages, license_types = ShardWriter(output_dir, repos_per_shard), Counter(), Counter()
     repositories = 0
-    for name, license_directory, entries in sources:
+    for name, license_directory, entries in progress(sources, desc="ingest", unit="repo", disable=disable_progress):
         licenses = detect_licenses(license_directory, report)
         entries = walk(license_directory, "", report, excluded, exclude_dirs) if entries is None else entries
         row = read_repository(name, entries, licenses, max_file_bytes, report, stats)
