@@ -204,22 +204,23 @@ def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 64)
 
 
 def evaluate_model(recipe: Recipe, model_dir: str | None, tasks, max_fim_problems: int | None) -> dict:
-    from starcoder2_train.evaluation.fim import evaluate_fim, fim_generation_budget
-    from starcoder2_train.evaluation.loss import evaluate_loss
+    from starcoder2_train.evaluation.fim import fim_generation_budget
+    from starcoder2_train.evaluation.held_out import score_tasks
 
     data = recipe._data or recipe.prepare_data()  # the held-out inputs come with the run's data
     if model_dir is None:
         merged = os.path.join(recipe.output_dir, "merged")
         model_dir = merged if os.path.isdir(merged) else recipe.final_model_dir()
     model, tokenizer = load_model(model_dir)
-    data_args = recipe.arguments()[1]
-    results = {}
-    if "loss" in tasks and data.loss_rows:
-        results["loss"] = evaluate_loss(model, data.loss_rows, seq_length=data_args.seq_length)
-    if "fim" in tasks and data.fim_problems:
-        budget = fim_generation_budget(data_args.seq_length)
-        problems = data.fim_problems[:max_fim_problems] if max_fim_problems else data.fim_problems
-        results["fim"] = evaluate_fim(
-            model, tokenizer, problems, max_new_tokens=budget, max_prompt_tokens=data_args.seq_length - budget
-        )
-    return results
+    _, data_args, training_args, _ = recipe.arguments()
+    loss_rows = data.loss_rows if "loss" in tasks and data.loss_rows else None
+    problems = data.fim_problems if "fim" in tasks else []
+    return score_tasks(
+        model,
+        tokenizer,
+        loss_rows,
+        problems[:max_fim_problems] if max_fim_problems else problems,
+        seq_length=data_args.seq_length,
+        batch_size=training_args.per_device_eval_batch_size,
+        max_new_tokens=fim_generation_budget(data_args.seq_length),
+    )

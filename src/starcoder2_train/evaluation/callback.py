@@ -6,8 +6,8 @@ returns them; `flatten_results` turns them into log keys such as `eval_fim/exact
 
 from transformers import TrainerCallback
 
-from starcoder2_train.evaluation.fim import FimProblem, evaluate_fim
-from starcoder2_train.evaluation.loss import evaluate_loss
+from starcoder2_train.evaluation.fim import FimProblem
+from starcoder2_train.evaluation.held_out import score_tasks
 
 
 def flatten_results(results: dict[str, dict], prefix: str = "eval_") -> dict[str, float]:
@@ -44,20 +44,14 @@ class EvaluationCallback(TrainerCallback):
         self.latest_results: dict[str, dict] = {}
 
     def on_evaluate(self, args, state, control, **kwargs):
-        model, batch_size = self.trainer.model, self.batch_size or args.per_device_eval_batch_size
-        results = {}
-        if self.loss_dataset is not None:
-            results["loss"] = evaluate_loss(
-                model, self.loss_dataset, seq_length=self.seq_length, batch_size=batch_size
-            )
-        if self.fim_problems:
-            results["fim"] = evaluate_fim(
-                model,
-                self.tokenizer,
-                self.fim_problems,
-                batch_size=batch_size,
-                max_new_tokens=self.max_new_tokens,
-                max_prompt_tokens=self.seq_length - self.max_new_tokens,
-            )
+        results = score_tasks(
+            self.trainer.model,
+            self.tokenizer,
+            self.loss_dataset,
+            self.fim_problems,
+            seq_length=self.seq_length,
+            batch_size=self.batch_size or args.per_device_eval_batch_size,
+            max_new_tokens=self.max_new_tokens,
+        )
         self.latest_results = results
         self.trainer.log(flatten_results(results))

@@ -21,7 +21,8 @@ Cost: the held-out files' text in memory on every rank, eval_fraction × the cor
 from collections import defaultdict
 
 from starcoder2_train.data.tokenization import PieceTokenizer
-from starcoder2_train.evaluation.fim import FimProblem, build_fim_problems
+from starcoder2_train.evaluation.fim import FimProblem, build_fim_problems, evaluate_fim
+from starcoder2_train.evaluation.loss import evaluate_loss
 
 
 def held_out_files(repositories, limit: int | None = None) -> list[dict]:
@@ -61,3 +62,23 @@ def task_inputs(
     rows = loss_rows(tokenizer, files) if "loss" in tasks and files else None
     problems = fim_problems(files, seed, max_fim_problems) if "fim" in tasks else []
     return rows, problems
+
+
+def score_tasks(
+    model, tokenizer, loss_rows, fim_problems, *, seq_length: int, batch_size: int, max_new_tokens: int
+) -> dict[str, dict]:
+    """{"loss": ..., "fim": ...} of a model on the held-out task inputs (`loss_rows` None or `fim_problems` empty:
+    that task is not run), nested by task; what training's EvaluationCallback logs and the notebook API returns."""
+    results = {}
+    if loss_rows is not None:
+        results["loss"] = evaluate_loss(model, loss_rows, seq_length=seq_length, batch_size=batch_size)
+    if fim_problems:
+        results["fim"] = evaluate_fim(
+            model,
+            tokenizer,
+            fim_problems,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=seq_length - max_new_tokens,
+        )
+    return results
