@@ -21,7 +21,7 @@ import copy
 import os
 
 from starcoder2_train.configs import RecipeError
-from starcoder2_train.recipe import RecipeParser, _to_argv
+from starcoder2_train.recipe import RecipeParser, to_words
 
 
 class Recipe:
@@ -45,7 +45,7 @@ class Recipe:
     @property
     def values(self) -> dict:
         """The merged recipe: the file's keys, then the values set here."""
-        return RecipeParser().load(self.path, self._words(self.overrides))
+        return RecipeParser().load(self.path, to_words(self.overrides))
 
     def __getitem__(self, key: str):
         return self.values[key]
@@ -54,17 +54,9 @@ class Recipe:
         lines = [f"Recipe({self.path!r})"] + [f"  {key}: {value!r}" for key, value in self.values.items()]
         return "\n".join(lines)
 
-    @staticmethod
-    def _words(values: dict) -> list[str]:
-        words = []
-        for key, value in values.items():
-            if value is not None:
-                words += _to_argv(key, value)
-        return words
-
     def _parse(self, overrides: dict):
         parser = RecipeParser()
-        arguments = parser.parse(([self.path] if self.path else []) + self._words(overrides))
+        arguments = parser.parse(([self.path] if self.path else []) + to_words(overrides))
         return parser, arguments
 
     def arguments(self):

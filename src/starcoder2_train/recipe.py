@@ -40,6 +40,15 @@ def _to_argv(key: str, value) -> list[str]:
     return [f"--{key}", str(value)]
 
 
+def to_words(values: dict) -> list[str]:
+    """Recipe values as `--key value` words (None: left unset, the key's default)."""
+    words = []
+    for key, value in values.items():
+        if value is not None:
+            words += _to_argv(key, value)
+    return words
+
+
 def parse_overrides(words: list[str]) -> dict:
     """`--key value`, `--key=value` and `--key v1 v2` (lists) into a dict of strings."""
     overrides, key = {}, None
@@ -109,10 +118,7 @@ class RecipeParser(HfArgumentParser):
         recipe = argv.pop(0) if argv and not argv[0].startswith("--") else None
         values = self.load(recipe, argv)
         self.recipe_values = dict(values)  # for the model card
-        words = []
-        for key, value in values.items():
-            if value is not None:
-                words += _to_argv(key, value)
+        words = to_words(values)
         try:
             model_args, data_args, *rest = self.parse_args_into_dataclasses(args=words, look_for_args_file=False)
         except SystemExit as error:  # argparse exits on a bad value; say which key instead
