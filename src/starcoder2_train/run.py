@@ -1,7 +1,7 @@
 """One training run from parsed recipe arguments: the whole of `scripts/run_pretrain.py`, callable in-process.
 
 `run_training(model_args, data_args, training_args, recipe_values)` is what the script runs and what a notebook
-runs (starcoder2_train.notebook): tokenizer and config first (a wrong recipe fails before any data or weights
+runs (starcoder2_train.api): tokenizer and config first (a wrong recipe fails before any data or weights
 are touched), the dry run, resume resolution, data, model (with LoRA or QLoRA when the recipe says so), the
 trainer with its callbacks, training, then the final model, evaluation, model card and upload. The steps are
 functions of their own so that the notebook API can show what is between them (the packed samples).
@@ -184,10 +184,10 @@ def final_model_dir(model_args, training_args) -> str:
     return os.path.join(output_dir, ADAPTER_DIR) if model_args.use_lora else output_dir
 
 
-def save_evaluate_publish(trainer, tokenizer, data: RunData, evaluation, model_args, data_args, training_args,
-                          recipe_values: dict, push: bool) -> str:  # fmt: skip
-    """The final model (weights gathered to 16 bits under ZeRO-3; the adapter alone for LoRA) with use_cache on,
-    the Trainer's eval_loss and the evaluation tasks, the model card and the upload. Returns the model's folder."""
+def save_final_model(trainer, tokenizer, model_args, training_args) -> str:
+    """The trainer state, then the final model (weights gathered to 16 bits under ZeRO-3; the adapter alone for
+    LoRA) with use_cache on for generation, and the tokenizer, in final_model_dir; returns that folder. Pretraining
+    and SFT (sft.py) end with it."""
     trainer.save_state()
     model_dir = final_model_dir(model_args, training_args)
     trainer.model.config.use_cache = True
@@ -198,6 +198,14 @@ def save_evaluate_publish(trainer, tokenizer, data: RunData, evaluation, model_a
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(model_dir)
         logger.info("saved the %s and tokenizer to %s", "adapter" if model_args.use_lora else "model", model_dir)
+    return model_dir
+
+
+def save_evaluate_publish(trainer, tokenizer, data: RunData, evaluation, model_args, data_args, training_args,
+                          recipe_values: dict, push: bool) -> str:  # fmt: skip
+    """The final model (save_final_model), the Trainer's eval_loss and the evaluation tasks, the model card and
+    the upload. Returns the model's folder."""
+    model_dir = save_final_model(trainer, tokenizer, model_args, training_args)
     if data.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)

@@ -51,7 +51,7 @@ from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.model.factory import choose_attention, validate_model_and_data
 from starcoder2_train.model.presets import build_config
 from starcoder2_train.recipe import RecipeParser
-from starcoder2_train.run import build_model, configure_logging, final_model_dir
+from starcoder2_train.run import build_model, configure_logging, save_final_model
 from starcoder2_train.training.checkpoints import resolve_resume, run_recipe
 from starcoder2_train.training.distributed import close_process_group
 from starcoder2_train.training.preemption import PreemptionCallback
@@ -393,10 +393,5 @@ def run_sft(argv=None) -> SFTTrainer:
     metrics = dict(result.metrics, **report.as_metrics(), train_tokens=tokens, packing_efficiency=efficiency)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    model_dir = final_model_dir(model_args, training_args)
-    trainer.save_model(model_dir)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(model_dir)
-        logger.info("saved the %s and tokenizer to %s", "adapter" if model_args.use_lora else "model", model_dir)
+    save_final_model(trainer, tokenizer, model_args, training_args)
     return trainer
