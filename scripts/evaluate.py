@@ -10,7 +10,7 @@ files of those shards (or, with --eval_fraction, of the repositories such a reci
 
 - loss: each held-out file scored alone as `<file_sep>code<|endoftext|>` (a one-file repository without
   metadata, as in training), in windows of --seq_length tokens; loss and perplexity per language.
-- fim: one masked line per held-out file, greedy PSM infilling, exact match per language.
+- fim: one masked line per held-out file (--fim_lines_per_file), greedy PSM infilling, exact match per language.
 - humaneval: --num_samples completions per problem, executed sandboxed (needs HF_ALLOW_CODE_EVAL=1;
   see starcoder2_train/evaluation/execution.py for what is and is not contained), pass@k for each --k; prompts,
   stop words, budget and post-processing as bigcode-evaluation-harness's `humaneval` task (docs/humaneval.md;
@@ -63,6 +63,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--languages", nargs="*", help="Keep only held-out files in these languages.")
     parser.add_argument("--limit", type=int, help="At most this many HumanEval problems / files per language.")
+    parser.add_argument(
+        "--fim_lines_per_file",
+        type=int,
+        default=1,
+        help="With --data: lines masked per held-out file (with --recipe, the recipe's fim_eval_lines_per_file).",
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward or generate call.")
     parser.add_argument("--seq_length", type=int, help="Loss window and FIM context (default: the recipe's, or 4096).")
     parser.add_argument(
@@ -167,6 +173,7 @@ def main(argv=None):
         args.tasks,
         seed=args.seed,
         max_fim_problems=training_args.fim_eval_problems if training_args else None,
+        fim_lines_per_file=training_args.fim_eval_lines_per_file if training_args else args.fim_lines_per_file,
         limit=args.limit,
     )
 

@@ -74,6 +74,16 @@ def test_problems_are_seeded_lines_that_rebuild_the_file():
     assert len(several) == 4 and len({p.middle for p in several}) == 4  # every eligible line once, no blank
 
 
+def test_held_out_problems_mask_several_lines_per_file_when_asked():
+    """fim_eval_lines_per_file: the recipe's count reaches the problems the training evaluation scores."""
+    from starcoder2_train.evaluation.held_out import fim_problems
+
+    one, three = fim_problems(FILES, seed=0), fim_problems(FILES, seed=0, lines_per_file=3)
+    assert len(one) == len(FILES) and len(three) == 3 * len(FILES)
+    assert len({(p.path, p.prefix) for p in three}) == len(three)  # three different lines of each file
+    assert len(fim_problems(FILES, seed=0, max_problems=4, lines_per_file=3)) == 4
+
+
 def test_prompt_keeps_source_text_out_of_the_special_tokens(tokenizer):
     pieces, special = PieceTokenizer(tokenizer), SpecialTokenIds.from_tokenizer(tokenizer)
     problem = FimProblem(

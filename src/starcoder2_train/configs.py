@@ -446,6 +446,13 @@ class PretrainingArguments(TrainingArguments):
     fim_eval_problems: int = field(
         default=200, metadata={"help": "Single-line FIM problems built from held-out files for each evaluation."}
     )
+    fim_eval_lines_per_file: int = field(
+        default=1,
+        metadata={
+            "help": "Lines masked per held-out file (each its own FIM problem, seeded by the file's path): raise "
+            "it when few files are held out, so that the exact match is measured on enough problems."
+        },
+    )
     hub_dry_run_dir: str | None = field(
         default=None,
         metadata={
@@ -548,6 +555,8 @@ class PretrainingArguments(TrainingArguments):
             )
         if self.loss_kernel not in LOSS_KERNELS:
             raise RecipeError(f"loss_kernel: {self.loss_kernel!r} is not one of {', '.join(LOSS_KERNELS)}.")
+        if self.fim_eval_lines_per_file < 1:
+            raise RecipeError(f"fim_eval_lines_per_file: must be at least 1, got {self.fim_eval_lines_per_file}.")
         if self.dry_run_world_size is not None and self.dry_run_world_size < 1:
             raise RecipeError(f"dry_run_world_size: must be at least 1, got {self.dry_run_world_size}.")
         if self.gpu_memory_gb <= 0:

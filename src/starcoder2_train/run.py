@@ -92,6 +92,7 @@ def build_data(data_args, tokenizer, training_args) -> RunData:
             training_args.eval_tasks,
             seed=training_args.seed,
             max_fim_problems=training_args.fim_eval_problems,
+            fim_lines_per_file=training_args.fim_eval_lines_per_file,
         )
     for line in report.summary_lines():
         logger.info("data: %s", line)

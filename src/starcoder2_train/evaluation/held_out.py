@@ -10,7 +10,7 @@ the same names:
   seeded by it), in the repositories' order; optionally at most `limit` files per language.
 - `loss_rows`: each file scored alone, as StarCoder2 trains a one-file repository without metadata:
   `<file_sep>code<|endoftext|>`, no FIM; the loss is per token of the file (evaluation/loss.py).
-- `fim_problems`: one masked line per file (evaluation/fim.py), at most `max_problems`.
+- `fim_problems`: `lines_per_file` masked lines per file (evaluation/fim.py), at most `max_problems`.
 
 These are not the Trainer's own `eval_loss`, which is computed on packed windows of held-out repository
 examples with repository context and FIM, as in training (`scripts/run_pretrain.py` logs both).
@@ -48,19 +48,28 @@ def loss_rows(tokenizer, files: list[dict]) -> list[dict]:
     ]
 
 
-def fim_problems(files: list[dict], seed: int, max_problems: int | None = None) -> list[FimProblem]:
-    """One single-line FIM problem per file with an eligible line, the line chosen by (seed, path); the first
-    `max_problems` of them."""
-    return build_fim_problems(files, seed=seed)[:max_problems]
+def fim_problems(
+    files: list[dict], seed: int, max_problems: int | None = None, lines_per_file: int = 1
+) -> list[FimProblem]:
+    """`lines_per_file` single-line FIM problems per file with eligible lines, the lines chosen by (seed, path);
+    the first `max_problems` of them."""
+    return build_fim_problems(files, seed=seed, problems_per_file=lines_per_file)[:max_problems]
 
 
 def task_inputs(
-    repositories, tokenizer, tasks, *, seed: int, max_fim_problems: int | None = None, limit: int | None = None
+    repositories,
+    tokenizer,
+    tasks,
+    *,
+    seed: int,
+    max_fim_problems: int | None = None,
+    fim_lines_per_file: int = 1,
+    limit: int | None = None,
 ) -> tuple[list[dict] | None, list[FimProblem]]:
     """(loss rows or None, FIM problems) of the held-out `repositories` (None: no held-out data) for `tasks`."""
     files = held_out_files(repositories, limit) if repositories is not None else []
     rows = loss_rows(tokenizer, files) if "loss" in tasks and files else None
-    problems = fim_problems(files, seed, max_fim_problems) if "fim" in tasks else []
+    problems = fim_problems(files, seed, max_fim_problems, fim_lines_per_file) if "fim" in tasks else []
     return rows, problems
 
 
