@@ -10,6 +10,7 @@ Task r of --tasks reads only its own contiguous range of the input files and wri
 (data/prepare.py); the parts read in order are what one task would have written. A task that fails is rerun
 alone by running the same command again (datatrove keeps the completions in DIR/logs). Train with
 `--prepared_data_dir DIR`: training then only opens the stores. Any recipe key can be overridden as --key value.
+On a terminal a bar counts the finished tasks with their rate and an ETA (--disable_tqdm: none).
 With `near_dedup: true` three MinHash runs come first (DIR/near_dedup/), each waiting for the one before; the files
 decontamination removed are listed in DIR/decontamination/ (docs/data_filters.md).
 """
@@ -19,7 +20,7 @@ import os
 import sys
 
 from starcoder2_train.configs import RecipeError
-from starcoder2_train.data.prepare import build_stages, make_executor
+from starcoder2_train.data.prepare import build_stages, make_executor, task_progress
 from starcoder2_train.data.prepared import (
     DECONTAMINATION,
     LOGS,
@@ -45,6 +46,9 @@ def parse_args(argv):
     own.add_argument("--slurm_cpus_per_task", type=int, default=1, help="slurm: CPUs per task.")
     own.add_argument("--slurm_mem_per_cpu_gb", type=int, default=4, help="slurm: memory per CPU.")
     own.add_argument("--slurm_venv_path", help="slurm: virtual environment the tasks activate.")
+    own.add_argument(
+        "--disable_tqdm", action="store_true", help="No progress bar (it is off anyway when stderr is not a terminal)."
+    )
     return own.parse_known_args(argv)
 
 
@@ -71,7 +75,7 @@ def main(argv=None):
             "venv_path": own_args.slurm_venv_path,
             "job_name": "prepare_data",
         }
-    executor = None
+    executor, watched = None, []
     for name, pipeline, tasks, logging_dir in build_stages(
         data_args, own_args.output, training_args.seed, own_args.epochs, len(tokenizer)
     ):
@@ -91,10 +95,13 @@ def main(argv=None):
             **({"depends": executor} if executor is not None else {}),
             **named,
         )
-    executor.run()  # the last stage; datatrove runs (or submits) the stages it depends on first
-    if own_args.executor == "slurm":
+        watched.append((logging_dir, tasks or own_args.tasks))
+    if own_args.executor == "slurm":  # submitted, not run here: squeue and DIR/logs show the progress
+        executor.run()
         print(f"submitted {own_args.tasks} tasks; logs and completions in {os.path.join(own_args.output, LOGS)}")
         return None
+    with task_progress(watched, disable=True if own_args.disable_tqdm else None):
+        executor.run()  # the last stage; datatrove runs the stages it depends on first
     stats = prepared_stats(own_args.output)
     for split in ("train", "eval"):
         print(

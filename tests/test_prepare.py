@@ -42,10 +42,18 @@ def stream(store) -> np.ndarray:
     return store.tokens(0, store.num_tokens)
 
 
-def test_tasks_write_the_store_one_task_writes_and_training_reads_it(shards, tokenizer_dir, tokenizer, tmp_path):
+def test_tasks_write_the_store_one_task_writes_and_training_reads_it(
+    shards, tokenizer_dir, tokenizer, tmp_path, monkeypatch, capsys
+):
+    from starcoder2_train.progress import FORCE_ENV
+
+    monkeypatch.setenv(FORCE_ENV, "1")  # bars as on a terminal, unless --disable_tqdm
     path = recipe(tmp_path, shards, tokenizer_dir)
-    prepare_data.main([path, "--output", str(tmp_path / "one"), "--epochs", "2"])
+    prepare_data.main([path, "--output", str(tmp_path / "one"), "--epochs", "2", "--disable_tqdm"])
+    assert "prepare: tasks" not in capsys.readouterr().err
     prepare_data.main([path, "--output", str(tmp_path / "three"), "--epochs", "2", "--tasks", "3", "--workers", "2"])
+    bar = capsys.readouterr().err
+    assert "prepare: tasks" in bar and "3/3" in bar and "task" in bar.rsplit("3/3", 1)[1], bar[-1000:]
     for split, epoch in (("train", 0), ("train", 1), ("eval", 0)):
         one, three = open_store(str(tmp_path / "one"), split, epoch), open_store(str(tmp_path / "three"), split, epoch)
         assert one.num_examples == three.num_examples > 0 and np.array_equal(stream(one), stream(three))

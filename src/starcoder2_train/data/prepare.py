@@ -25,9 +25,11 @@ the input files (a list of paths), the opt-out set and the benchmark index (data
 data/decontamination.py say their size) are the structures every task holds whole.
 """
 
+import contextlib
 import json
 import logging
 import os
+import threading
 
 import fsspec
 import pyarrow as pa
@@ -68,6 +70,7 @@ from starcoder2_train.data.splits import eval_share
 from starcoder2_train.data.token_writer import TokenStoreWriter
 from starcoder2_train.data.tokenization import PieceTokenizer
 from starcoder2_train.data.tokenizer import load_tokenizer
+from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)
 HELD_OUT_SCHEMA = pa.schema(
@@ -312,3 +315,39 @@ def make_executor(kind: str, pipeline: list, tasks: int, logging_dir: str, worke
 
         return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, **options)
     raise RecipeError(f"--executor: {kind!r} is not local, slurm or ray.")
+
+
+def completed_tasks(logging_dir: str) -> int:
+    """Tasks datatrove has marked complete in `logging_dir` (its completions/ folder, on any fsspec filesystem)."""
+    fs, path = fsspec.core.url_to_fs(logging_dir)
+    folder = f"{path.rstrip('/')}/completions"
+    return len(fs.ls(folder, detail=False)) if fs.isdir(folder) else 0
+
+
+@contextlib.contextmanager
+def task_progress(stages: list[tuple[str, int]], *, disable: bool | None = None, interval: float = 1.0):
+    """A tqdm bar over the tasks of `stages` ((logging_dir, tasks) pairs) while the block runs them: tasks done of
+    all tasks, with the rate and an ETA, read from datatrove's completion marks by a polling thread.
+
+    Task granularity is what datatrove exposes (a task reports nothing until it ends): at scale, 1,000 tasks give a
+    smooth bar; one task gives 0 → 1. Tasks completed by an earlier run (a rerun after a failure) count from the
+    start. Cost: one listing of each completions/ folder per `interval`; on S3 a LIST call each."""
+    total = sum(tasks for _, tasks in stages)
+    count = lambda: min(total, sum(completed_tasks(folder) for folder, _ in stages))  # noqa: E731
+    bar = progress(desc="prepare: tasks", total=total, unit="task", disable=disable)
+    bar.update(count())
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(interval):
+            bar.update(count() - bar.n)
+
+    thread = threading.Thread(target=poll, name="prepare-progress", daemon=True)
+    thread.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        thread.join()
+        bar.update(count() - bar.n)
+        bar.close()
