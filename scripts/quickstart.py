@@ -11,6 +11,7 @@ Each step is printed as the command that runs it, so that any step can be rerun 
 """
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -26,6 +27,21 @@ def run(step: str, words: list[str]) -> None:
     start = time.perf_counter()
     subprocess.run(words, check=True, cwd=ROOT)
     print(f"=== {step}: done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def held_out_scores(model_dir: str) -> str:
+    """The last held-out evaluation of the run (trainer_state.json's log), in words."""
+    with open(os.path.join(model_dir, "trainer_state.json"), encoding="utf-8") as handle:
+        logged = [entry for entry in json.load(handle)["log_history"] if "eval_fim/exact_match" in entry]
+    if not logged:
+        return "no held-out evaluation was logged (the recipe's eval_strategy is off)"
+    last = logged[-1]
+    hits = round(last["eval_fim/exact_match"] * last["eval_fim/problems"])
+    return (
+        f"held-out at step {last['step']}: loss {last['eval_loss/loss']:.2f} per token of "
+        f"{last['eval_loss/tokens']:,} tokens; FIM exact match {hits} of {last['eval_fim/problems']} single-line "
+        "problems (an untrained model scores 0)"
+    )
 
 
 def main(argv=None):
@@ -86,7 +102,8 @@ def main(argv=None):
         "4/4 infill a held-out file with transformers alone",
         [python, "scripts/infill.py", model, "--recipe", args.recipe, "--dataset_name_or_path", data],
     )
-    print(f"\nquickstart finished in {(time.perf_counter() - start) / 60:.1f} min; the model is in {model}")
+    print(f"\n{held_out_scores(model)}")
+    print(f"quickstart finished in {(time.perf_counter() - start) / 60:.1f} min; the model is in {model}")
     print(f"loss curve (train and eval loss against tokens, learning rate beneath): {model}/loss_curve.png")
 
 
