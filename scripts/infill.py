@@ -74,7 +74,9 @@ def main(argv=None):
     print(f"file: {source.get('repo_name', '')} {source['path']}, line {masked + 1} masked")
     print("----- before (last lines)\n" + "".join(lines[max(0, masked - 4) : masked]), end="")
     print(f"----- expected: {lines[masked].rstrip()!r}")
-    generated = middle.splitlines()[0] if middle.strip() else ""
+    from starcoder2_train.evaluation.fim import first_line  # the FIM evaluation's rule: the first line, stripped
+
+    generated = first_line(middle)
     verdict = "exact match" if generated.strip() == lines[masked].strip() else "not an exact match"
     print(f"----- generated: {generated.rstrip()!r} ({verdict})")
     print("----- after (first lines)\n" + "".join(lines[masked + 1 : masked + 4]), end="")

@@ -37,9 +37,13 @@ def held_out_scores(model_dir: str) -> str:
         return "no held-out evaluation was logged (the recipe's eval_strategy is off)"
     last = logged[-1]
     hits = round(last["eval_fim/exact_match"] * last["eval_fim/problems"])
+    loss = (
+        f"loss {last['eval_loss/loss']:.2f} per token of {last['eval_loss/tokens']:,} tokens; "
+        if "eval_loss/loss" in last  # eval_tasks without loss: only the FIM figure
+        else ""
+    )
     return (
-        f"held-out at step {last['step']}: loss {last['eval_loss/loss']:.2f} per token of "
-        f"{last['eval_loss/tokens']:,} tokens; FIM exact match {hits} of {last['eval_fim/problems']} single-line "
+        f"held-out at step {last['step']}: {loss}FIM exact match {hits} of {last['eval_fim/problems']} single-line "
         "problems (an untrained model scores 0)"
     )
 

@@ -69,7 +69,7 @@ def task_inputs(
     """(loss rows or None, FIM problems) of the held-out `repositories` (None: no held-out data) for `tasks`."""
     files = held_out_files(repositories, limit) if repositories is not None else []
     rows = loss_rows(tokenizer, files) if "loss" in tasks and files else None
-    problems = fim_problems(files, seed, max_fim_problems, fim_lines_per_file) if "fim" in tasks else []
+    problems = fim_problems(files, seed, max_fim_problems, lines_per_file=fim_lines_per_file) if "fim" in tasks else []
     return rows, problems
 
 
