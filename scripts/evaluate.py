@@ -108,6 +108,8 @@ def parse_args(argv=None):
         parser.error(f"--tasks: {', '.join(unknown) or 'none given'}; choose among {', '.join(EVAL_TASKS)}.")
     if {"loss", "fim"} & set(args.tasks) and bool(args.data) == bool(args.recipe):
         parser.error("--data or --recipe (one of them): the loss and fim tasks need held-out repositories.")
+    if args.fim_lines_per_file < 1:
+        parser.error(f"--fim_lines_per_file: must be at least 1, got {args.fim_lines_per_file}.")
     if "humaneval" in args.tasks and max(args.k) > args.num_samples:
         parser.error(f"--k {max(args.k)} needs --num_samples of at least {max(args.k)}.")
     return args

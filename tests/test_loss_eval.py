@@ -107,6 +107,8 @@ def test_evaluate_script_end_to_end(model, tokenizer, tmp_path, monkeypatch):
         script.main([str(model_dir), "--tasks", "humaneval"])
     with pytest.raises(SystemExit):
         script.main([str(model_dir), "--tasks", "loss"])  # no --data
+    with pytest.raises(SystemExit):
+        script.main([str(model_dir), "--tasks", "fim", "--data", str(data_dir), "--fim_lines_per_file", "0"])
 
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
     results = script.main(
