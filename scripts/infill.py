@@ -33,7 +33,10 @@ def held_out_file(recipe_argv: list[str]) -> dict:
 
 
 def infill(model, tokenizer, before: str, after: str, max_new_tokens: int = 48) -> str:
-    """Greedy PSM infilling; stops at <|endoftext|> or <file_sep>."""
+    """Greedy PSM infilling; stops at <|endoftext|> or <file_sep>. As in the FIM evaluation, `before` goes into the
+    prompt without the newline it ends with, which the model writes first (a newline and the next line's
+    indentation are one token of this tokenizer: src/starcoder2_train/evaluation/fim.py)."""
+    before = before[:-1] if before.endswith("\n") else before
     ids = lambda text: tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids  # noqa: E731
     token = tokenizer.convert_tokens_to_ids
     prompt = [token("<fim_prefix>"), *ids(before), token("<fim_suffix>"), *ids(after), token("<fim_middle>")]
@@ -69,16 +72,25 @@ def main(argv=None):
     lines = source["content"].splitlines(keepends=True)
     candidates = [i for i, line in enumerate(lines) if line.strip() and 0 < i < len(lines) - 1] or [0]
     masked = random.Random(args.seed).choice(candidates)
-    before, after = "".join(lines[max(0, masked - 30) : masked]), "".join(lines[masked + 1 : masked + 15])
+    # The hole is the line's text; its line break starts `after`, as in the FIM evaluation.
+    body = lines[masked].rstrip("\r\n")
+    before = "".join(lines[max(0, masked - 30) : masked])
+    after = lines[masked][len(body) :] + "".join(lines[masked + 1 : masked + 15])
     middle = infill(model, tokenizer, before, after, args.max_new_tokens)
     print(f"file: {source.get('repo_name', '')} {source['path']}, line {masked + 1} masked")
     print("----- before (last lines)\n" + "".join(lines[max(0, masked - 4) : masked]), end="")
     print(f"----- expected: {lines[masked].rstrip()!r}")
-    from starcoder2_train.evaluation.fim import first_line  # the FIM evaluation's rule: the first line, stripped
+    from starcoder2_train.evaluation.fim import infilled_line  # the FIM evaluation's rule
 
-    generated = first_line(middle)
-    verdict = "exact match" if generated.strip() == lines[masked].strip() else "not an exact match"
-    print(f"----- generated: {generated.rstrip()!r} ({verdict})")
+    generated = infilled_line(middle, before)
+    if generated is None:
+        extension = middle.split("\n", 1)[0]
+        print(
+            f"----- generated: {extension!r} without a newline first: it extends the line before (not an exact match)"
+        )
+    else:
+        verdict = "exact match" if generated.strip() == lines[masked].strip() else "not an exact match"
+        print(f"----- generated: {generated.rstrip()!r} ({verdict})")
     print("----- after (first lines)\n" + "".join(lines[masked + 1 : masked + 4]), end="")
     return middle
 

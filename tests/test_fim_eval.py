@@ -10,7 +10,14 @@ from starcoder2_train.configs import ModelArguments
 from starcoder2_train.data.special_tokens import SpecialTokenIds
 from starcoder2_train.data.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.callback import EvaluationCallback
-from starcoder2_train.evaluation.fim import FimProblem, build_fim_problems, evaluate_fim, fim_prompts
+from starcoder2_train.evaluation.fim import (
+    FimProblem,
+    build_fim_problems,
+    evaluate_fim,
+    fim_prompts,
+    infilled_line,
+    prompt_prefix,
+)
 from starcoder2_train.evaluation.generation import generate_batched
 from starcoder2_train.model.factory import create_model
 
@@ -97,7 +104,7 @@ def test_prompt_keeps_source_text_out_of_the_special_tokens(tokenizer):
     assert prompt[0] == special.fim_prefix and prompt[-1] == special.fim_middle
     assert [t for t in prompt if t in special.as_set()] == [special.fim_prefix, special.fim_suffix, special.fim_middle]
     split = prompt.index(special.fim_suffix)
-    assert tokenizer.decode(prompt[1:split]) == problem.prefix
+    assert tokenizer.decode(prompt[1:split]) == problem.prefix[:-1]  # its last newline is the model's to write
     assert tokenizer.decode(prompt[split + 1 : -1]) == problem.suffix
 
 
@@ -107,7 +114,7 @@ def test_long_files_are_cut_away_from_the_hole(tokenizer):
     (prompt,) = fim_prompts(pieces, [FimProblem("a.py", "Python", prefix, "x = 1", suffix)], max_prompt_tokens=64)
     assert len(prompt) == 64
     split = prompt.index(special.fim_suffix)
-    assert prefix.endswith(tokenizer.decode(prompt[1:split]))  # the end of the prefix is kept
+    assert prompt_prefix(prefix).endswith(tokenizer.decode(prompt[1:split]))  # the end of the prefix is kept
     assert suffix.startswith(tokenizer.decode(prompt[split + 1 : -1]))  # the start of the suffix is kept
     assert abs(split - 1 - (64 - 3) // 2) <= 1  # both sides need room: it is shared
     (short,) = fim_prompts(pieces, [FimProblem("a.py", "Python", prefix, "x = 1", "\n")], max_prompt_tokens=64)
@@ -130,6 +137,11 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(tokenizer):
     assert len({tuple(ids) for ids in alone}) == len(prompts), "outputs must differ for the test to mean much"
     assert batched == alone
     assert all(len(ids) <= 12 and not set(ids) & {special.eos, special.file_sep} for ids in batched)
+
+
+def hole(problem: FimProblem) -> str:
+    """What a FIM-trained model writes into the hole: the newline the prompt left out of the prefix, then the line."""
+    return problem.prefix[len(prompt_prefix(problem.prefix)) :] + problem.middle
 
 
 def memorise(model, prompts, targets, steps: int = 300, lr: float = 3e-3):
@@ -165,7 +177,7 @@ def test_exact_match_is_high_when_memorised_and_zero_untrained(tokenizer):
     pieces, special = PieceTokenizer(tokenizer), SpecialTokenIds.from_tokenizer(tokenizer)
     prompts = fim_prompts(pieces, problems, max_prompt_tokens=512)
     # The continuation a FIM-trained model writes: the line, then the end of the file (here: <|endoftext|>).
-    targets = [ids + [special.eos] for ids in pieces.encode_texts([p.middle for p in problems])]
+    targets = [ids + [special.eos] for ids in pieces.encode_texts([hole(p) for p in problems])]
     final_loss = memorise(untrained, prompts, targets)
     metrics, predictions = evaluate_fim(
         untrained, tokenizer, problems, batch_size=4, max_new_tokens=24, return_predictions=True
@@ -183,7 +195,7 @@ def test_prediction_stops_at_the_first_newline(tokenizer):
     model = tiny_model(tokenizer, seed=2)
     pieces = PieceTokenizer(tokenizer)
     prompts = fim_prompts(pieces, problems, max_prompt_tokens=512)
-    targets = pieces.encode_texts([p.middle + "\nextra = 1\n" for p in problems])
+    targets = pieces.encode_texts([hole(p) + "\nextra = 1\n" for p in problems])
     memorise(model, prompts, targets)
     metrics, predictions = evaluate_fim(model, tokenizer, problems, max_new_tokens=40, return_predictions=True)
     assert metrics["exact_match"] == 1.0, predictions
@@ -227,3 +239,21 @@ def test_callback_logs_loss_and_fim_when_the_trainer_evaluates(tokenizer, tmp_pa
 def test_no_problem_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="no problems"):
         evaluate_fim(tiny_model(tokenizer), tokenizer, [])
+
+
+def test_the_hole_opens_with_the_newline_the_prefix_ended_with(tokenizer):
+    """The prompt stops where running code has a token boundary (a newline and the next line's indentation are one
+    token), and a line written without that newline extends the line before: no match, and None as its line."""
+    pieces, special = PieceTokenizer(tokenizer), SpecialTokenIds.from_tokenizer(tokenizer)
+    prefix = "def f(x):\n    y = x\n"
+    (prompt,) = fim_prompts(pieces, [FimProblem("a.py", "Python", prefix, "    return y", "\n")], 100)
+    assert prompt[1 : prompt.index(special.fim_suffix)] == pieces.encode_texts(["def f(x):\n    y = x"])[0]
+    assert infilled_line("\n    return y\nz = 1", prefix) == "    return y"
+    assert infilled_line("    return y", prefix) is None and infilled_line("return y\n", "") == "return y"
+
+    problems = [p for p in build_fim_problems(FILES[:2], seed=2) if p.prefix]
+    model = tiny_model(tokenizer, seed=3)
+    prompts = fim_prompts(pieces, problems, max_prompt_tokens=512)
+    memorise(model, prompts, pieces.encode_texts([p.middle + "\n" for p in problems]))  # no newline first
+    metrics, predictions = evaluate_fim(model, tokenizer, problems, max_new_tokens=40, return_predictions=True)
+    assert metrics["exact_match"] == 0.0 and [line for _, line in predictions] == [None] * len(problems)

@@ -179,7 +179,10 @@ def load_model(model_dir: str, device: str | None = None):
 
 def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 64) -> str:
     """Greedy PSM infilling of the code between `prefix` and `suffix` (the FIM evaluation's prompt), up to
-    <|endoftext|>, <file_sep> or `max_new_tokens`."""
+    <|endoftext|>, <file_sep> or `max_new_tokens`: `prefix + infill(...) + suffix` is the filled file.
+
+    As in the FIM evaluation, a prefix that ends in a newline goes into the prompt without it and the model writes
+    it (evaluation/fim.py says why); the text returned starts after that newline."""
     from starcoder2_train.data.tokenization import PieceTokenizer
     from starcoder2_train.evaluation.fim import FimProblem, fim_prompts
     from starcoder2_train.evaluation.generation import generate_batched
@@ -192,7 +195,8 @@ def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 64)
         model, tokenizer, prompt, stop_token_ids=stops, max_new_tokens=max_new_tokens, batch_size=1,
         disable_progress=True,
     )  # fmt: skip
-    return tokenizer.decode(generated[0], skip_special_tokens=True)
+    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+    return text[1:] if prefix.endswith("\n") and text.startswith("\n") else text
 
 
 def evaluate_model(recipe: Recipe, model_dir: str | None, tasks, max_fim_problems: int | None) -> dict:

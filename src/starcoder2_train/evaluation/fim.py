@@ -2,8 +2,16 @@
 
 From each held-out file one non-blank line is masked (a seeded choice, stable for a given seed and path).
 The model sees the PSM prompt `<fim_prefix>{before}<fim_suffix>{after}<fim_middle>` and generates greedily,
-in batches, until `<|endoftext|>`, `<file_sep>` or a newline; the text up to the first newline, stripped, must
+in batches, until `<|endoftext|>`, `<file_sep>` or the end of the line it writes; that line, stripped, must
 equal the masked line, stripped (the SantaCoder-FIM scoring).
+
+Where the hole starts: `{before}` stops at the end of the line before the masked one, and the newline that ends
+that line is the first thing the model must write (`prompt_prefix`, `infilled_line`). A byte-level BPE with the
+GPT-2 split (StarCoder2's, and ours) writes a newline and the indentation after it as one token (`"\n   "`,
+`" return"`), so a prompt that ends in a bare newline asks for a token split that running code never has, and
+only a model that met that split often enough in FIM training continues it; the newline in the hole keeps the
+prompt on the boundaries of running code (docs/benchmarks.md measures both prompts on the same models). A line
+that the model writes without the newline first extends the line before and is not a match.
 
 The structure tokens go in by their ids; the code is tokenized with special-token parsing off, so a file
 that contains the text `<fim_middle>` is scored as code, not as a second FIM marker.
@@ -54,10 +62,26 @@ def build_fim_problems(
     return problems
 
 
+def prompt_prefix(prefix: str) -> str:
+    """The prefix as the prompt holds it: without the newline that ends the line before the hole."""
+    return prefix[:-1] if prefix.endswith("\n") else prefix
+
+
+def infilled_line(generated: str, prefix: str) -> str | None:
+    """The line that `generated` writes into the hole after `prefix`: from the newline that it must start with (when
+    the prompt left that newline out of the prefix) to the next newline; None when it does not start with that
+    newline (it went on writing the line before)."""
+    if prefix.endswith("\n"):
+        if not generated.startswith("\n"):
+            return None
+        generated = generated[1:]
+    return first_line(generated)
+
+
 def fim_prompts(
     piece_tokenizer: PieceTokenizer, problems: list[FimProblem], max_prompt_tokens: int
 ) -> list[list[int]]:
-    """The PSM prompt of each problem as ids, at most `max_prompt_tokens` long.
+    """The PSM prompt of each problem as ids, at most `max_prompt_tokens` long; the prefix as `prompt_prefix` gives it.
 
     When a file is too long, its prefix loses tokens at the start and its suffix at the end; each side keeps
     at least half of the room when it needs it, and the room one side does not use goes to the other.
@@ -66,7 +90,8 @@ def fim_prompts(
     if room < 2:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room for code; raise it.")
     special = piece_tokenizer.special
-    encoded = piece_tokenizer.encode_texts([text for problem in problems for text in (problem.prefix, problem.suffix)])
+    texts = [text for problem in problems for text in (prompt_prefix(problem.prefix), problem.suffix)]
+    encoded = piece_tokenizer.encode_texts(texts)
     prompts = []
     for prefix, suffix in zip(encoded[0::2], encoded[1::2]):
         if len(prefix) + len(suffix) > room:
@@ -99,7 +124,8 @@ def evaluate_fim(
     """Exact match of greedy single-line infills, overall and per language.
 
     Returns {"exact_match", "problems", "exact_match/<language>", "problems/<language>"}; with
-    `return_predictions`, also the list of (problem, predicted line) as a second value.
+    `return_predictions`, also the list of (problem, infilled line) as a second value, the line None where the
+    model went on writing the line before instead.
     max_prompt_tokens defaults to the model's max_position_embeddings less max_new_tokens.
     """
     if not problems:
@@ -117,15 +143,16 @@ def evaluate_fim(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         stop_texts=("\n",),
+        stop_texts_after=len("\n"),  # the newline that opens the hole is not the end of the line
         desc="FIM infills",
     )
-    predictions = [first_line(text) for text in tokenizer.batch_decode(generated)]
+    lines = [infilled_line(text, problem.prefix) for text, problem in zip(tokenizer.batch_decode(generated), problems)]
     hits, counts = defaultdict(int), defaultdict(int)
-    for problem, prediction in zip(problems, predictions):
+    for problem, line in zip(problems, lines):
         counts[problem.language] += 1
-        hits[problem.language] += prediction.strip() == problem.middle.strip()
+        hits[problem.language] += line is not None and line.strip() == problem.middle.strip()
     metrics = {"exact_match": sum(hits.values()) / len(problems), "problems": len(problems)}
     for language in sorted(counts):
         metrics[f"exact_match/{language}"] = hits[language] / counts[language]
         metrics[f"problems/{language}"] = counts[language]
-    return (metrics, list(zip(problems, predictions))) if return_predictions else metrics
+    return (metrics, list(zip(problems, lines))) if return_predictions else metrics

@@ -11,17 +11,21 @@ from starcoder2_train.progress import progress
 
 
 class StopOnTexts(StoppingCriteria):
-    """Finish a row once its generated text contains any of `stop_texts`.
+    """Finish a row once its generated text, from character `after` on, contains any of `stop_texts`.
 
     Only the last `window` generated tokens are decoded at each step: enough for stop texts of a few
     characters, and it keeps each step's cost independent of the length generated so far.
     """
 
-    def __init__(self, tokenizer, prompt_length: int, stop_texts, window: int = 16):
+    def __init__(self, tokenizer, prompt_length: int, stop_texts, window: int = 16, after: int = 0):
         self.tokenizer, self.prompt_length, self.stop_texts, self.window = tokenizer, prompt_length, stop_texts, window
+        self.after = after
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        tails = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :][:, -self.window :])
+        generated = input_ids[:, self.prompt_length :]
+        tails = self.tokenizer.batch_decode(generated[:, -self.window :])
+        if generated.shape[1] <= self.window:  # the tails are the whole generations: skip their first characters
+            tails = [tail[self.after :] for tail in tails]
         return torch.tensor(
             [any(stop in tail for stop in self.stop_texts) for tail in tails],
             dtype=torch.bool,
@@ -39,6 +43,7 @@ def generate_batched(
     max_new_tokens: int,
     batch_size: int,
     stop_texts: tuple[str, ...] = (),
+    stop_texts_after: int = 0,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -51,7 +56,8 @@ def generate_batched(
 
     Prompts are sorted by length so that a batch holds similar lengths, then left-padded (the attention
     mask covers the pads; generate derives position ids from it). Each result is cut before its first
-    stop token; rows that hit a stop text end there (the caller cuts the text at it).
+    stop token; rows that hit a stop text end there (the caller cuts the text at it). A stop text within the first
+    `stop_texts_after` characters of a generation does not end it (the newline that opens a FIM hole, say).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("generate_batched: batch_size and max_new_tokens must be at least 1.")
@@ -76,7 +82,9 @@ def generate_batched(
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([[pad_token_id] * (width - len(ids)) + list(ids) for ids in batch])
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-            criteria = StoppingCriteriaList([StopOnTexts(tokenizer, width, stop_texts)] if stop_texts else [])
+            criteria = StoppingCriteriaList(
+                [StopOnTexts(tokenizer, width, stop_texts, after=stop_texts_after)] if stop_texts else []
+            )
             sequences = model.generate(
                 input_ids=input_ids.to(model_device),
                 attention_mask=attention_mask.to(model_device),
