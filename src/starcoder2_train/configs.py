@@ -29,6 +29,7 @@ TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Evaluation tasks (evaluation/): all of them run in scripts/evaluate.py; the cheap ones also during training.
 EVAL_TASKS = ("loss", "fim", "humaneval")
 TRAINING_EVAL_TASKS = ("loss", "fim")
+FIM_LEVELS = ("file", "window")
 # StarCoder2's linear layers (attention q/k/v/o_proj, MLP c_fc and c_proj): the LoRA targets by default.
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")
 # A Hub repository id: owner/name (a dataset, model or tokenizer).
@@ -275,6 +276,14 @@ class DataArguments:
     fim_spm_rate: float = field(
         default=0.5, metadata={"help": "Probability that a transformed file uses SPM rather than PSM order."}
     )
+    fim_level: str = field(
+        default="file",
+        metadata={
+            "help": "Where FIM cuts: file (whole files, before packing, in the prepared tokens) or window (each "
+            "training window's files where they lie in the window, as Fast-LLM trained StarCoder2-3B: every FIM "
+            "example is whole in its window; data/fim.py WindowFim). The rates mean the same at both levels."
+        },
+    )
     repo_metadata_rate: float = field(
         default=0.5, metadata={"help": "Probability that an example carries its repository name and file paths."}
     )
@@ -382,6 +391,8 @@ class DataArguments:
             if not 0.0 <= value <= 1.0:
                 raise RecipeError(f"{key}: must be a probability between 0 and 1, got {value}.")
         check_eval_fraction(self.eval_fraction)
+        if self.fim_level not in FIM_LEVELS:
+            raise RecipeError(f"fim_level: must be one of {', '.join(FIM_LEVELS)}, got {self.fim_level!r}.")
         if self.seq_length < 2:
             raise RecipeError(f"seq_length: must be at least 2 tokens, got {self.seq_length}.")
         if self.max_file_bytes <= 0:

@@ -12,6 +12,10 @@ example. The first token of each new example is not a training target: it would 
 the end of the previous example, which it cannot see.
 
 Labels are IGNORE_INDEX (-100) on padding, on `<fim_pad>`, and (when isolated) on those example starts.
+
+Window-level FIM (`fim_level: window`, data/fim.py WindowFim): window i then reads stream tokens
+[i·stride, (i+1)·stride) with stride = seq_length − WindowFim.reserve(seq_length) (496 of 512, 4,064 of 4,096),
+FIM-transforms the files in it, and pads what the sentinels leave of the room; nothing is truncated.
 `cross_document_attention: true` gives the plain concatenation instead: positions 0..seq_length-1.
 Batches are made by collators.py.
 
@@ -27,6 +31,7 @@ import os
 import numpy as np
 import torch
 
+from starcoder2_train.data.fim import WindowFim, WindowFimCounts
 from starcoder2_train.data.permutation import Permutation
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
 from starcoder2_train.data.token_store import TokenStore, TokenStream, chunk_arrays, input_ids_column
@@ -81,13 +86,17 @@ class PackedDataset(torch.utils.data.Dataset):
         special: SpecialTokenIds,
         cross_document_attention: bool = False,
         shuffle_seed: int | None = None,
+        fim: WindowFim | None = None,
     ):
         self.seq_length = seq_length
         self.special = special
         self.cross_document_attention = cross_document_attention
         self.stream = open_token_stream(token_rows)
         self.total_tokens = self.stream.num_tokens
-        self.num_windows = -(-self.total_tokens // seq_length)
+        self.fim = fim
+        # With window-level FIM a window reads `stride` stream tokens and keeps the rest for FIM sentinels.
+        self.stride = seq_length - (WindowFim.reserve(seq_length) if fim is not None else 0)
+        self.num_windows = -(-self.total_tokens // self.stride)
         self.order = None if shuffle_seed is None else Permutation(self.num_windows, shuffle_seed)
 
     def __len__(self) -> int:
@@ -107,11 +116,8 @@ class PackedDataset(torch.utils.data.Dataset):
             raise IndexError(f"window {index} out of range for {self.num_windows} windows")
         if self.order is not None:
             index = self.order[index]
-        begin = int(index) * self.seq_length
-        end = min(begin + self.seq_length, self.total_tokens)
-        tokens = self.stream.tokens(begin, end)
-        inner_starts = self.stream.example_starts_in(begin, end) - begin  # relative to the window
-        length = end - begin
+        tokens, inner_starts, _ = self._window_tokens(int(index))
+        length = len(tokens)
         pad = self.seq_length - length
 
         labels = tokens.copy()
@@ -129,3 +135,25 @@ class PackedDataset(torch.utils.data.Dataset):
             tokens = np.concatenate([tokens, np.full(pad, self.special.eos, dtype=np.int64)])
             labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX, dtype=np.int64)])
         return {"input_ids": tokens, "labels": labels, "position_ids": position_ids}
+
+    def _window_tokens(self, index: int):
+        """(tokens, example starts inside, WindowFimCounts) of window `index` of the stream (not the order)."""
+        begin = index * self.stride
+        end = min(begin + self.stride, self.total_tokens)
+        tokens = self.stream.tokens(begin, end)
+        inner_starts = self.stream.example_starts_in(begin, end) - begin  # relative to the window
+        if self.fim is None:
+            return tokens, inner_starts, None
+        starts = np.zeros(len(tokens), dtype=bool)
+        starts[inner_starts] = True
+        metadata = self.stream.first_token_of_example_at(begin) == self.special.repo_name
+        tokens, starts, counts = self.fim(index, tokens, starts, metadata, self.seq_length)
+        return tokens, np.flatnonzero(starts[1:]) + 1, counts
+
+    def sample_fim_counts(self, windows: int = 1000) -> WindowFimCounts:
+        """WindowFimCounts of the first `windows` windows in training order (each transformed again: about a
+        second per thousand 4k windows), for the data report."""
+        counts = WindowFimCounts()
+        for position in range(min(windows, self.num_windows)):
+            counts.add(self._window_tokens(int(self.order[position]) if self.order is not None else position)[2])
+        return counts

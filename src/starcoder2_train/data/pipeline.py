@@ -28,7 +28,7 @@ from starcoder2_train.configs import DataArguments, RecipeError, windows_per_ste
 from starcoder2_train.data import fim, repo_examples, special_tokens, tokenization
 from starcoder2_train.data.decontamination import write_report
 from starcoder2_train.data.epochs import DataEpochs, in_worker_process
-from starcoder2_train.data.fim import FimRates, apply_fim
+from starcoder2_train.data.fim import FimRates, apply_fim, prepared_rates, window_fim
 from starcoder2_train.data.packing import PackedDataset
 from starcoder2_train.data.prepared import open_store, prepared_skips, prepared_stats, store_directory
 from starcoder2_train.data.repo_examples import build_example
@@ -97,7 +97,7 @@ def tokenize_repositories(
     piece_tokenizer = PieceTokenizer(tokenizer, tokenizer_name)
     transform = ExampleTransform(
         tokenizer=piece_tokenizer,
-        rates=FimRates(data_args.fim_rate, data_args.fim_fragment_rate, data_args.fim_spm_rate),
+        rates=prepared_rates(data_args),
         repo_metadata_rate=data_args.repo_metadata_rate,
         seed=seed,
         epoch=epoch,
@@ -134,6 +134,9 @@ class DataReport:
     windows: int = 0
     padding_tokens: int = 0
     skipped: dict = field(default_factory=dict)  # SkipReport.as_dict(): skips and PII redactions by kind
+    # fim_level: window: WindowFimCounts (as a dict) of the first `fim_windows` training windows, and that number
+    window_fim: dict | None = None
+    fim_windows: int = 0
     contaminated: list = field(default_factory=list)  # the files decontamination removed (not with prepared data)
 
     @property
@@ -170,11 +173,28 @@ class DataReport:
             skipped=prepared_skips(directory, stats).as_dict(),
         )
 
+    def with_window_fim(self, packed: PackedDataset, windows: int = 1000) -> "DataReport":
+        """The report with what window-level FIM does to the first `windows` windows (when the data has it)."""
+        if packed.fim is not None:
+            self.fim_windows = min(windows, len(packed))
+            self.window_fim = asdict(packed.sample_fim_counts(windows))
+        return self
+
+    def fim_line(self) -> str:
+        if self.window_fim is None:
+            return f"files FIM-transformed: {self.files_fim_psm:,} PSM, {self.files_fim_spm:,} SPM"
+        counts = self.window_fim
+        return (
+            f"FIM per window (fim_level: window), in the first {self.fim_windows:,} windows: {counts['psm']:,} PSM, "
+            f"{counts['spm']:,} SPM; left plain: {counts['no_room']:,} without room for the sentinels, "
+            f"{counts['split_character']:,} cut inside a character by the window's edge"
+        )
+
     def summary_lines(self) -> list[str]:
         lines = [
             f"repositories: {self.repositories:,}",
             f"files: {self.files:,}",
-            f"files FIM-transformed: {self.files_fim_psm:,} PSM, {self.files_fim_spm:,} SPM",
+            self.fim_line(),
             f"tokens: {self.tokens:,} in {self.windows:,} windows",
             f"packing efficiency: {100 * self.packing_efficiency:.3f}% real tokens "
             f"({self.padding_tokens:,} padding, 0 dropped)",
@@ -242,12 +262,21 @@ def build_packed_dataset(
         SpecialTokenIds.from_tokenizer(tokenizer),
         cross_document_attention=data_args.cross_document_attention,
         shuffle_seed=(seed * 1_000_003 + epoch) if shuffle else None,
+        fim=window_fim(data_args, tokenizer, seed, epoch),
     )
     if not report:
         return packed, None
     if data_args.prepared_data_dir is not None:
-        return packed, DataReport.of_prepared(data_args.prepared_data_dir, split, source, packed)
-    return packed, DataReport.of(source, packed, skips)
+        data_report = DataReport.of_prepared(data_args.prepared_data_dir, split, source, packed)
+        if packed.fim is not None and data_report.files_fim_psm + data_report.files_fim_spm:
+            raise RecipeError(
+                f"fim_level: window FIM-transforms each window in training, but prepared_data_dir "
+                f"{data_args.prepared_data_dir} holds file-level FIM already; prepare it again with "
+                "--fim_level window."
+            )
+    else:
+        data_report = DataReport.of(source, packed, skips)
+    return packed, data_report.with_window_fim(packed)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.data.fim import FimRates
+from starcoder2_train.data.fim import prepared_rates
 from starcoder2_train.data.near_dedup import (
     FileSignatures,
     KeepFirstOfCluster,
@@ -198,7 +198,7 @@ class ExampleTokenizer(PipelineStep):
     def __init__(self, data_args: DataArguments, seed: int, epochs: int):
         super().__init__()
         self.tokenizer_name = data_args.tokenizer_name_or_path
-        self.rates = FimRates(data_args.fim_rate, data_args.fim_fragment_rate, data_args.fim_spm_rate)
+        self.rates = prepared_rates(data_args)  # none with fim_level: window (FIM per window, in training)
         self.repo_metadata_rate, self.seed, self.epochs = data_args.repo_metadata_rate, seed, epochs
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):

@@ -150,6 +150,15 @@ class TokenStream:
             found.append(np.array(starts[low:high], dtype=np.int64) - shift)
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
+    def first_token_of_example_at(self, position: int) -> int:
+        """The first token of the example that holds stream position `position` (its start, or before it)."""
+        self._check_range(position, position + 1)
+        p = int(np.searchsorted(self.token_starts, position, side="right")) - 1
+        values, offsets = self._part(p)
+        shift = int(offsets[0]) - int(self.token_starts[p])
+        j = int(np.searchsorted(offsets[:-1], offsets.dtype.type(position + shift), side="right")) - 1
+        return int(values[int(offsets[j])])
+
     def example(self, index: int) -> np.ndarray:
         """Example `index` (counting over all parts) as int64 tokens."""
         if not 0 <= index < self.num_examples:

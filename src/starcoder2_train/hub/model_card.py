@@ -19,7 +19,7 @@ from starcoder2_train.training.loss_curve import LOSS_CURVE
 
 RESULTS_START, RESULTS_END = "<!-- evaluation results -->", "<!-- end of evaluation results -->"
 
-FIM_KEYS = ("fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate")
+FIM_KEYS = ("fim_level", "fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate")
 
 
 def _setting(recipe: dict, key: str):
@@ -221,9 +221,10 @@ A StarCoder2 code model, {origin}, with the starcoder2-train recipe below.
 
 ## Fill-in-the-middle
 
-StarCoder2's repository-context, file-level FIM: an example is a FIM candidate with probability `fim_rate`,
+StarCoder2's repository-context FIM: an example is a FIM candidate with probability `fim_rate`,
 each of its files is then transformed with probability `fim_fragment_rate`, in SPM order with probability
-`fim_spm_rate` (PSM otherwise).
+`fim_spm_rate` (PSM otherwise); `fim_level` says whether whole files were cut before packing (`file`) or each
+training window's files where they lay in it (`window`, as Fast-LLM trained StarCoder2-3B).
 
 | setting | value |
 |---|---|
