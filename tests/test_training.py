@@ -80,7 +80,7 @@ def library_versions() -> dict:
     }
 
 
-def test_loss_falls_and_matches_the_golden_curve(tmp_path, code_shards, tokenizer_dir):
+def test_loss_falls_and_matches_the_golden_curve(tmp_path, code_shards, tokenizer_dir, caplog):
     overrides = dict(GOLDEN_OVERRIDES, output_dir=str(tmp_path / "out"))
     words = [str(ROOT / "recipes" / "tiny" / "pretrain.yaml"), "--dataset_name_or_path", code_shards]
     words += ["--tokenizer_name_or_path", tokenizer_dir]
@@ -88,6 +88,10 @@ def test_loss_falls_and_matches_the_golden_curve(tmp_path, code_shards, tokenize
         words += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     trainer = run_pretrain.main(words)
     assert trainer.model.config._attn_implementation == "sdpa_blocked"  # the recipe's auto, on a CPU
+    # The data report is in the run's output at the default log_level (passive): the window FIM and the skips.
+    logged = [record.getMessage() for record in caplog.records if record.name == "starcoder2_train.run"]
+    assert any(line.startswith("data: FIM per window (fim_level: window)") for line in logged), logged
+    assert any(line.startswith("data: packing efficiency") for line in logged)
     losses = losses_of(trainer)
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
     if os.environ.get("UPDATE_GOLDEN") == "1":

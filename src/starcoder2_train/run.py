@@ -69,8 +69,13 @@ def configure_logging(training_args) -> None:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
         )
     level = training_args.get_process_log_level()
-    for log in (logger, logging.getLogger("starcoder2_train"), datasets.utils.logging, transformers.utils.logging):
-        log.setLevel(level) if isinstance(log, logging.Logger) else log.set_verbosity(level)
+    # transformers' default log_level, passive, leaves its own verbosity (WARNING), which hid this project's INFO
+    # lines (the data report, what was skipped and why); the main process logs them unless the recipe says otherwise.
+    own = logging.INFO if training_args.log_level == "passive" and training_args.should_log else level
+    for log in (logger, logging.getLogger("starcoder2_train")):
+        log.setLevel(own)
+    for log in (datasets.utils.logging, transformers.utils.logging):
+        log.set_verbosity(level)
 
 
 def build_data(data_args, tokenizer, training_args) -> RunData:
