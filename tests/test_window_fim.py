@@ -179,7 +179,17 @@ def test_the_real_commands_report_window_fim_and_refuse_file_fim_prepared_data(t
     printed = capsys.readouterr().out
     assert "FIM per window (fim_level: window), in the first" in printed and "files FIM-transformed" not in printed
     prepare_data = load_script("prepare_data")
-    prepare_data.main(["recipes/tiny/pretrain.yaml", *words, "--output", str(tmp_path / "file"), "--disable_tqdm"])
+    prepare_data.main(
+        [
+            "recipes/tiny/pretrain.yaml",
+            *words,
+            "--fim_level",
+            "file",
+            "--output",
+            str(tmp_path / "file"),
+            "--disable_tqdm",
+        ]
+    )
     prepare_data.main(
         ["recipes/tiny/pretrain.yaml", *words, "--fim_level", "window", "--output", str(tmp_path / "window")]
         + ["--disable_tqdm"]

@@ -124,7 +124,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Architecture for pretraining from scratch: a preset name (starcoder2-3b, "
-            "starcoder2-7b, starcoder2-15b, tiny, test) or the path of a config.json."
+            "starcoder2-7b, starcoder2-15b, tiny, quickstart, test) or the path of a config.json."
         },
     )
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
