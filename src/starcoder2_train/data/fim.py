@@ -31,21 +31,25 @@ class FimRates:
     fim_fragment_rate: float = 0.5
     fim_spm_rate: float = 0.5
 
+    @classmethod
+    def of(cls, data_args) -> "FimRates":
+        """The recipe's rates (DataArguments' fim_rate, fim_fragment_rate, fim_spm_rate)."""
+        return cls(data_args.fim_rate, data_args.fim_fragment_rate, data_args.fim_spm_rate)
+
 
 def prepared_rates(data_args) -> FimRates:
     """The rates of the file-level transform that the prepared tokens get: none with `fim_level: window`, whose
     FIM is applied to each window at training time."""
     if data_args.fim_level == "window":
         return FimRates(0.0, 0.0, 0.0)
-    return FimRates(data_args.fim_rate, data_args.fim_fragment_rate, data_args.fim_spm_rate)
+    return FimRates.of(data_args)
 
 
 def window_fim(data_args, tokenizer, seed: int, epoch: int):
     """The WindowFim of one data epoch with `fim_level: window`, else None."""
     if data_args.fim_level != "window" or data_args.fim_rate == 0.0:
         return None
-    rates = FimRates(data_args.fim_rate, data_args.fim_fragment_rate, data_args.fim_spm_rate)
-    return WindowFim(tokenizer, rates, seed, epoch)
+    return WindowFim(tokenizer, FimRates.of(data_args), seed, epoch)
 
 
 @dataclass

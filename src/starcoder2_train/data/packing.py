@@ -12,12 +12,12 @@ example. The first token of each new example is not a training target: it would 
 the end of the previous example, which it cannot see.
 
 Labels are IGNORE_INDEX (-100) on padding, on `<fim_pad>`, and (when isolated) on those example starts.
+`cross_document_attention: true` gives the plain concatenation instead: positions 0..seq_length-1.
+Batches are made by collators.py.
 
 Window-level FIM (`fim_level: window`, data/fim.py WindowFim): window i then reads stream tokens
 [i·stride, (i+1)·stride) with stride = seq_length − WindowFim.reserve(seq_length) (496 of 512, 4,064 of 4,096),
 FIM-transforms the files in it, and pads what the sentinels leave of the room; nothing is truncated.
-`cross_document_attention: true` gives the plain concatenation instead: positions 0..seq_length-1.
-Batches are made by collators.py.
 
 The stream comes from a token store (data/token_store.py: memory-mapped, shared by every process of a machine)
 or from token rows still in Arrow (a datasets.Dataset or pyarrow table: `ArrowTokenRows`, read chunk by chunk
