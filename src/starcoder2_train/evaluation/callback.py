@@ -35,12 +35,14 @@ class EvaluationCallback(TrainerCallback):
         seq_length: int,
         batch_size: int | None = None,
         max_new_tokens: int = 64,
+        fim_mode: str = "psm",
     ):
         if loss_dataset is None and not fim_problems:
             raise ValueError("EvaluationCallback: give loss_dataset, fim_problems or both.")
         self.trainer, self.tokenizer = trainer, tokenizer
         self.loss_dataset, self.fim_problems = loss_dataset, fim_problems
         self.seq_length, self.batch_size, self.max_new_tokens = seq_length, batch_size, max_new_tokens
+        self.fim_mode = fim_mode
         self.latest_results: dict[str, dict] = {}
 
     def on_evaluate(self, args, state, control, **kwargs):
@@ -52,6 +54,7 @@ class EvaluationCallback(TrainerCallback):
             seq_length=self.seq_length,
             batch_size=self.batch_size or args.per_device_eval_batch_size,
             max_new_tokens=self.max_new_tokens,
+            fim_mode=self.fim_mode,
         )
         self.latest_results = results
         self.trainer.log(flatten_results(results))

@@ -1,8 +1,9 @@
 """Single-line infilling (FIM) exact match on held-out files, per language.
 
 From each held-out file one non-blank line is masked (a seeded choice, stable for a given seed and path).
-The model sees the PSM prompt `<fim_prefix>{before}<fim_suffix>{after}<fim_middle>` and generates greedily,
-in batches, until `<|endoftext|>`, `<file_sep>` or the end of the line it writes; that line, stripped, must
+The model sees the PSM prompt `<fim_prefix>{before}<fim_suffix>{after}<fim_middle>` (or, with mode "spm", the SPM
+prompt `<fim_prefix><fim_suffix>{after}<fim_middle>{before}`, StarCoder2's other training format) and generates
+greedily, in batches, until `<|endoftext|>`, `<file_sep>` or the end of the line it writes; that line, stripped, must
 equal the masked line, stripped (the SantaCoder-FIM scoring).
 
 Where the hole starts: `{before}` stops at the end of the line before the masked one, and the newline that ends
@@ -10,8 +11,17 @@ that line is the first thing the model must write (`prompt_prefix`, `infilled_li
 GPT-2 split (StarCoder2's, and ours) writes a newline and the indentation after it as one token (`"\n   "`,
 `" return"`), so a prompt that ends in a bare newline asks for a token split that running code never has, and
 only a model that met that split often enough in FIM training continues it; the newline in the hole keeps the
-prompt on the boundaries of running code (docs/benchmarks.md measures both prompts on the same models). A line
-that the model writes without the newline first extends the line before and is not a match.
+prompt on the boundaries of running code (docs/benchmarks.md measures both prompts on the same models). The first
+token generated is constrained to one that starts with that newline (token healing, `generate_batched`'s
+`first_texts`): the hole is a whole line, and a model trained with FIM cut at random characters has mostly seen
+middles that continue the line they start in (measured: 75 of 155 infills of the quickstart model at 12458fb went
+on writing the line before without it). After that token, decoding is free and greedy. `infilled_line` still
+returns None for a generation that does not start with the newline (api.infill, a caller's own generations).
+
+PSM is the default and what SantaCoder's and StarCoder's FIM results use. SPM puts the prefix right before the
+middle it runs into, so the middle continues text the model has just read, where PSM asks it to find the prefix's
+end on the far side of the suffix; a small model learns SPM first (docs/benchmarks.md: the quickstart model at
+1,700 steps scores more in SPM than in PSM), which is why the quickstart recipe evaluates in SPM.
 
 The structure tokens go in by their ids; the code is tokenized with special-token parsing off, so a file
 that contains the text `<fim_middle>` is scored as code, not as a second FIM marker.
@@ -21,6 +31,7 @@ import dataclasses
 import random
 from collections import defaultdict
 
+from starcoder2_train.configs import FIM_EVAL_MODES
 from starcoder2_train.data.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.generation import generate_batched
 
@@ -79,13 +90,16 @@ def infilled_line(generated: str, prefix: str) -> str | None:
 
 
 def fim_prompts(
-    piece_tokenizer: PieceTokenizer, problems: list[FimProblem], max_prompt_tokens: int
+    piece_tokenizer: PieceTokenizer, problems: list[FimProblem], max_prompt_tokens: int, mode: str = "psm"
 ) -> list[list[int]]:
-    """The PSM prompt of each problem as ids, at most `max_prompt_tokens` long; the prefix as `prompt_prefix` gives it.
+    """The PSM (or SPM) prompt of each problem as ids, at most `max_prompt_tokens` long; the prefix as
+    `prompt_prefix` gives it.
 
     When a file is too long, its prefix loses tokens at the start and its suffix at the end; each side keeps
     at least half of the room when it needs it, and the room one side does not use goes to the other.
     """
+    if mode not in FIM_EVAL_MODES:
+        raise ValueError(f"fim_prompts: mode {mode!r} is not one of {', '.join(FIM_EVAL_MODES)}.")
     room = max_prompt_tokens - 3
     if room < 2:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room for code; raise it.")
@@ -98,7 +112,10 @@ def fim_prompts(
             keep_suffix = min(len(suffix), max(room // 2, room - len(prefix)))
             keep_prefix = room - keep_suffix
             prefix, suffix = prefix[len(prefix) - keep_prefix :] if keep_prefix else [], suffix[:keep_suffix]
-        prompts.append([special.fim_prefix, *prefix, special.fim_suffix, *suffix, special.fim_middle])
+        if mode == "spm":
+            prompts.append([special.fim_prefix, special.fim_suffix, *suffix, special.fim_middle, *prefix])
+        else:
+            prompts.append([special.fim_prefix, *prefix, special.fim_suffix, *suffix, special.fim_middle])
     return prompts
 
 
@@ -120,20 +137,22 @@ def evaluate_fim(
     max_new_tokens: int = 64,
     max_prompt_tokens: int | None = None,
     return_predictions: bool = False,
+    mode: str = "psm",
 ):
     """Exact match of greedy single-line infills, overall and per language.
 
     Returns {"exact_match", "problems", "exact_match/<language>", "problems/<language>"}; with
     `return_predictions`, also the list of (problem, infilled line) as a second value, the line None where the
     model went on writing the line before instead.
-    max_prompt_tokens defaults to the model's max_position_embeddings less max_new_tokens.
+    max_prompt_tokens defaults to the model's max_position_embeddings less max_new_tokens. `mode`: "psm" or "spm"
+    (the prompt's order, module docstring).
     """
     if not problems:
         raise ValueError("evaluate_fim: no problems; the held-out files have no line to mask.")
     piece_tokenizer = PieceTokenizer(tokenizer)
     if max_prompt_tokens is None:
         max_prompt_tokens = model.config.max_position_embeddings - max_new_tokens
-    prompts = fim_prompts(piece_tokenizer, problems, max_prompt_tokens)
+    prompts = fim_prompts(piece_tokenizer, problems, max_prompt_tokens, mode)
     special = piece_tokenizer.special
     generated = generate_batched(
         model,
@@ -145,6 +164,7 @@ def evaluate_fim(
         stop_texts=("\n",),
         stop_texts_after=len("\n"),  # the newline that opens the hole is not the end of the line
         desc="FIM infills",
+        first_texts=[problem.prefix[len(prompt_prefix(problem.prefix)) :] for problem in problems],
     )
     lines = [infilled_line(text, problem.prefix) for text, problem in zip(tokenizer.batch_decode(generated), problems)]
     hits, counts = defaultdict(int), defaultdict(int)

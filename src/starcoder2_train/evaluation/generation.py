@@ -50,6 +50,7 @@ def generate_batched(
     pad_token_id: int | None = None,
     desc: str = "generating",
     disable_progress: bool | None = None,
+    first_texts: list[str] | None = None,
 ) -> list[list[int]]:
     """Generate after each prompt, `batch_size` prompts at a time; the new ids of each, in order. A progress bar
     (`desc`, prompts per second and ETA; quiet off a terminal or with `disable_progress`) counts the prompts.
@@ -58,6 +59,12 @@ def generate_batched(
     mask covers the pads; generate derives position ids from it). Each result is cut before its first
     stop token; rows that hit a stop text end there (the caller cuts the text at it). A stop text within the first
     `stop_texts_after` characters of a generation does not end it (the newline that opens a FIM hole, say).
+
+    `first_texts`, one string per prompt ("" for none), constrains the first new token of that prompt to a token
+    whose text starts with the string: token healing, for a prompt that leaves out text the answer is known to begin
+    with (the newline that opens a FIM hole: evaluation/fim.py says why it is left out). transformers'
+    `prefix_allowed_tokens_fn` applies it; the allowed ids are found once per call by decoding the vocabulary
+    (49,152 single-token decodes for StarCoder2's, well under a second).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("generate_batched: batch_size and max_new_tokens must be at least 1.")
@@ -75,6 +82,8 @@ def generate_batched(
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
     outputs: list[list[int]] = [[] for _ in prompts]
     stop_set = set(stop_token_ids)
+    allowed_first = _tokens_starting_with(tokenizer, set(first_texts or ()) - {""})
+    every_id = torch.arange(len(tokenizer))
     bar = progress(desc=desc, total=len(prompts), unit="prompt", disable=disable_progress)
     try:
         for start in range(0, len(order), batch_size):
@@ -85,11 +94,17 @@ def generate_batched(
             criteria = StoppingCriteriaList(
                 [StopOnTexts(tokenizer, width, stop_texts, after=stop_texts_after)] if stop_texts else []
             )
+            firsts = [first_texts[index] for index in order[start : start + batch_size]] if first_texts else None
+
+            def allowed(row: int, ids: torch.Tensor, firsts=firsts, width=width) -> torch.Tensor:
+                return allowed_first[firsts[row]] if firsts[row] and ids.shape[0] == width else every_id
+
             sequences = model.generate(
                 input_ids=input_ids.to(model_device),
                 attention_mask=attention_mask.to(model_device),
                 generation_config=config,
                 stopping_criteria=criteria,
+                prefix_allowed_tokens_fn=allowed if firsts and any(firsts) else None,
             )
             for index, row in zip(order[start : start + batch_size], sequences[:, width:].tolist()):
                 cut = next((position for position, token in enumerate(row) if token in stop_set), len(row))
@@ -99,3 +114,20 @@ def generate_batched(
         bar.close()
         model.train(was_training)
     return outputs
+
+
+def _tokens_starting_with(tokenizer, texts: set[str]) -> dict[str, torch.Tensor]:
+    """For each text, the ids of the ordinary (not special) tokens whose decoded text starts with it."""
+    if not texts:
+        return {}
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    pieces = tokenizer.batch_decode([[token] for token in range(len(tokenizer))])
+    allowed = {}
+    for text in texts:
+        ids = [token for token, piece in enumerate(pieces) if piece.startswith(text) and token not in special]
+        if not ids:
+            raise ValueError(
+                f"generate_batched: no token of the tokenizer starts with {text!r}; drop it from first_texts."
+            )
+        allowed[text] = torch.tensor(ids)
+    return allowed

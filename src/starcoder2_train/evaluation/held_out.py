@@ -74,7 +74,15 @@ def task_inputs(
 
 
 def score_tasks(
-    model, tokenizer, loss_rows, fim_problems, *, seq_length: int, batch_size: int, max_new_tokens: int
+    model,
+    tokenizer,
+    loss_rows,
+    fim_problems,
+    *,
+    seq_length: int,
+    batch_size: int,
+    max_new_tokens: int,
+    fim_mode: str = "psm",
 ) -> dict[str, dict]:
     """{"loss": ..., "fim": ...} of a model on the held-out task inputs (`loss_rows` None or `fim_problems` empty:
     that task is not run), nested by task; what training's EvaluationCallback logs and the notebook API returns."""
@@ -89,5 +97,6 @@ def score_tasks(
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             max_prompt_tokens=seq_length - max_new_tokens,
+            mode=fim_mode,
         )
     return results

@@ -8,6 +8,8 @@
   (`check_loss_kernel`, a few milliseconds) before training; a kernel that disagrees stops the run.
 - `gradient_checkpointing_layers`: with `gradient_checkpointing`, only the first N decoder layers are
   checkpointed; the others keep their activations (set N as small as memory allows).
+- `muon`: the decoder layers' matrices step with Muon and the rest with AdamW (training/optimizer.py); refused
+  under DeepSpeed and FSDP, which shard what Muon needs whole.
 - `compile_layers`: `torch.compile` each decoder layer (regional compilation: the layers share one compiled
   graph, so compiling costs about one layer's time, not the whole model's as `torch_compile` does).
 - No host-device synchronisation per micro batch or per step: the gradient norm stays a tensor until a log
@@ -28,6 +30,7 @@ from starcoder2_train.configs import RecipeError
 from starcoder2_train.training.checkpoints import save_atomically
 from starcoder2_train.training.float8 import enable_float8
 from starcoder2_train.training.loss import check_loss_kernel, enable_training_loss, resolve_loss_kernel
+from starcoder2_train.training.optimizer import muon_with_adamw
 from starcoder2_train.training.precision import PrecisionReport
 from starcoder2_train.training.throughput import ThroughputCallback
 
@@ -121,6 +124,19 @@ class PretrainingTrainer(AtomicCheckpoints, Trainer):
             self.add_callback(_CheckpointFirstLayers(layers))
         self.precision_report = PrecisionReport(self)
         self.add_callback(self.precision_report)
+        if getattr(self.args, "muon", False) and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise RecipeError(
+                f"muon: true cannot run under {'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'}: it hands the "
+                "optimizer flattened shards of the parameters and Muon needs whole matrices. Set muon: false, or "
+                "train without ZeRO/FSDP (plain DDP: accelerate_configs/ddp.yaml)."
+            )
+
+    def create_optimizer(self, model=None):
+        """transformers' optimizer, or with `muon: true` Muon + AdamW (training/optimizer.py)."""
+        if getattr(self.args, "muon", False) and self.optimizer is None:
+            opt_model = self.model if model is None else model
+            self.optimizer = muon_with_adamw(opt_model, self.args, self.get_decay_parameter_names(opt_model))
+        return super().create_optimizer(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The gradient norm as a tensor when there is one: the Trainer reads it (`.item()`, a device sync) only
