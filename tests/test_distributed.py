@@ -186,3 +186,28 @@ def test_the_3b_recipes_fast_path_keys_train_together_under_zero2(setup):
     assert "optimizer DeepSpeedZeroOptimizer" in result.stdout
     trained = losses(out)
     assert len(trained) == 6 and trained[-1] < trained[0]
+
+
+def test_muon_under_two_ddp_processes_trains_like_one_and_is_refused_under_zero2(setup, one_process):
+    """muon: true across 2 CPU processes (DDP over gloo): each rank orthogonalises the same averaged gradients, so the
+    losses are the 1-process run's; an accelerate DeepSpeed config is refused by name before any step."""
+    root, recipe = setup
+    one = root / "muon-one"
+    run([sys.executable, "scripts/run_pretrain.py", str(recipe), "--muon", "true", "--use_cpu", "true"]
+        + ["--per_device_train_batch_size", "4", "--output_dir", str(one)])  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--mixed_precision", "no", "--main_process_port", "0", "scripts/run_pretrain.py", str(recipe)]
+    two = root / "muon-two"
+    run(
+        command
+        + ["--muon", "true", "--use_cpu", "true", "--per_device_train_batch_size", "2", "--output_dir", str(two)]
+    )
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5) and losses(one)[-1] < losses(one)[0]
+    assert losses(one)[1:] != pytest.approx(one_process[1:], rel=1e-3)  # Muon stepped, not AdamW
+
+    zero2 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    zero2 += ["accelerate_configs/deepspeed_zero2.yaml", "--num_processes", "2", "--main_process_port", "0"]
+    zero2 += ["scripts/run_pretrain.py", str(recipe), "--muon", "true", "--output_dir", str(root / "muon-zero2")]
+    refused = subprocess.run(zero2, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0, refused.stdout[-2000:]
+    assert "muon: true cannot run under DeepSpeed" in refused.stderr, refused.stderr[-3000:]
