@@ -53,8 +53,9 @@ def main(argv=None):
     parser.add_argument("--output", default="outputs/quickstart", help="Directory for data, tokenizer and model.")
     parser.add_argument("--recipe", default="recipes/tiny/pretrain.yaml")
     parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="Extra --key value recipe overrides.")
-    args = parser.parse_args(argv)
+    parser.epilog = "Any other --key value pair overrides the recipe's key for the training step (step 3)."
+    # parse_known_args, not a REMAINDER positional: that one refuses an override that comes first.
+    args, overrides = parser.parse_known_args(argv)
     data, tokenizer, model = (os.path.join(args.output, name) for name in ("data", "tokenizer", "model"))
     python = sys.executable
     start = time.perf_counter()
@@ -99,7 +100,7 @@ def main(argv=None):
             tokenizer,
             "--output_dir",
             model,
-            *args.overrides,
+            *overrides,
         ],
     )
     run(
