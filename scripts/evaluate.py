@@ -38,7 +38,7 @@ from starcoder2_train.data.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import held_out
 from starcoder2_train.evaluation.chart import draw_language_chart
 from starcoder2_train.evaluation.execution import require_code_execution_allowed
-from starcoder2_train.evaluation.fim import evaluate_fim, fim_generation_budget
+from starcoder2_train.evaluation.fim import evaluate_fim, fim_generation_budget, is_exact_match
 from starcoder2_train.evaluation.humaneval import evaluate_humaneval
 from starcoder2_train.evaluation.loss import evaluate_loss
 from starcoder2_train.hub.model_card import update_model_card_results
@@ -100,6 +100,11 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--torch_dtype", default="auto", choices=TORCH_DTYPES, help="dtype of the loaded weights.")
     parser.add_argument("--output", help="Write {model, results, seconds, settings} to this JSON file.")
+    parser.add_argument(
+        "--fim_predictions",
+        help="Write each FIM problem to this JSONL file: path, line, expected, generated (null where the model went "
+        "on writing the line before), exact_match.",
+    )
     parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars (none off a terminal).")
     parser.add_argument("--update_model_card", action="store_true", help="Write the results into MODEL_DIR/README.md.")
     args, args.recipe_overrides = parser.parse_known_args(argv)
@@ -119,6 +124,22 @@ def parse_args(argv=None):
     if "humaneval" in args.tasks and max(args.k) > args.num_samples:
         parser.error(f"--k {max(args.k)} needs --num_samples of at least {max(args.k)}.")
     return args
+
+
+def write_fim_predictions(path: str, predictions) -> None:
+    """One JSON line per FIM problem, in the order scored: what was masked and what the model wrote there."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for problem, line in predictions:
+            row = {
+                "path": problem.path,
+                "language": problem.language,
+                "line": problem.prefix.count("\n") + 1,
+                "expected": problem.middle,
+                "generated": line,
+                "exact_match": is_exact_match(line, problem.middle),
+            }
+            handle.write(json.dumps(row) + "\n")
+    print(f"FIM predictions: {path}")
 
 
 def held_out_repositories(args):
@@ -193,7 +214,7 @@ def main(argv=None):
             results[task] = evaluate_loss(model, loss_rows, seq_length=args.seq_length, batch_size=args.batch_size)
         elif task == "fim":
             max_new_tokens = args.max_new_tokens or fim_generation_budget(args.seq_length)
-            results[task] = evaluate_fim(
+            results[task], predictions = evaluate_fim(
                 model,
                 tokenizer,
                 fim_problems,
@@ -201,7 +222,10 @@ def main(argv=None):
                 max_new_tokens=max_new_tokens,
                 max_prompt_tokens=args.seq_length - max_new_tokens,
                 mode=args.fim_mode or (training_args.fim_eval_mode if training_args else "psm"),
+                return_predictions=True,
             )
+            if args.fim_predictions:
+                write_fim_predictions(args.fim_predictions, predictions)
         else:
             results[task] = evaluate_humaneval(
                 model,

@@ -98,7 +98,7 @@ def main(argv=None):
     print(f"file: {source.get('repo_name', '')} {source['path']}, line {masked + 1} masked ({mode.upper()} prompt)")
     print("----- before (last lines)\n" + "".join(lines[max(0, masked - 4) : masked]), end="")
     print(f"----- expected: {lines[masked].rstrip()!r}")
-    from starcoder2_train.evaluation.fim import infilled_line  # the FIM evaluation's rule
+    from starcoder2_train.evaluation.fim import infilled_line, is_exact_match  # the FIM evaluation's rules
 
     generated = infilled_line(middle, before)
     if generated is None:
@@ -107,7 +107,7 @@ def main(argv=None):
             f"----- generated: {extension!r} without a newline first: it extends the line before (not an exact match)"
         )
     else:
-        verdict = "exact match" if generated.strip() == lines[masked].strip() else "not an exact match"
+        verdict = "exact match" if is_exact_match(generated, lines[masked]) else "not an exact match"
         print(f"----- generated: {generated.rstrip()!r} ({verdict})")
     print("----- after (first lines)\n" + "".join(lines[masked + 1 : masked + 4]), end="")
     return middle

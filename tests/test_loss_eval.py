@@ -76,15 +76,20 @@ def test_nothing_to_score_is_a_clear_error(model):
         evaluate_loss(model, [{"input_ids": [1], "language": "Python"}], seq_length=8)
 
 
+HELD_OUT_FILES = [
+    [
+        {"path": "a.py", "content": "def add(a, b):\n    return a + b\n", "language": "Python"},
+        {"path": "b.js", "content": "function f(x) {\n  return x * 2;\n}\n", "language": "JavaScript"},
+    ],
+    [{"path": "c.py", "content": "import os\n\nprint(os.getcwd())\n", "language": "Python"}],
+]
+
+
+HELD_OUT_REPOS = ["owner/one", "owner/two"]
+
+
 def write_held_out_shard(path):
-    files = [
-        [
-            {"path": "a.py", "content": "def add(a, b):\n    return a + b\n", "language": "Python"},
-            {"path": "b.js", "content": "function f(x) {\n  return x * 2;\n}\n", "language": "JavaScript"},
-        ],
-        [{"path": "c.py", "content": "import os\n\nprint(os.getcwd())\n", "language": "Python"}],
-    ]
-    table = pa.table({"repo_name": ["owner/one", "owner/two"], "files": files})
+    table = pa.table({"repo_name": HELD_OUT_REPOS, "files": HELD_OUT_FILES})
     os.makedirs(path)
     pq.write_table(table, os.path.join(path, "held-out.parquet"))
 
@@ -132,6 +137,8 @@ def test_evaluate_script_end_to_end(model, tokenizer, tmp_path, monkeypatch):
             "cpu",
             "--output",
             str(output),
+            "--fim_predictions",
+            str(tmp_path / "fim.jsonl"),
             "--update_model_card",
         ]
     )
@@ -140,6 +147,18 @@ def test_evaluate_script_end_to_end(model, tokenizer, tmp_path, monkeypatch):
     assert set(results["loss"]) >= {"loss/Python", "loss/JavaScript", "perplexity"}
     assert results["fim"]["problems/Python"] == 2 and results["humaneval"]["problems"] == 2
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")  # the per-language chart beside the JSON
+    # One row per FIM problem, naming the masked line of the held-out file and what the model wrote there.
+    rows = [json.loads(line) for line in (tmp_path / "fim.jsonl").read_text().splitlines()]
+    contents = {
+        f"{repo}/{file['path']}": file["content"]
+        for repo, files in zip(HELD_OUT_REPOS, HELD_OUT_FILES)
+        for file in files
+    }
+    assert len(rows) == results["fim"]["problems"] == 3
+    for row in rows:
+        assert contents[row["path"]].splitlines()[row["line"] - 1] == row["expected"]
+        assert row["generated"] is None or isinstance(row["generated"], str)
+    assert sum(row["exact_match"] for row in rows) == round(results["fim"]["exact_match"] * len(rows))
     card = ModelCard.load(model_dir / "README.md")
     assert {r.metric_type for r in card.data.eval_results} == {"loss", "perplexity", "exact_match", "pass@1", "pass@2"}
 

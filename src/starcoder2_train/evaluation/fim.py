@@ -124,6 +124,11 @@ def fim_generation_budget(seq_length: int) -> int:
     return min(64, seq_length // 4)
 
 
+def is_exact_match(line: str | None, expected: str) -> bool:
+    """The FIM score of one infill: the line as written, leading and trailing whitespace aside (None: no line)."""
+    return line is not None and line.strip() == expected.strip()
+
+
 def first_line(text: str) -> str:
     return text.split("\n", 1)[0]
 
@@ -170,7 +175,7 @@ def evaluate_fim(
     hits, counts = defaultdict(int), defaultdict(int)
     for problem, line in zip(problems, lines):
         counts[problem.language] += 1
-        hits[problem.language] += line is not None and line.strip() == problem.middle.strip()
+        hits[problem.language] += is_exact_match(line, problem.middle)
     metrics = {"exact_match": sum(hits.values()) / len(problems), "problems": len(problems)}
     for language in sorted(counts):
         metrics[f"exact_match/{language}"] = hits[language] / counts[language]
