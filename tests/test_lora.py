@@ -30,6 +30,10 @@ from starcoder2_train.model.presets import build_config
 
 SCRIPT = str(Path(__file__).parents[1] / "scripts" / "merge_adapter.py")
 STEPS = 8
+# Merged against adapted logits in float32: W + s·BA summed once against x·W + s·(x·A)·B per call, which rounds
+# differently by CPU (up to 1.7e-5 on an Intel Xeon at lora_alpha/r = 8); without the adapter they move by more than
+# 1e-3 (each test checks that too).
+MERGE_TOLERANCE = 1e-4
 
 
 def tiny_model(tokenizer, path=None):
@@ -134,7 +138,7 @@ def test_merged_model_equals_base_plus_adapter(trained, tmp_path):
         expected = trained.model(input_ids=input_ids).logits
         got = merged(input_ids=input_ids).logits
         base = AutoModelForCausalLM.from_pretrained(trained.base_dir).eval()(input_ids=input_ids).logits
-    assert (got - expected).abs().max() <= 1e-5
+    assert (got - expected).abs().max() <= MERGE_TOLERANCE
     assert (base - expected).abs().max() > 1e-3  # the adapter does change the model: the check above means something
 
 
@@ -176,7 +180,7 @@ def test_merge_script_output_loads_without_peft(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     with torch.no_grad():
         expected = trained.model(input_ids=input_ids).logits
-    assert (torch.load(tmp_path / "out.pt") - expected).abs().max() <= 1e-5
+    assert (torch.load(tmp_path / "out.pt") - expected).abs().max() <= MERGE_TOLERANCE
 
 
 def test_merge_script_refuses_a_directory_without_an_adapter(trained, tmp_path):
@@ -211,7 +215,9 @@ def test_merge_into_a_base_whose_embeddings_training_resized(tokenizer, tmp_path
     input_ids = batch(tokenizer, rows=2, length=16)
     with torch.no_grad():
         expected = model.eval()(input_ids=input_ids).logits
-        assert (merged.eval()(input_ids=input_ids).logits - expected).abs().max() <= 1e-5
+        assert (merged.eval()(input_ids=input_ids).logits - expected).abs().max() <= MERGE_TOLERANCE
+        with model.disable_adapter():  # the adapter does change the model: the check above means something
+            assert (model(input_ids=input_ids).logits - expected).abs().max() > 1e-3
 
 
 def test_merge_refuses_a_quantized_base_and_its_own_directory(trained, tmp_path):
