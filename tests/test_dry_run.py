@@ -194,3 +194,22 @@ def test_a_dry_run_without_a_gpu_plans_with_the_recipes_bf16(tmp_path, capsys):
     expected = checkpointed_layers_to_fit(config, result["parameters"], 0.92 * 80, **plan)
     assert result["checkpointed_layers"] == expected > 0
     assert f"checkpointed layers {expected} of 30 (auto)" in capsys.readouterr().out
+
+
+def test_a_muon_dry_run_plans_one_moment_for_the_layers_matrices(tmp_path, capsys):
+    """muon: true keeps one fp32 momentum buffer per weight matrix of the layers, not Adam's two moments."""
+    from starcoder2_train.training.dry_run import print_dry_run
+
+    words = [str(ROOT / "recipes/starcoder2-3b/pretrain.yaml"), "--dry_run", "true", "--output_dir", str(tmp_path)]
+    words += ["--dataset_name_or_path", "x", "--loss_kernel", "chunked"]
+    planned = {}
+    for muon in ("false", "true"):
+        parser = RecipeParser()
+        model_args, data_args, training_args = parser.parse(words + ["--muon", muon])
+        config = build_config(model_args, 49152)
+        result = print_dry_run(config, model_args, data_args, training_args, "sdpa_varlen", bf16=parser.dry_run_bf16)
+        planned[muon] = result["memory_gb"]
+    layer = 2 * 3072 * 3072 + 2 * 3072 * 256 + 2 * 3072 * 12288  # matmul weights of one 3B layer
+    saved = planned["false"]["optimizer_states"] - planned["true"]["optimizer_states"]
+    assert saved == pytest.approx(4 * 30 * layer / 1e9)
+    assert planned["true"]["total"] < planned["false"]["total"]

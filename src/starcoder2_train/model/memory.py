@@ -54,18 +54,31 @@ LOSS_MODELS = ("transformers", "chunked", "liger", "cut_cross_entropy")
 GATHERED_LAYERS = 2  # ZeRO-3 / FSDP: the layer being computed and the one prefetched
 
 
+def layer_matrix_parameters(config) -> int:
+    """Parameters of one decoder layer's weight matrices (q, k, v, o, c_fc, c_proj): what Muon steps."""
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return h * q + 2 * h * kv + q * h + 2 * h * i
+
+
 def layer_parameters(config) -> int:
     """Parameters of one decoder layer (matmul weights and biases, both LayerNorms)."""
     h, i = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    matmuls = h * q + 2 * h * kv + q * h + 2 * h * i
     biases = q + 2 * kv + h + i + h if getattr(config, "use_bias", True) else 0
-    return matmuls + biases + 4 * h
+    return layer_matrix_parameters(config) + biases + 4 * h
 
 
-def model_state_bytes(num_params: int, layer_params: int, precision: str, zero_stage: int, num_gpus: int) -> dict:
-    """Bytes per GPU of weights, gradients and optimizer states (master weights + Adam moments)."""
+def model_state_bytes(
+    num_params: int, layer_params: int, precision: str, zero_stage: int, num_gpus: int, muon_params: int = 0
+) -> dict:
+    """Bytes per GPU of weights, gradients and optimizer states (master weights + Adam moments).
+
+    `muon_params`: parameters stepped by Muon (`muon: true`, never sharded: it runs without ZeRO and FSDP), which
+    keep one fp32 momentum buffer instead of Adam's two moments.
+    """
     n = num_gpus
     if precision == "deepspeed_bf16":
         weights = 2 * num_params / (n if zero_stage == 3 else 1)
@@ -89,6 +102,7 @@ def model_state_bytes(num_params: int, layer_params: int, precision: str, zero_s
         optimizer = 8 * num_params / n
     else:
         raise RecipeError(f"precision: {precision!r} has no memory model; one of {', '.join(PRECISIONS)}.")
+    optimizer -= 4 * muon_params
     return {"weights": weights, "gradients": gradients, "optimizer_states": optimizer}
 
 
@@ -146,6 +160,7 @@ def estimate_memory_per_gpu(
     loss_chunk_size: int = 0,
     offload_optimizer: bool = False,
     offload_params: bool = False,
+    muon_params: int = 0,
 ) -> dict:
     """GPU memory per device in GB at the peak of a training step (see the module's docstring for the model).
 
@@ -168,7 +183,7 @@ def estimate_memory_per_gpu(
         raise RecipeError(f"gradient_checkpointing_layers: must be in [0, {layers}], got {checkpointed_layers}.")
     h, tokens = config.hidden_size, micro_batch_size * seq_length
     per_layer_params = layer_parameters(config)
-    states = model_state_bytes(num_params, per_layer_params, precision, zero_stage, num_gpus)
+    states = model_state_bytes(num_params, per_layer_params, precision, zero_stage, num_gpus, muon_params)
     cpu = 0.0
     if offload_optimizer and precision == "deepspeed_bf16":
         moved = states["optimizer_states"] + (4 * num_params / num_gpus if zero_stage >= 2 else 0)

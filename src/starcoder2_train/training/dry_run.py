@@ -16,7 +16,7 @@ import os
 
 from starcoder2_train.configs import RecipeError, tokens_per_step
 from starcoder2_train.model.factory import count_parameters
-from starcoder2_train.model.memory import checkpointed_layers_to_fit, estimate_memory_per_gpu
+from starcoder2_train.model.memory import checkpointed_layers_to_fit, estimate_memory_per_gpu, layer_matrix_parameters
 from starcoder2_train.training.loss import resolve_loss_kernel
 
 AUTO_MEMORY_SHARE = 0.92  # `auto` plans to this share of gpu_memory_gb: the estimate's error and fragmentation
@@ -102,6 +102,8 @@ def memory_plan(config, model_args, data_args, training_args, bf16: bool | None 
         cross_document_attention=data_args.cross_document_attention,
         loss_kernel=loss,
         loss_chunk_size=chunk,
+        # muon: true (no ZeRO, no FSDP): the layers' matrices keep Muon's one moment, not Adam's two
+        muon_params=config.num_hidden_layers * layer_matrix_parameters(config) if training_args.muon else 0,
     )
 
 
