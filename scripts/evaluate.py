@@ -67,8 +67,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--fim_lines_per_file",
         type=int,
-        default=1,
-        help="With --data: lines masked per held-out file (with --recipe, the recipe's fim_eval_lines_per_file).",
+        help="Lines masked per held-out file (default: with --recipe, the recipe's fim_eval_lines_per_file; else 1).",
     )
     parser.add_argument(
         "--fim_mode",
@@ -119,7 +118,7 @@ def parse_args(argv=None):
         parser.error(f"--tasks: {', '.join(unknown) or 'none given'}; choose among {', '.join(EVAL_TASKS)}.")
     if {"loss", "fim"} & set(args.tasks) and bool(args.data) == bool(args.recipe):
         parser.error("--data or --recipe (one of them): the loss and fim tasks need held-out repositories.")
-    if args.fim_lines_per_file < 1:
+    if args.fim_lines_per_file is not None and args.fim_lines_per_file < 1:
         parser.error(f"--fim_lines_per_file: must be at least 1, got {args.fim_lines_per_file}.")
     if "humaneval" in args.tasks and max(args.k) > args.num_samples:
         parser.error(f"--k {max(args.k)} needs --num_samples of at least {max(args.k)}.")
@@ -202,7 +201,7 @@ def main(argv=None):
         args.tasks,
         seed=args.seed,
         max_fim_problems=training_args.fim_eval_problems if training_args else None,
-        fim_lines_per_file=training_args.fim_eval_lines_per_file if training_args else args.fim_lines_per_file,
+        fim_lines_per_file=args.fim_lines_per_file or (training_args.fim_eval_lines_per_file if training_args else 1),
         limit=args.limit,
     )
 

@@ -206,5 +206,9 @@ def test_training_and_the_script_score_the_same_held_out_rows(tmp_path, code_sha
         assert after["loss"][key] == pytest.approx(value, rel=1e-5), key
     assert after["fim"]["problems"] == during_training["fim"]["problems"] == 5
     assert after["fim"]["exact_match"] == during_training["fim"]["exact_match"]
+    # --fim_lines_per_file, given, wins over the recipe's fim_eval_lines_per_file (1 here).
+    uncapped = [str(tmp_path / "out"), "--recipe", str(recipe), "--tasks", "fim", "--fim_eval_problems", "1000"]
+    one, three = (script.main(uncapped + ["--fim_lines_per_file", lines])["fim"]["problems"] for lines in ("1", "3"))
+    assert 5 < one < three
     card = (tmp_path / "out" / "README.md").read_text()
     assert "What was measured" in card and "scored alone as `<file_sep>code<|endoftext|>`" in card
