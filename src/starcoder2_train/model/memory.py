@@ -54,19 +54,22 @@ LOSS_MODELS = ("transformers", "chunked", "liger", "cut_cross_entropy")
 GATHERED_LAYERS = 2  # ZeRO-3 / FSDP: the layer being computed and the one prefetched
 
 
+def layer_widths(config) -> tuple[int, int, int, int]:
+    """(hidden, intermediate, query, key/value) widths of one decoder layer's projections."""
+    h = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    return h, config.intermediate_size, config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+
+
 def layer_matrix_parameters(config) -> int:
     """Parameters of one decoder layer's weight matrices (q, k, v, o, c_fc, c_proj): what Muon steps."""
-    h, i = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    h, i, q, kv = layer_widths(config)
     return h * q + 2 * h * kv + q * h + 2 * h * i
 
 
 def layer_parameters(config) -> int:
     """Parameters of one decoder layer (matmul weights and biases, both LayerNorms)."""
-    h, i = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    h, i, q, kv = layer_widths(config)
     biases = q + 2 * kv + h + i + h if getattr(config, "use_bias", True) else 0
     return layer_matrix_parameters(config) + biases + 4 * h
 
