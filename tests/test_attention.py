@@ -168,7 +168,7 @@ def test_dropout_on_a_cpu_runs_the_eager_reference():
 
 
 H100, B200, A100, RTX_5090 = (9, 0), (10, 0), (8, 0), (12, 0)
-BOTH = {"flash_attn_interface", "flash_attn.cute"}
+BOTH = {"flash_attn_interface", "flash_attn.cute.interface"}
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ BOTH = {"flash_attn_interface", "flash_attn.cute"}
         ("auto", 0.1, H100, BOTH, "fa2"),  # dropout: neither FA3 nor FA4 has it
         ("fa2", 0.1, H100, BOTH, "fa2"),
         ("fa3", 0.0, H100, {"flash_attn_interface"}, "fa3"),
-        ("fa4", 0.0, B200, {"flash_attn.cute"}, "fa4"),
+        ("fa4", 0.0, B200, {"flash_attn.cute.interface"}, "fa4"),
         ("fa3", 0.0, None, set(), "fa2"),
     ],
 )
@@ -200,7 +200,7 @@ def test_flash_impl_decision(requested, dropout, capability, packages, expected)
         ("fa4", 0.1, None, set(), "flash_attention_impl: fa4 has no dropout"),  # a wrong recipe on any machine
         ("fa3", 0.0, A100, BOTH, "flash_attention_impl: fa3 needs compute capability 9.x, this GPU has 8.0"),
         ("fa4", 0.0, RTX_5090, BOTH, "flash_attention_impl: fa4 needs compute capability 9.x or 10.x"),
-        ("fa4", 0.0, H100, {"flash_attn_interface"}, "flash_attention_impl: fa4 needs the flash_attn.cute package"),
+        ("fa4", 0.0, H100, {"flash_attn_interface"}, "flash_attention_impl: fa4 needs the flash_attn.cute.interface"),
     ],
 )
 def test_flash_impl_errors_name_the_keys(requested, dropout, capability, packages, message):

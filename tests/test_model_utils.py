@@ -70,9 +70,9 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_choose_attention():
-    import importlib.util
+    from starcoder2_train.model.flash import flash_attention_2_available
 
-    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    has_flash = flash_attention_2_available(torch.cuda.is_available())
     expected = ("flash_attention_2" if has_flash else "sdpa_varlen") if torch.cuda.is_available() else "sdpa_blocked"
     assert choose_attention("auto") == expected
     assert choose_attention("eager") == "eager"

@@ -139,7 +139,8 @@ class ModelArguments:
     attn_implementation: str = field(
         default="auto",
         metadata={
-            "help": "Attention kernel. auto: on CUDA flash_attention_2 when flash-attn is installed, else "
+            "help": "Attention kernel. auto: on CUDA flash_attention_2 when transformers accepts it (the flash-attn "
+            "package, FlashAttention-2 >= 2.3.3; flash-attn-4 alone is not it), else "
             "sdpa_varlen (PyTorch's own variable-length FlashAttention-2 kernel); on a CPU sdpa_blocked. "
             "sdpa_varlen (CUDA) and sdpa_blocked keep packed documents apart without an s×s mask "
             f"(model/attention.py). One of {', '.join(ATTENTION_CHOICES)}."
@@ -149,9 +150,11 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": "Which FlashAttention PyTorch's flash kernel runs (sdpa_varlen, sdpa): fa2 (PyTorch's own), "
-            "fa3 (Hopper, the flash_attn_interface package) or fa4 (Hopper/Blackwell, flash_attn.cute), "
-            "activated through torch.nn.attention.activate_flash_attention_impl. FA3 and FA4 have no "
-            "dropout. auto: fa3/fa4 where the GPU and package allow and attention_dropout is 0, else fa2. "
+            "fa3 (Hopper, the flash_attn_interface package) or fa4 (Hopper/Blackwell, flash_attn.cute.interface "
+            "from the flash-attn-4 wheel), activated through torch.nn.attention.activate_flash_attention_impl. "
+            "FA3 and FA4 have no dropout. auto: fa4, else fa3, where the GPU and package allow and "
+            "attention_dropout is 0, else fa2; a package that fails to activate is a warning and fa2 for auto, "
+            "an error for fa3/fa4. "
             f"One of {', '.join(FLASH_IMPLS)}."
         },
     )

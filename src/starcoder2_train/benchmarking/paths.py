@@ -7,8 +7,9 @@
   longest row of the batch with an attention_mask, default attention (sdpa), transformers' own loss.
 - flattening: the best path transformers offers without this project: `DataCollatorWithFlattening` joins
   the same pieces, in random order, into one row per micro batch with position_ids that restart at every
-  piece and no attention_mask; attention is flash_attention_2 where flash-attn and CUDA are there (it reads
-  the documents from the collator's cu_seq_lens), else sdpa, for which transformers builds a per-document
+  piece and no attention_mask; attention is flash_attention_2 where transformers accepts it (the flash-attn
+  distribution on CUDA, model/flash.py `flash_attention_2_available`; it reads the documents from the
+  collator's cu_seq_lens), else sdpa, for which transformers builds a per-document
   block mask from the position_ids (masking_utils.find_packed_sequence_indices, 5.24). The pieces per micro
   batch are chosen so that its mean tokens equal ours (seq_length x micro batch).
 
@@ -18,7 +19,6 @@ checkpointing); `--plain key=value` / `--flattening key=value` override their Tr
 """
 
 import dataclasses
-import importlib.util
 import json
 from collections.abc import Callable
 
@@ -31,6 +31,7 @@ from starcoder2_train.configs import FLASH_ATTENTION_2, ModelArguments, Pretrain
 from starcoder2_train.data.collators import make_collator
 from starcoder2_train.data.packing import PackedDataset
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
+from starcoder2_train.model.flash import flash_attention_2_available
 
 BASELINES = ("plain", "flattening")
 
@@ -178,8 +179,9 @@ def plain_path(model_args, training_args, overrides: list[str], output_dir: str,
 
 
 def flattening_attention(cuda: bool) -> str:
-    """flash_attention_2 where flash-attn is importable on CUDA, else sdpa (with transformers' packed mask)."""
-    return FLASH_ATTENTION_2 if cuda and importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    """flash_attention_2 where transformers accepts it (`flash_attention_2_available`: flash-attn on CUDA; a
+    flash-attn-4 install alone is not it), else sdpa (with transformers' packed mask)."""
+    return FLASH_ATTENTION_2 if flash_attention_2_available(cuda) else "sdpa"
 
 
 def documents_per_batch(piece_lengths, tokens_per_micro_batch: int) -> int:

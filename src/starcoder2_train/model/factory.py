@@ -9,7 +9,6 @@ against a reference on the device (`verify_attention`); `count_parameters` count
 """
 
 import copy
-import importlib.util
 import logging
 from types import SimpleNamespace
 
@@ -32,7 +31,7 @@ from starcoder2_train.model.attention import (  # registers sdpa_varlen, sdpa_bl
     skip_mask_building,
     varlen_reference,
 )
-from starcoder2_train.model.flash import activate_flash_impl
+from starcoder2_train.model.flash import FLASH_ATTN_2_MIN_VERSION, activate_flash_impl, flash_attention_2_available
 from starcoder2_train.model.presets import VOCAB_MULTIPLE, build_config, round_up
 
 logger = logging.getLogger(__name__)
@@ -41,21 +40,26 @@ logger = logging.getLogger(__name__)
 VERIFIED_ATTENTION = (SDPA_VARLEN, SDPA_BLOCKED, "flex_attention")
 
 
-def choose_attention(requested: str) -> str:
+def choose_attention(requested: str, cuda: bool | None = None) -> str:
     """auto: the fastest attention that keeps packed documents apart, as measured (docs/benchmarks.md).
 
-    CUDA: flash_attention_2 when flash-attn is installed, else sdpa_varlen (PyTorch's own FlashAttention-2
-    kernel, variable length: 1.7x transformers' masked sdpa at 4k and 4.4x at 16k on an H100, with dropout,
-    which flex_attention lacks). CPU: sdpa_blocked (1.9x the masked sdpa for the tiny model).
+    `cuda`: whether training runs on a CUDA GPU (default `torch.cuda.is_available()`). CUDA: flash_attention_2
+    where transformers accepts it (`flash_attention_2_available`: the flash-attn distribution, FlashAttention-2;
+    flash-attn-4 alone is not it), else sdpa_varlen (PyTorch's own FlashAttention-2 kernel, variable length:
+    1.7x transformers' masked sdpa at 4k and 4.4x at 16k on an H100, with dropout, which flex_attention lacks).
+    CPU: sdpa_blocked (1.9x the masked sdpa for the tiny model). An explicit flash_attention_2 that transformers
+    would refuse is a RecipeError.
     """
-    has_flash = importlib.util.find_spec("flash_attn") is not None
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if requested == "auto":
-        if torch.cuda.is_available():
-            return FLASH_ATTENTION_2 if has_flash else SDPA_VARLEN
+        if cuda:
+            return FLASH_ATTENTION_2 if flash_attention_2_available(cuda) else SDPA_VARLEN
         return SDPA_BLOCKED
-    if requested == FLASH_ATTENTION_2 and not (has_flash and torch.cuda.is_available()):
+    if requested == FLASH_ATTENTION_2 and not flash_attention_2_available(cuda):
         raise RecipeError(
-            "attn_implementation: flash_attention_2 needs the flash-attn package and a CUDA GPU; use sdpa (or auto)."
+            "attn_implementation: flash_attention_2 needs the flash-attn package (FlashAttention-2 >= "
+            f"{FLASH_ATTN_2_MIN_VERSION}; flash-attn-4 alone is not it) and a CUDA GPU; use auto (sdpa_varlen "
+            "on a CUDA GPU, sdpa_blocked on a CPU) or sdpa."
         )
     return requested
 
