@@ -281,3 +281,35 @@ def test_create_model_verifies_the_attention(monkeypatch):
         create_model(args, copy.deepcopy(config), None, "test_ignores_documents")
     create_model(args, copy.deepcopy(config), None, "test_ignores_documents", verify=False)
     create_model(args, copy.deepcopy(config), None, "test_ignores_documents", device="meta")  # nothing to run
+
+
+def test_the_kernel_gets_the_longest_document_not_the_row_width(monkeypatch):
+    """The flash kernel's grid is ceil(max_length/128) x documents x heads: max_length must be the longest document
+    of the batch (70 of POSITIONS' rows of 100), from the collator; the row width only without document boundaries."""
+    from starcoder2_train.model import attention
+
+    seen = []
+
+    def spy(query, key, value, cu_seq_lens, max_length, *args):
+        seen.append(max_length)
+        return varlen_attention(query, key, value, cu_seq_lens, max_length, *args)
+
+    monkeypatch.setattr(attention, "varlen_attention", spy)
+    model = model_with(SDPA_VARLEN)
+    attention.skip_mask_building(model)
+    input_ids = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(5))
+    features = [
+        {"input_ids": ids.numpy(), "labels": ids.numpy(), "position_ids": p.numpy()}
+        for ids, p in zip(input_ids, POSITIONS)
+    ]
+    model(**DocumentBoundaryCollator(PackedCollator())(features)).loss.backward()
+    assert seen == [70, 70]  # one call per layer
+    seen.clear()
+    model(input_ids=input_ids, position_ids=POSITIONS)  # no collator: the row width
+    assert seen == [100, 100]
+
+
+def test_a_max_length_shorter_than_a_document_is_refused():
+    query, key, value, _ = packed_qkv()
+    with pytest.raises(ValueError, match="max_length 69 is shorter than a document"):
+        varlen_attention(query, key, value, CU_SEQ_LENS, 69, 0.0, None, -1)

@@ -9,7 +9,8 @@ document. The collators here stack windows and add what a kernel needs to see th
   recognises packed sequences (only at batch size 1).
 - `DocumentBoundaryCollator`: adds `document_boundaries` (flash-attn's `cu_seq_lens` and `max_length`),
   computed here on the CPU in the data-loader worker, so that `sdpa_varlen` never waits for the GPU to find
-  them. Cost: one int32 per document of the batch.
+  them. Cost: one int32 per document of the batch. The longest document reaches a compiled layer as a
+  symbolic size, not a constant (model/attention.py, `_mark_documents_dynamic`).
 
 `make_collator(attn_implementation)` is the one place that picks among them; scripts call it.
 """
@@ -56,17 +57,23 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return document_starts(position_ids).cumsum(dim=1)
 
 
-def document_boundaries(position_ids: torch.Tensor) -> dict:
-    """flash-attn's variable-length arguments for the batch flattened to one stream of batch·seq tokens.
-
-    `cu_seq_lens_q`/`_k`: int32 offsets of each document start, and the total at the end; `max_length_q`/`_k`:
-    the longest document, as a Python int. Names as transformers' FlashAttentionKwargs, so flash_attention_2
-    reads them too.
-    """
+def cumulative_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) → int32 offsets of each document start in the flattened batch of batch·seq tokens, then the
+    total: flash-attn's `cu_seq_lens`. On a GPU tensor this waits for the device (`nonzero` sizes its output)."""
     batch, seq = position_ids.shape
     starts = document_starts(position_ids).reshape(-1).nonzero().flatten()
     total = torch.tensor([batch * seq], device=starts.device)
-    cu_seq_lens = torch.cat([starts, total]).to(torch.int32)
+    return torch.cat([starts, total]).to(torch.int32)
+
+
+def document_boundaries(position_ids: torch.Tensor) -> dict:
+    """flash-attn's variable-length arguments for the batch flattened to one stream of batch·seq tokens.
+
+    `cu_seq_lens_q`/`_k`: `cumulative_lengths`; `max_length_q`/`_k`: the longest document, as a Python int (which
+    sdpa_varlen passes to the kernel: it sizes the kernel's grid, model/attention.py). Names as transformers'
+    FlashAttentionKwargs, so flash_attention_2 reads them too.
+    """
+    cu_seq_lens = cumulative_lengths(position_ids)
     max_length = int(cu_seq_lens.diff().max())
     return {
         "cu_seq_lens_q": cu_seq_lens,

@@ -14,11 +14,15 @@ Two implementations registered with transformers' `AttentionInterface` do withou
   (cumulative document lengths), as flash-attn's `flash_attn_varlen_func`; sliding window, grouped-query
   attention and dropout are done by the kernel, and the backward replays the forward's dropout mask from its
   philox state. `torch.nn.attention.activate_flash_attention_impl` (model/flash.py, `flash_attention_impl`)
-  routes those aten kernels to FlashAttention-3 or -4, so this operator follows. The row width stands for the
-  longest document (the kernel only sizes its grid by it), so nothing that changes per batch becomes a
-  constant of the compiled graph. On other devices the operator runs a per-document sdpa reference, slowly.
-  `data.collators.DocumentBoundaryCollator` computes `cu_seq_lens` on the CPU, so the GPU never waits for
-  them (without it, each layer derives them from `position_ids`, a graph break when compiled).
+  routes those aten kernels to FlashAttention-3 or -4, so this operator follows. On other devices the
+  operator runs a per-document sdpa reference, slowly.
+  `data.collators.DocumentBoundaryCollator` computes `cu_seq_lens` and the longest document (`max_length_q`) on
+  the CPU, so the GPU never waits for them. The kernel's grid is ceil(max_length/128) × documents × heads
+  blocks, so the longest document, not the row width, is passed (at 16k with 25 documents of about 650 tokens:
+  6 blocks per document and head instead of 128). A decoder pre-hook (`_mark_documents_dynamic`) hands a
+  compiled layer the document count (cu_seq_lens' length) and the longest document as symbolic sizes, so it
+  compiles once for every batch. Without the collator each layer derives `cu_seq_lens` from `position_ids`
+  (a host-device wait, and a graph break when compiled) and passes the row width instead.
 - `sdpa_blocked` (any device): queries in blocks (256 positions on a CPU, 1024 on a GPU); a block attends,
   through sdpa with a small mask, only to the keys its window can reach. The work grows with s·(block + window)
   instead of s², and each layer keeps masks of block × (block + window) instead of s × s.
@@ -39,7 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from starcoder2_train.configs import SDPA_BLOCKED, SDPA_VARLEN
-from starcoder2_train.data.collators import document_boundaries, document_ids
+from starcoder2_train.data.collators import cumulative_lengths, document_ids
 
 
 def _compute_dtype(query: torch.Tensor) -> torch.dtype:
@@ -146,12 +150,16 @@ def varlen_attention(
     """Causal attention within documents: (tokens, heads, dim) q and (tokens, kv_heads, dim) k, v, cut at the
     int32 `cu_seq_lens`; → (output, logsumexp, philox seed, philox offset), the last three for the backward.
 
-    `max_length` bounds every document's length (the row width will do); `window_left` ≥ 0 lets a query see that
-    many earlier positions, -1 all of them. CUDA: FlashAttention (2, or 3/4 when activated), O(tokens) memory.
-    Other devices: sdpa per document, without dropout, and zeros for the kernel's state (the backward recomputes).
+    `max_length` must bound every document's length (the kernel sizes its grid by it: the longest document is
+    exact, the row width is safe and slower); `window_left` ≥ 0 lets a query see that many earlier positions, -1
+    all of them. CUDA: FlashAttention (2, or 3/4 when activated), O(tokens) memory. Other devices: sdpa per
+    document, without dropout, and zeros for the kernel's state (the backward recomputes); a `max_length` shorter
+    than a document is refused there, as the kernel would silently leave that document's tail out.
     """
     if query.device.type == "cuda":
         return _flash_forward(query, key, value, cu_seq_lens, max_length, dropout, scale, window_left)
+    if max_length < int(cu_seq_lens.diff().max()):
+        raise ValueError(f"starcoder2_train::varlen_attention: max_length {max_length} is shorter than a document.")
     if dropout > 0:
         raise ValueError(
             "starcoder2_train::varlen_attention: dropout needs the CUDA kernel; on this device call "
@@ -225,14 +233,20 @@ def varlen_attention_forward(
     sliding_window: int | None = None,
     position_ids=None,
     cu_seq_lens_q=None,
+    max_length_q=None,
+    max_length_carrier=None,
     **kwargs,
 ):
     """transformers attention function: (batch, heads, seq, dim) inputs → ((batch, seq, heads, dim), None).
 
-    `varlen_attention` over the batch as one stream; `max_length_q` is not read: the row width bounds it, and a
-    per-batch Python int would recompile a compiled layer. What the bound costs when every document is short:
-    thread blocks that exit at once, and in FA2's backward a documents × heads × row fp32 scratch (100 documents,
-    24 heads, 4k: 39 MB). On a CPU with dropout, the eager reference instead (a graph break when compiled).
+    `varlen_attention` over the batch as one stream, cut at `cu_seq_lens_q`, with `max_length` the longest
+    document: `max_length_carrier.shape[0]` where the decoder's pre-hook made one (a symbolic int in a compiled
+    layer), else the int `max_length_q` (a compiled layer takes it as a constant, then recompiles once with it
+    dynamic when it changes). Without `cu_seq_lens_q` (no DocumentBoundaryCollator), they are derived from
+    `position_ids` (a host-device wait) and the row width `seq` stands for the longest document. What that costs
+    when every document is short: ceil(seq/128) − ceil(longest/128) thread blocks per document and head that exit
+    at once, and in FA2's backward a documents × heads × seq fp32 scratch (100 documents, 24 heads, 4k: 39 MB).
+    On a CPU with dropout, the eager reference instead (a graph break when compiled).
     """
     if not _no_mask_needed(attention_mask) or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
@@ -240,7 +254,12 @@ def varlen_attention_forward(
     if cu_seq_lens_q is None:
         if position_ids is None:
             position_ids = torch.arange(seq, device=query.device).expand(batch, seq)
-        cu_seq_lens_q = document_boundaries(position_ids)["cu_seq_lens_q"]  # waits: prefer DocumentBoundaryCollator
+        cu_seq_lens_q = cumulative_lengths(position_ids)  # waits: prefer DocumentBoundaryCollator
+        max_length = seq
+    elif max_length_carrier is not None:
+        max_length = max_length_carrier.shape[0]
+    else:
+        max_length = seq if max_length_q is None else max_length_q
     # The kernel wants (tokens, heads, dim) in fp16/bf16; under autocast the rotary embedding may have
     # promoted queries and keys to fp32 (it multiplies by fp32 cos/sin), so cast to autocast's dtype.
     dtype = _compute_dtype(query)
@@ -250,7 +269,7 @@ def varlen_attention_forward(
     if dropout > 0 and query.device.type != "cuda":
         out = varlen_reference(q, k, v, cu_seq_lens_q, dropout, scaling, window_left)
     else:
-        out = varlen_attention(q, k, v, cu_seq_lens_q, seq, dropout, scaling, window_left)[0]
+        out = varlen_attention(q, k, v, cu_seq_lens_q, max_length, dropout, scaling, window_left)[0]
     return out.view(batch, seq, heads, dim), None
 
 
@@ -341,11 +360,41 @@ def _pass_packed_marker(module, args, kwargs):
     return args, kwargs
 
 
+def _mark_documents_dynamic(module, args, kwargs):
+    """Forward pre-hook of the decoder: the document boundaries as sizes a compiled layer keeps symbolic.
+
+    torch 2.13's dynamo (torch/_dynamo/config.py: assume_static_by_default, automatic_dynamic_shapes) compiles a
+    frame with every size and int argument a constant, and recompiles with one dynamic only once it has changed:
+    two compilations per layer, and a third path for a Python int. `maybe_mark_dynamic` makes a tensor's size
+    symbolic from the first compilation, but only a tensor's, and the mark lives on the tensor object, so it is
+    made here, on the tensors the model receives on its device (a mark made in a data-loader worker is lost by
+    pin_memory and `.to(device)`). Ints can be made dynamic only by process-wide source names
+    (torch.compiler.config.dynamic_sources). So the int `max_length_q` becomes `max_length_carrier`, an empty
+    (max_length_q, 0) tensor: no memory, no copy, no sync (sizes are host metadata), and `.shape[0]` is a symbolic
+    int in the compiled layer, which the operator's schema takes (SymInt). cu_seq_lens has documents + 1 ≥ 2
+    entries, so dynamo's specialisation of sizes 0 and 1 never applies; a longest document of 1 token would be
+    specialised (maybe_mark_dynamic allows it), costing one more compilation in that odd batch. Not marked while
+    dynamo traces the whole model (`torch_compile`): marks are refused inside a traced frame.
+    """
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if not torch.is_tensor(cu_seq_lens):
+        return args, kwargs
+    if isinstance(kwargs.get("max_length_q"), int) and kwargs.get("max_length_carrier") is None:
+        kwargs["max_length_carrier"] = cu_seq_lens.new_empty((kwargs["max_length_q"], 0))
+    if not torch.compiler.is_compiling():
+        for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_carrier"):
+            if torch.is_tensor(kwargs.get(name)):
+                torch._dynamo.maybe_mark_dynamic(kwargs[name], 0)
+    return args, kwargs
+
+
 def skip_mask_building(model) -> None:
-    """Install `_pass_packed_marker` on `model`'s decoder (once): no host-device sync per training forward."""
+    """Install the decoder's pre-hooks for packed batches (once): `_pass_packed_marker` (no host-device sync per
+    training forward) and `_mark_documents_dynamic` (a compiled layer compiles once for all batches)."""
     decoder = getattr(model, model.base_model_prefix, model)
     if not getattr(decoder, "_packed_marker_installed", False):
         decoder.register_forward_pre_hook(_pass_packed_marker, with_kwargs=True)
+        decoder.register_forward_pre_hook(_mark_documents_dynamic, with_kwargs=True)
         decoder._packed_marker_installed = True
 
 
