@@ -157,3 +157,124 @@ def test_a_step_killed_at_its_limit_takes_the_processes_it_started_along(tmp_pat
     else:
         raise AssertionError(f"process {pid} outlived its step")
     assert run_limited([sys.executable, "-c", "pass"], limit=30) == "exit 0"
+
+
+# The environment step (device_env.py, scripts/device_setup.py): a fake wheel folder, stdlib and fake modules.
+
+
+def fake_wheel(folder: Path, name: str = "fakepkg", version: str = "1.0", requires=()) -> Path:
+    """A minimal pure-Python wheel: the package `name` (VALUE = 1) and its dist-info, as pip installs it."""
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
+    files = {
+        f"{name}/__init__.py": "VALUE = 1\n",
+        f"{dist}/METADATA": metadata,
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{dist}/RECORD"])
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+    return path
+
+
+def wheel_folder(tmp_path: Path, python: str | None = None, **wheel) -> Path:
+    import sys
+
+    folder = tmp_path / "whl"
+    folder.mkdir()
+    fake_wheel(folder, **wheel)
+    python = python or f"{sys.version_info.major}.{sys.version_info.minor}"
+    (folder / "device_env.json").write_text(json.dumps({"python": python}))
+    return folder
+
+
+STDLIB_AND_FAKE = (("json", "stdlib"), ("fakepkg", "fakepkg"), ("email.message", "stdlib"))
+
+
+def test_the_environment_step_stops_at_the_first_missing_module_naming_it(tmp_path, capsys):
+    from starcoder2_train.benchmarking import device_env
+
+    folder = wheel_folder(tmp_path)
+    required = (*STDLIB_AND_FAKE[:2], ("no_such_module_x", "no-such-dist"), ("also_missing_y", "other-dist"))
+    status = device_env.prepare(
+        str(folder), str(tmp_path / "site"), str(ROOT / "src"), ("fakepkg==1.0",), (), required, ()
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert status == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("device environment: cannot import no_such_module_x (ModuleNotFoundError")
+    assert "add no-such-dist's wheel" in lines[0] and "also_missing_y" not in lines[0]
+    assert (tmp_path / "site" / "fakepkg" / "__init__.py").is_file()  # installed before the imports
+
+
+def test_the_environment_step_passes_when_everything_is_there(tmp_path, capsys):
+    from starcoder2_train.benchmarking import device_env
+
+    folder = wheel_folder(tmp_path, requires=["packaging>=20", "absent-thing>=1; extra == 'never'"])
+    optional = (("no_optional_module_z", "optional-dist"),)
+    status = device_env.prepare(
+        str(folder), str(tmp_path / "site"), str(ROOT / "src"), ("fakepkg==1.0",), (), STDLIB_AND_FAKE, optional
+    )
+    line = capsys.readouterr().out.strip()
+    assert status == 0, line
+    assert "1 wheels installed" in line and "3 modules imported" in line and "Requires-Dist met" in line
+    assert "no_optional_module_z not available (optional-dist" in line
+
+
+def test_the_environment_step_checks_each_carried_wheels_requirements(tmp_path, capsys):
+    from starcoder2_train.benchmarking import device_env
+
+    folder = wheel_folder(tmp_path, requires=["packaging>=20", "no-such-dist>=2.4"])
+    status = device_env.prepare(
+        str(folder), str(tmp_path / "site"), str(ROOT / "src"), ("fakepkg==1.0",), (), STDLIB_AND_FAKE, ()
+    )
+    line = capsys.readouterr().out.strip()
+    assert status == 1 and line == (
+        "device environment: fakepkg 1.0 requires no-such-dist>=2.4, which is not installed: add its wheel"
+    )
+
+
+def test_the_environment_step_refuses_wheels_for_another_interpreter_by_name(tmp_path):
+    import sys
+
+    folder = wheel_folder(tmp_path, python="2.7")
+    command = [sys.executable, str(ROOT / "scripts" / "device_setup.py"), "install", "--wheel_dir", str(folder)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
+    completed = subprocess.run([*command, "--target", str(tmp_path / "site")], capture_output=True, text=True, env=env)
+    assert completed.returncode == 1 and completed.stderr == ""
+    assert completed.stdout.startswith(f"device environment: the wheels in {folder} are for Python 2.7 (cp27) and ")
+    assert not (tmp_path / "site").exists()  # nothing installed
+
+
+def test_the_wheel_folder_holds_each_listed_wheel_once_for_this_interpreter(tmp_path):
+    from starcoder2_train.benchmarking import device_env
+
+    folder = wheel_folder(tmp_path)
+    fake_wheel(folder, version="2.0")
+    with pytest.raises(device_env.EnvironmentProblem, match="holds 2 wheels of fakepkg"):
+        device_env.check_wheel_dir(str(folder), ("fakepkg==1.0",))
+    with pytest.raises(device_env.EnvironmentProblem, match="lacks the wheel hjson==3.1.0"):
+        device_env.check_wheel_dir(str(folder), ("hjson==3.1.0",))
+    assert device_env.loads_on("pydantic_core-2.50.5-cp312-cp312-manylinux_2_17_x86_64.whl", "3.12")
+    assert not device_env.loads_on("pydantic_core-2.50.5-cp312-cp312-manylinux_2_17_x86_64.whl", "3.11")
+    assert device_env.loads_on("torchao-0.18.0-cp310-abi3-manylinux_2_28_x86_64.whl", "3.12")
+    assert device_env.loads_on("hjson-3.1.0-py3-none-any.whl", "3.11")
+
+
+def test_one_list_of_wheels_names_every_carried_distribution_once():
+    from starcoder2_train.benchmarking import device_env
+
+    items = [*device_env.WHEELS, *device_env.OPTIONAL_WHEELS]
+    names = [device_env.normalized(device_env.name_version(item)[0]) for item in items]
+    assert len(names) == len(set(names)) and all("==" in item for item in items)
+    required = {device_env.normalized(distribution) for _, distribution in device_env.REQUIRED}
+    assert {device_env.normalized(device_env.name_version(item)[0]) for item in device_env.WHEELS} <= required
+    modules = [module for module, _ in device_env.REQUIRED]
+    assert {"torch", "transformers", "accelerate", "deepspeed", "pydantic", "hjson", "einops", "msgpack"} <= set(
+        modules
+    )
+    assert modules[-1].startswith("starcoder2_train.") and modules.index("torch") == 0
