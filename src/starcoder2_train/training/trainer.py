@@ -11,7 +11,8 @@
 - `muon`: the decoder layers' matrices step with Muon and the rest with AdamW (training/optimizer.py); refused
   under DeepSpeed and FSDP, which shard what Muon needs whole.
 - `compile_layers`: `torch.compile` each decoder layer (regional compilation: the layers share one compiled
-  graph, so compiling costs about one layer's time, not the whole model's as `torch_compile` does).
+  graph, so compiling costs about one layer's time, not the whole model's as `torch_compile` does). Turned off,
+  with a warning, under DeepSpeed ZeRO-3 (`compile_layers_allowed`); kept under ZeRO-1/2.
 - No host-device synchronisation per micro batch or per step: the gradient norm stays a tensor until a log
   step reads it, and `logging_nan_inf_filter` is off by default (configs.py).
 - Checkpoints are written under a temporary name, verified, marked complete and renamed, and rotated only then
@@ -71,8 +72,43 @@ def prepare_model(model, args) -> None:
         errors = check_loss_kernel(model, kernel, chunk_size, device, dtype=torch.bfloat16 if args.bf16 else None)
         logger.info("loss kernel %s (loss_kernel: %s), relative errors %s", kernel, requested, errors)
     if getattr(args, "compile_layers", False):
-        for layer in decoder_layers(model):
+        layers = decoder_layers(model)
+        allowed = compile_layers_allowed(args)
+        for layer in layers if allowed else ():
             layer.compile()
+        logger.info("compile_layers: %d of %d decoder layers compiled", len(layers) if allowed else 0, len(layers))
+
+
+ZERO3_COMPILE_WARNING = (
+    "compile_layers: true is turned off under ZeRO-3 because DeepSpeed's per-module pre-forward hook, which "
+    "gathers each Linear's and LayerNorm's sharded parameters, is excluded from compilation: a compiled layer "
+    "would break into a graph per submodule instead of being one graph; it stays on under ZeRO-1/2."
+)
+
+
+def compile_layers_allowed(args) -> bool:
+    """False (with ZERO3_COMPILE_WARNING logged) when the run's DeepSpeed JSON sets ZeRO stage 3.
+
+    Read from DeepSpeed 0.19.8's source: `DeepSpeedZeRoOffload._register_deepspeed_module`
+    (deepspeed/runtime/zero/parameter_offload.py) registers on every submodule a forward pre-hook
+    `_pre_forward_module_hook` decorated with `@torch.compiler.disable` (it calls `pre_sub_module_forward_function`,
+    whose `PartitionedParameterCoordinator.fetch_sub_module` in partitioned_param_coordinator.py is
+    `@compiler.lazy_disable` too). Dynamo cannot trace into a disabled function, so it ends the graph before every
+    Linear and LayerNorm of the layer and resumes after: about a dozen graphs per layer with the attention and
+    the MLP split apart, which loses what compiling one layer was for. DeepSpeed's own path (`engine.compile`
+    with DeepCompile) compiles the whole engine module, not each layer, and its ZeRO-3 passes need CUDA: it is
+    not a per-layer graph and cannot be checked here. The stage is read as the dry run reads it
+    (`dry_run.deepspeed_settings`: the recipe's `deepspeed` JSON, or accelerate's `deepspeed_config_file`, for
+    which accelerate sets no ACCELERATE_DEEPSPEED_ZERO_STAGE).
+    """
+    from starcoder2_train.training.dry_run import deepspeed_settings  # dry_run imports the model factory
+
+    settings = deepspeed_settings(args) if hasattr(args, "deepspeed") else None
+    stage = ((settings or {}).get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3 or stage == "3":
+        logger.warning(ZERO3_COMPILE_WARNING)
+        return False
+    return True
 
 
 class AtomicCheckpoints:

@@ -1,0 +1,87 @@
+"""compile_layers under DeepSpeed: kept under ZeRO-1/2, turned off with a warning under ZeRO-3 (training/trainer.py).
+
+ZeRO-3 gathers a submodule's parameters in a forward pre-hook that DeepSpeed 0.19.8 excludes from compilation
+(`@torch.compiler.disable`); the first test shows on the CPU what such a hook does to a compiled layer.
+"""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+from transformers import AutoModelForCausalLM, Starcoder2Config
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from starcoder2_train.data.collators import document_boundaries
+from starcoder2_train.model.attention import SDPA_VARLEN
+from starcoder2_train.model.presets import MODEL_PRESETS
+from starcoder2_train.recipe import RecipeParser
+from starcoder2_train.training.trainer import ZERO3_COMPILE_WARNING, decoder_layers, prepare_model
+
+ROOT = Path(__file__).parents[1]
+
+
+def tiny_model():
+    config = Starcoder2Config(**{**MODEL_PRESETS["test"], "vocab_size": 96})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=SDPA_VARLEN).train()
+    model.config.use_cache = False
+    return model
+
+
+def test_a_compiler_disabled_pre_hook_on_each_submodule_splits_a_compiled_layer():
+    torch._dynamo.reset()
+    layer = tiny_model().model.layers[0]
+    positions = torch.arange(100)[None]
+    hidden = torch.randn(1, 100, 64)
+    inputs = dict(hidden_states=hidden, position_ids=positions, **document_boundaries(positions))
+    inputs["position_embeddings"] = tiny_model().model.rotary_emb(hidden, position_ids=positions)
+    assert torch._dynamo.explain(layer)(**inputs).graph_count == 1
+
+    @torch.compiler.disable  # as DeepSpeed 0.19.8's ZeRO-3 _pre_forward_module_hook
+    def gather_parameters(module, *args):
+        pass
+
+    for module in layer.modules():
+        module.register_forward_pre_hook(gather_parameters)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(layer)(**inputs).graph_count > 10  # 14 measured: one per submodule and more
+    torch._dynamo.reset()
+
+
+def training_args(tmp_path, *words):
+    """Parsed as run_pretrain parses them. TrainingArguments with a ZeRO-3 JSON make transformers build later models
+    inside deepspeed.zero.Init (a process group): that global is unset again, the JSON stays in the arguments."""
+    base = ["--model_config", "test", "--dataset_name_or_path", "x", "--output_dir", str(tmp_path)]
+    args = RecipeParser().parse([*base, "--compile_layers", "true", "--use_cpu", "true", *words])[-1]
+    unset_hf_deepspeed_config()
+    return args
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_compile_layers_is_off_under_zero3_and_on_under_zero2(stage, tmp_path, caplog):
+    args = training_args(tmp_path, "--deepspeed", str(ROOT / f"accelerate_configs/deepspeed/zero{stage}.json"))
+    model = tiny_model()
+    with caplog.at_level(logging.INFO, logger="starcoder2_train.training.trainer"):
+        prepare_model(model, args)
+    compiled = [layer._compiled_call_impl is not None for layer in decoder_layers(model)]
+    if stage == 3:
+        assert compiled == [False, False]
+        assert ZERO3_COMPILE_WARNING in caplog.text
+        assert ZERO3_COMPILE_WARNING.startswith("compile_layers: true is turned off under ZeRO-3 because")
+        assert "compile_layers: 0 of 2 decoder layers compiled" in caplog.text
+    else:
+        assert compiled == [True, True]
+        assert "turned off" not in caplog.text and "compile_layers: 2 of 2 decoder layers compiled" in caplog.text
+
+
+def test_the_zero_stage_is_read_from_the_config_file_accelerate_passes(tmp_path, monkeypatch, caplog):
+    # accelerate launch with a deepspeed_config_file sets ACCELERATE_DEEPSPEED_CONFIG_FILE, not the stage variable.
+    args = training_args(tmp_path)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "accelerate_configs/deepspeed/zero3.json"))
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    model = tiny_model()
+    with caplog.at_level(logging.WARNING, logger="starcoder2_train.training.trainer"):
+        prepare_model(model, args)
+    assert ZERO3_COMPILE_WARNING in caplog.text
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
