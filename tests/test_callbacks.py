@@ -1,7 +1,13 @@
+import json
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import LAUNCH_ENV
 from transformers import AutoModelForCausalLM, Starcoder2Config, TrainerCallback
 
 from starcoder2_train.configs import SDPA_VARLEN, PretrainingArguments
@@ -193,3 +199,96 @@ def test_no_host_reads_of_device_values_between_log_steps(tmp_path):
     bools = [frames for name, frames in reads.reads if name == "__bool__"]
     assert sum(any("transformers/trainer.py" in f for f in frames[-2:]) for frames in bools) >= 12
     assert sum(any("find_packed_sequence_indices" in f for f in frames[-2:]) for frames in bools) >= 12
+
+
+# One process (gloo, DeepSpeed's CPU accelerator): for each JSON, as shipped and with bf16.check_grad_overflow
+# true (DeepSpeed's default), 3 optimizer steps of 2 micro batches; every host read whose caller is DeepSpeed's
+# code, per micro batch (forward + backward + the engine.step that does nothing) and per optimizer step.
+DEEPSPEED_READS_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch, deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
+import test_callbacks, test_deepspeed_configs
+from starcoder2_train.training.distributed import close_process_group
+
+torch.set_num_threads(1)
+found = {{}}
+for name in ("zero1", "zero2", "zero3"):
+    for check in (None, True):
+        path = test_deepspeed_configs.ROOT / f"accelerate_configs/deepspeed/{{name}}.json"
+        config = test_deepspeed_configs.resolved_config(path)
+        if check is not None:
+            config["bf16"]["check_grad_overflow"] = check
+        model = test_callbacks.tiny_model()
+        parameters = list(model.parameters())  # as the Trainer groups them: weight decay on matrices only
+        groups = [{{"params": [p for p in parameters if p.ndim > 1], "weight_decay": 0.1}},
+                  {{"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}}]
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-3), config=config)
+        micro, steps = [], []
+        for step in range(3):
+            for index in range(2):
+                generator = torch.Generator().manual_seed(index)
+                input_ids = torch.randint(0, test_callbacks.VOCAB, (2, 32), generator=generator)
+                reads = test_callbacks.HostReads()
+                with reads:
+                    engine.backward(engine(input_ids=input_ids, labels=input_ids).loss)
+                    boundary = engine.is_gradient_accumulation_boundary()
+                    engine.step()
+                ours = sorted(
+                    f"{{read}} in {{frames[-2].rsplit(':', 1)[-1]}} > {{frames[-1].rsplit(':', 1)[-1]}}"
+                    for read, frames in reads.reads
+                    if "/deepspeed/" in frames[-1].rsplit(":", 1)[0]
+                )
+                (steps if boundary else micro).append(ours)
+        for index in range(2):  # one more step, whose gradient is NaN: skipped, or written into the weights?
+            engine.backward(engine(input_ids=input_ids, labels=input_ids).loss * float("nan"))
+            engine.step()
+        nan_weights = any(safe_get_full_fp32_param(p).isnan().any().item() for p in model.parameters())
+        found[f"{{name}} check_grad_overflow={{check}}"] = dict(
+            micro_batches=micro, optimizer_steps=steps, nan_weights=nan_weights
+        )
+        del engine
+json.dump(found, open({out!r}, "w"), indent=1)
+close_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_host_reads_per_optimizer_step(tmp_path):
+    """What DeepSpeed 0.19.8 reads on the host in bf16 (on a GPU each read waits for the device), counted in real
+    engines on the CPU: nothing per micro batch, and per optimizer step only what no key turns off. With the JSONs'
+    `check_grad_overflow: false`, ZeRO-2 no longer reads `has_overflow` (`.item()`) nor the step's finiteness test
+    (`bool()`); left: ZeRO-2's `unscale_and_clip_grads` tests the norm once per parameter group, ZeRO-1's
+    BF16_Optimizer (which ignores the key) twice per step, ZeRO-3 once (accelerate_configs/deepspeed/README.md)."""
+    pytest.importorskip("deepspeed")
+    script, out = tmp_path / "reads.py", tmp_path / "reads.json"
+    script.write_text(DEEPSPEED_READS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = dict(LAUNCH_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    # After the first step (ZeRO-3 then checks its recorded parameter order across ranks, hundreds of reads once):
+    # none per micro batch, and per optimizer step the same few each time.
+    # A NaN gradient: ZeRO-2 without the check applies the step (NaN weights from then on); the others skip it.
+    assert [name for name, counted in found.items() if counted["nan_weights"]] == ["zero2 check_grad_overflow=None"]
+    steady = {}
+    for name, counted in found.items():
+        assert counted["micro_batches"][1:] == [[], []], name
+        assert counted["optimizer_steps"][1] == counted["optimizer_steps"][2], name
+        steady[name] = counted["optimizer_steps"][2]
+    finite_in = "__bool__ in {} > is_invalid_grad_norm".format
+    zero1 = sorted([finite_in("step"), "__bool__ in step > clip_tensors_by_global_norm"])
+    assert steady == {
+        "zero1 check_grad_overflow=None": zero1,  # BF16_Optimizer: the key changes nothing
+        "zero1 check_grad_overflow=True": zero1,
+        "zero2 check_grad_overflow=None": [finite_in("unscale_and_clip_grads")] * 2,  # one per parameter group
+        "zero2 check_grad_overflow=True": sorted(
+            [finite_in("step"), *[finite_in("unscale_and_clip_grads")] * 2, "item in _check_overflow > has_overflow"]
+        ),
+        "zero3 check_grad_overflow=None": [finite_in("step")],  # bf16 skips has_overflow; the key changes nothing
+        "zero3 check_grad_overflow=True": [finite_in("step")],
+    }
