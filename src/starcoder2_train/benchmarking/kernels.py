@@ -6,9 +6,11 @@ their packages are importable FA3 and FA4 through torch.nn.attention.activate_fl
 sdpa_varlen+fa3 and sdpa_varlen+fa4; "not installed" otherwise), sdpa_blocked, flex_attention and
 transformers' sdpa with its per-document mask (the reference). Each is checked against the reference in fp32
 and timed with attention dropout 0.0 and, where the kernel supports dropout, 0.1 (`dropout_forward_backward_ms`;
-FA3, FA4 and flex_attention have none). `choose_kernel` takes the fastest correct one the model can train
-with at its dropout. The results are written to attention_kernels.json as {...provenance..., "kernels":
-[one entry per kernel and length]}.
+FA3, FA4 and flex_attention have none). On CUDA, first, sdpa_varlen's backward is checked to replay its forward's
+dropout mask at DROPOUT (model/dropout_check.py, with a control kernel that replays another mask and must fail);
+if it does not, sdpa_varlen's entries carry a `dropout_error`. `choose_kernel` takes the fastest correct one the
+model can train with at its dropout. The results are written to attention_kernels.json as {...provenance...,
+"dropout_gradient_check": {...}, "kernels": [one entry per kernel and length]}.
 """
 
 import contextlib
@@ -32,6 +34,7 @@ from starcoder2_train.benchmarking.provenance import write_json
 from starcoder2_train.data.collators import document_boundaries, document_ids
 from starcoder2_train.data.packing import PackedDataset
 from starcoder2_train.model.attention import blocked_sdpa_attention_forward, varlen_attention_forward
+from starcoder2_train.model.dropout_check import dropout_gradient_check, flash_kernel_with_another_mask
 
 REFERENCE = "sdpa (transformers' packed mask)"
 DROPOUT = 0.1  # the 3B preset's attention dropout
@@ -146,6 +149,24 @@ def time_dropout(kernel, q, k, v, grad_out, device, repeats: int) -> dict:
     return {"dropout": DROPOUT, "dropout_forward_backward_ms": timed["forward_backward_ms"], "runs_with_dropout": True}
 
 
+def dropout_check_entry(shapes, device, dtype) -> dict:
+    """`dropout_gradient_check` of sdpa_varlen at `shapes` and DROPOUT (64 draws), and of the control kernel whose
+    backward replays another mask (`control_with_another_mask`: its ratio must exceed 1, or the check sees nothing)."""
+    heads, kv_heads, dim, window = shapes
+    check = functools.partial(
+        dropout_gradient_check, heads, kv_heads, dim, dropout=DROPOUT, device=device, dtype=dtype, window=window
+    )
+    entry = {"kernel": "sdpa_varlen"}
+    try:
+        entry.update(check(draws=64))
+        control = check(draws=4, kernel=flash_kernel_with_another_mask)
+        entry["control_with_another_mask"] = {key: control[key] for key in ("mask_replay_ratio", "passed")}
+    except Exception as error:  # recorded; the kernels are still timed
+        entry.update(passed=False, error=f"{type(error).__name__}: {str(error)[:300]}")
+    print(json.dumps({"dropout_gradient_check": entry}), flush=True)
+    return entry
+
+
 def make_problem(table, seq_length, special, shapes, device, dtype) -> dict:
     """One packed row of `seq_length` tokens: random q, k, v and output gradient, and the kernels to try on it."""
     heads, kv_heads, dim, window = shapes
@@ -228,6 +249,9 @@ def kernel_check(output_path: str, record: dict, token_file: str | None = None, 
     problems = {s: make_problem(table, s, special, shapes, device, dtype) for s in lengths}
 
     report = {**record, "kernels": []}
+    if cuda:
+        report["dropout_gradient_check"] = dropout_check_entry(shapes, device, dtype)
+        write_json(output_path, report)
     results, truths, reference_errors = report["kernels"], {}, {}
     # flex_attention last: it compiles, and a slow compilation must not keep the others from being measured.
     names = (REFERENCE, "sdpa_varlen", *(f"sdpa_varlen+{impl}" for impl in FLASH_IMPLS), "sdpa_blocked")
@@ -270,6 +294,8 @@ def kernel_check(output_path: str, record: dict, token_file: str | None = None, 
                     entry["correct"] = max(errors) <= max(3 * reference_errors.get(seq_length, 0.0), 1e-2)
             if entry["supports_dropout"]:  # timed with the model's dropout too (its values are random)
                 entry.update(time_dropout(problem["kernels"][name], q, k, v, grad_out, device, 5 if cuda else 1))
+            if name == "sdpa_varlen" and not report.get("dropout_gradient_check", {}).get("passed", True):
+                entry["dropout_error"] = "fails the dropout gradient check (the report's dropout_gradient_check)"
             del values
         except Exception as error:  # recorded; the other kernels still run
             entry["error"] = f"{type(error).__name__}: {str(error)[:300]}"

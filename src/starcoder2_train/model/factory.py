@@ -31,6 +31,7 @@ from starcoder2_train.model.attention import (  # registers sdpa_varlen, sdpa_bl
     skip_mask_building,
     varlen_reference,
 )
+from starcoder2_train.model.dropout_check import require_dropout_replay
 from starcoder2_train.model.flash import FLASH_ATTN_2_MIN_VERSION, activate_flash_impl, flash_attention_2_available
 from starcoder2_train.model.presets import VOCAB_MULTIPLE, build_config, round_up
 
@@ -149,7 +150,9 @@ def verify_attention(attn_implementation: str, config, device, dtype: torch.dtyp
     with the model's head counts and head dim, its window narrowed to 16 (none if it has none), dropout 0, in
     `dtype` on `device`; the reference runs on the CPU in fp32. Returns the relative errors of the output and
     of the three input gradients; raises RecipeError naming attn_implementation if one exceeds 1e-4 (fp32) or
-    2e-2 (16-bit). Cost: one forward and backward of attention alone on 128 tokens (milliseconds).
+    2e-2 (16-bit). Cost: one forward and backward of attention alone on 128 tokens (milliseconds). For sdpa_varlen
+    on CUDA with attention_dropout > 0, also `dropout_check.require_dropout_replay` (its ratio as
+    "dropout_mask_replay", at most 1): dropout 0 cannot show whether the backward replays the forward's mask.
     """
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -203,6 +206,9 @@ def verify_attention(attn_implementation: str, config, device, dtype: torch.dtyp
             f"{dtype} (relative errors {measured}; tolerance {tolerance:.0e}). Use another attn_implementation "
             "(sdpa_blocked runs anywhere), or for sdpa_varlen set flash_attention_impl: fa2."
         )
+    if torch.device(device).type == "cuda" and attn_implementation == SDPA_VARLEN and config.attention_dropout > 0:
+        # The flash backward must replay the forward's dropout mask (model/dropout_check.py; 33 passes, milliseconds).
+        errors["dropout_mask_replay"] = require_dropout_replay(config, device, dtype, window)["mask_replay_ratio"]
     return errors
 
 
