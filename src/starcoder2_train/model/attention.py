@@ -14,15 +14,14 @@ Two implementations registered with transformers' `AttentionInterface` do withou
   (cumulative document lengths), as flash-attn's `flash_attn_varlen_func`; sliding window, grouped-query
   attention and dropout are done by the kernel, and the backward replays the forward's dropout mask from its
   philox state. `torch.nn.attention.activate_flash_attention_impl` (model/flash.py, `flash_attention_impl`)
-  routes those aten kernels to FlashAttention-3 or -4, so this operator follows. On other devices the
-  operator runs a per-document sdpa reference, slowly.
-  `data.collators.DocumentBoundaryCollator` computes `cu_seq_lens` and the longest document (`max_length_q`) on
-  the CPU, so the GPU never waits for them. The kernel's grid is ceil(max_length/128) × documents × heads
-  blocks, so the longest document, not the row width, is passed (at 16k with 25 documents of about 650 tokens:
-  6 blocks per document and head instead of 128). A decoder pre-hook (`_mark_documents_dynamic`) hands a
-  compiled layer the document count (cu_seq_lens' length) and the longest document as symbolic sizes, so it
-  compiles once for every batch. Without the collator each layer derives `cu_seq_lens` from `position_ids`
-  (a host-device wait, and a graph break when compiled) and passes the row width instead.
+  routes those aten kernels to FlashAttention-3 or -4, so this operator follows. Other devices: a per-document
+  sdpa reference, slowly. `data.collators.DocumentBoundaryCollator` computes `cu_seq_lens` and the longest
+  document (`max_length_q`) on the CPU, so the GPU never waits for them. The kernel's grid is
+  ceil(max_length/128) × documents × heads blocks, so the longest document is passed: with the row width, 25
+  documents of about 650 tokens at 16k and 24 heads leave about 73,000 blocks idle per call. A decoder pre-hook
+  (`_mark_documents_dynamic`) gives a compiled layer the document count and the longest document as symbolic
+  sizes: it compiles once for all batches. Without the collator each layer derives `cu_seq_lens` from
+  `position_ids` (a host-device wait, and a graph break when compiled) and passes the row width instead.
 - `sdpa_blocked` (any device): queries in blocks (256 positions on a CPU, 1024 on a GPU); a block attends,
   through sdpa with a small mask, only to the keys its window can reach. The work grows with s·(block + window)
   instead of s², and each layer keeps masks of block × (block + window) instead of s × s.
@@ -33,7 +32,7 @@ mask (a padding `attention_mask`, as in batched generation, or a KV cache), the 
 builds sdpa's, and both functions hand the call to transformers' sdpa.
 
 `varlen_reference` (sdpa one document at a time) is also what `model.factory.verify_attention` checks every
-kernel against before training.
+kernel against before training; model/dropout_check.py checks that the flash backward replays its dropout mask.
 """
 
 import torch
@@ -239,14 +238,12 @@ def varlen_attention_forward(
 ):
     """transformers attention function: (batch, heads, seq, dim) inputs → ((batch, seq, heads, dim), None).
 
-    `varlen_attention` over the batch as one stream, cut at `cu_seq_lens_q`, with `max_length` the longest
-    document: `max_length_carrier.shape[0]` where the decoder's pre-hook made one (a symbolic int in a compiled
-    layer), else the int `max_length_q` (a compiled layer takes it as a constant, then recompiles once with it
-    dynamic when it changes). Without `cu_seq_lens_q` (no DocumentBoundaryCollator), they are derived from
-    `position_ids` (a host-device wait) and the row width `seq` stands for the longest document. What that costs
-    when every document is short: ceil(seq/128) − ceil(longest/128) thread blocks per document and head that exit
-    at once, and in FA2's backward a documents × heads × seq fp32 scratch (100 documents, 24 heads, 4k: 39 MB).
-    On a CPU with dropout, the eager reference instead (a graph break when compiled).
+    `varlen_attention` over the batch as one stream cut at `cu_seq_lens_q`; `max_length` is the longest document:
+    `max_length_carrier.shape[0]` from the decoder's pre-hook (symbolic in a compiled layer), else the int
+    `max_length_q` (a compiled layer recompiles once when it changes). Without `cu_seq_lens_q` they come from
+    `position_ids` (a host-device wait) and the row width stands for the longest document, which costs
+    ceil(seq/128) − ceil(longest/128) idle thread blocks per document and head, and in FA2's backward a documents
+    × heads × seq fp32 scratch (100 documents, 24 heads, 4k: 39 MB). On a CPU with dropout: the eager reference.
     """
     if not _no_mask_needed(attention_mask) or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
@@ -342,12 +339,12 @@ def _no_mask_needed(attention_mask) -> bool:
 def _pass_packed_marker(module, args, kwargs):
     """Forward pre-hook of the decoder: in training, without a padding mask or cache, pass an empty 4D mask.
 
-    transformers builds masks through `masking_utils`, which for position_ids without an attention_mask first
-    checks whether the rows are packed (`find_packed_sequence_indices`: a `bool()` of a device tensor, one
-    host-device synchronisation per forward). A 4D mask is taken as given and skips that; this empty one means
-    "no mask" to sdpa_varlen and sdpa_blocked, which cut attention at the documents from `cu_seq_lens`/position_ids.
+    transformers' `masking_utils` first checks whether position_ids without an attention_mask are packed
+    (`find_packed_sequence_indices`: a `bool()` of a device tensor, a host-device sync per forward); a 4D mask is
+    taken as given. This empty one means "no mask" to sdpa_varlen and sdpa_blocked, which cut at the documents.
     """
-    if not module.training or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed to cache in transformers 5.25
+    if not module.training or kwargs.get("attention_mask") is not None or cache is not None:
         return args, kwargs
     if kwargs.get("use_cache") or (kwargs.get("use_cache") is None and module.config.use_cache):
         return args, kwargs
@@ -363,18 +360,16 @@ def _pass_packed_marker(module, args, kwargs):
 def _mark_documents_dynamic(module, args, kwargs):
     """Forward pre-hook of the decoder: the document boundaries as sizes a compiled layer keeps symbolic.
 
-    torch 2.13's dynamo (torch/_dynamo/config.py: assume_static_by_default, automatic_dynamic_shapes) compiles a
-    frame with every size and int argument a constant, and recompiles with one dynamic only once it has changed:
-    two compilations per layer, and a third path for a Python int. `maybe_mark_dynamic` makes a tensor's size
-    symbolic from the first compilation, but only a tensor's, and the mark lives on the tensor object, so it is
-    made here, on the tensors the model receives on its device (a mark made in a data-loader worker is lost by
-    pin_memory and `.to(device)`). Ints can be made dynamic only by process-wide source names
-    (torch.compiler.config.dynamic_sources). So the int `max_length_q` becomes `max_length_carrier`, an empty
-    (max_length_q, 0) tensor: no memory, no copy, no sync (sizes are host metadata), and `.shape[0]` is a symbolic
-    int in the compiled layer, which the operator's schema takes (SymInt). cu_seq_lens has documents + 1 ≥ 2
-    entries, so dynamo's specialisation of sizes 0 and 1 never applies; a longest document of 1 token would be
-    specialised (maybe_mark_dynamic allows it), costing one more compilation in that odd batch. Not marked while
-    dynamo traces the whole model (`torch_compile`): marks are refused inside a traced frame.
+    torch 2.13's dynamo (_dynamo/config.py: assume_static_by_default, automatic_dynamic_shapes) compiles a frame
+    with every size and int argument a constant, and recompiles with one dynamic once it has changed: two
+    compilations per layer. `maybe_mark_dynamic` makes a tensor's size symbolic from the first compilation; the
+    mark lives on the tensor object, so it is made here, on the tensors as the model receives them on its device
+    (a worker's mark is lost by pin_memory and `.to(device)`). An int can be made dynamic only by process-wide
+    source names (torch.compiler.config.dynamic_sources), so the int `max_length_q` becomes `max_length_carrier`,
+    an empty (max_length_q, 0) tensor: no memory, copy or sync (sizes are host metadata), and its `.shape[0]` is a
+    symbolic int in the compiled layer, which the operator's schema takes (SymInt). cu_seq_lens has documents + 1
+    ≥ 2 entries, so dynamo's specialisation of sizes 0 and 1 never applies to it (a longest document of 1 token
+    would cost one more compilation). Not marked while dynamo traces the whole model (`torch_compile`).
     """
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     if not torch.is_tensor(cu_seq_lens):
