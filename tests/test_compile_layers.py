@@ -5,6 +5,8 @@ ZeRO-3 gathers a submodule's parameters in a forward pre-hook that DeepSpeed 0.1
 """
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,37 @@ def test_the_zero_stage_is_read_from_the_config_file_accelerate_passes(tmp_path,
         prepare_model(model, args)
     assert ZERO3_COMPILE_WARNING in caplog.text
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+
+
+@pytest.mark.slow
+def test_a_zero3_run_says_compile_layers_is_off_and_trains(tmp_path, tokenizer_dir):
+    """accelerate launch, 2 CPU processes (gloo), accelerate_configs/deepspeed_zero3.yaml (a deepspeed_config_file):
+    the run's output carries the warning and the count of compiled layers (0), and it trains."""
+    pytest.importorskip("deepspeed")
+    from conftest import LAUNCH_ENV, random_repositories, write_repository_shards
+
+    from starcoder2_train.configs import ModelArguments
+    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.model.factory import create_model
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = create_model(ModelArguments(model_config="test", torch_dtype="float32"), tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "start")  # a saved start: ZeRO-3's sharded init builds no random model
+    tokenizer.save_pretrained(tmp_path / "start")
+    shards = write_repository_shards(tmp_path / "shards", random_repositories(20, seed=3), num_files=1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {tmp_path / 'start'}\ntorch_dtype: float32\ndataset_name_or_path: {shards}\n"
+        "seq_length: 64\nmax_steps: 2\nlogging_steps: 1\nsave_strategy: 'no'\nreport_to: none\nbf16: false\n"
+        "dataloader_num_workers: 0\nattn_implementation: sdpa_varlen\ncompile_layers: true\nlog_level: info\n"
+    )
+    words = [str(recipe), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"]
+    words += ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    command += ["accelerate_configs/deepspeed_zero3.yaml", "--num_processes", "2", "--main_process_port", "0"]
+    result = subprocess.run(
+        [*command, "scripts/run_pretrain.py", *words], cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    output = result.stdout + result.stderr
+    assert ZERO3_COMPILE_WARNING in output and "compile_layers: 0 of 2 decoder layers compiled" in output
