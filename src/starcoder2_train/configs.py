@@ -554,7 +554,9 @@ class PretrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "torch.compile each decoder layer (regional compilation: the layers share one compiled "
-            "graph, so the first step compiles one layer rather than the whole model as torch_compile does)."
+            "graph, so the first step compiles one layer rather than the whole model as torch_compile does). "
+            "Turned off, with a warning, under DeepSpeed ZeRO-3, whose parameter-gathering hooks would split "
+            "every layer into a graph per submodule; kept under ZeRO-1/2."
         },
     )
     muon: bool = field(
