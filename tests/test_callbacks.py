@@ -126,9 +126,12 @@ def test_gradient_checkpointing_only_on_the_first_layers(tmp_path):
 
 
 class HostReads(torch.overrides.TorchFunctionMode):
-    """Records every read of a tensor's value into Python (what synchronises with a GPU), with who made it."""
+    """Records every call that on a GPU makes the host wait for the device, with who made it: a read of a tensor's
+    value into Python, or an op whose output size depends on the values (the host must learn it to allocate).
+    Sees Python-level calls only (TorchFunctionMode), which is where the libraries read here make theirs."""
 
-    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "equal"}
+    READS |= {"nonzero", "masked_select", "argwhere", "unique", "unique_consecutive"}
 
     def __init__(self):
         super().__init__()

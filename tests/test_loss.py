@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_callbacks import HostReads
 from transformers import AutoModelForCausalLM, Starcoder2Config, TrainingArguments
 
 from starcoder2_train.configs import PretrainingArguments, RecipeError
@@ -21,6 +22,7 @@ from starcoder2_train.training.loss import (
     disable_training_loss,
     enable_chunked_loss,
     enable_training_loss,
+    fused_causal_lm_loss,
     gathered,
     is_partitioned,
     resolve_loss_kernel,
@@ -194,7 +196,9 @@ def reference_liger_fused_linear_cross_entropy(
 ):
     """liger_kernel.transformers.functional.liger_fused_linear_cross_entropy in plain PyTorch."""
     assert input.dim() == 2 and target.shape == input.shape[:1] and input.dtype == weight.dtype
-    CALLS.append(dict(kernel="liger", dtype=input.dtype, weight=weight, reduction=reduction, bias=bias))
+    CALLS.append(
+        dict(kernel="liger", dtype=input.dtype, weight=weight, reduction=reduction, bias=bias, accum_dtype=accum_dtype)
+    )
     logits = torch.nn.functional.linear(input, weight, bias).float()
     return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
 
@@ -268,6 +272,8 @@ def test_fused_path_under_bf16_autocast_gets_bf16_operands(reference_kernels, ke
         enable_training_loss(model, kernel)
         actual, grads = loss_and_gradients(model, inputs)
     assert reference_kernels[0]["dtype"] == torch.bfloat16
+    # Liger sums the weight's gradient over its chunks in fp32 (then returns it in the weight's dtype, bf16).
+    assert reference_kernels[0].get("accum_dtype", torch.float32) == torch.float32
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=0)
     # The cast is differentiable: the fp32 (master) weight gets its gradient in fp32.
     assert grads["model.embed_tokens.weight"].dtype == torch.float32
@@ -376,6 +382,46 @@ def test_check_loss_kernel_names_the_key_and_the_errors_of_a_wrong_kernel(refere
     sys.modules["cut_cross_entropy"].linear_cross_entropy = broken
     with pytest.raises(RecipeError, match=f"loss_kernel: cut_cross_entropy disagrees .*{match}"):
         check_loss_kernel(tiny_model(), "cut_cross_entropy", 0, "cpu")
+
+
+def _sum_like_liger(hidden, weight, bias, targets):
+    """A sync-free sum, plus the host read liger-kernel 0.8.5 makes (fused_linear_cross_entropy_forward)."""
+    (targets != -100).sum().item()
+    return _plain_sum(hidden, weight, bias, targets)
+
+
+def _sum_like_cut_cross_entropy(hidden, weight, bias, targets):
+    """A sync-free sum, plus the nonzero() cut-cross-entropy 25.1.1 makes (utils.py:_build_flat_valids)."""
+    (targets != -100).nonzero()
+    return _plain_sum(hidden, weight, bias, targets)
+
+
+def _plain_sum(hidden, weight, bias, targets):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+
+
+SYNCING_STAND_INS = [(_plain_sum, []), (_sum_like_liger, ["item"]), (_sum_like_cut_cross_entropy, ["nonzero"])]
+
+
+@pytest.mark.parametrize("kernel_sum, expected", SYNCING_STAND_INS, ids=["none", "liger", "cut_cross_entropy"])
+def test_the_loss_code_makes_no_host_read_of_a_device_value(kernel_sum, expected):
+    """The chunked loss, and the fused path around a kernel that makes none, call nothing that would make the host
+    wait for a GPU (forward and backward, num_items_in_batch given or not): the host reads the fused kernels make
+    are their own (loss.py's docstring). The stand-ins that make the vendors' reads show the count would see them."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 24, 8, requires_grad=True)
+    head, labels = torch.nn.Linear(8, 30, bias=False), batch(rows=2, length=24)["labels"] % 30
+    labels[0, :3] = -100
+    losses = []
+    with HostReads() as reads:
+        for num_items_in_batch in (None, torch.tensor(40)):
+            losses.append(fused_causal_lm_loss(hidden, head, labels, kernel_sum, num_items_in_batch))
+            if kernel_sum is _plain_sum:
+                losses.append(chunked_causal_lm_loss(hidden, head, labels, 7, num_items_in_batch))
+        torch.stack(losses).sum().backward()
+    assert len(losses) == (4 if kernel_sum is _plain_sum else 2)
+    assert [name for name, _ in reads.reads] == expected * 2
 
 
 def test_only_zero3_partitioned_parameters_are_gathered():

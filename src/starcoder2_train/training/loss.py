@@ -12,11 +12,25 @@ token in all). The recipe key `loss_kernel` (`resolve_loss_kernel`) picks what r
   FLOPs, about 1.5% of StarCoder2-3B's training FLOPs).
 - `liger` (CUDA, `liger_kernel.transformers.functional.liger_fused_linear_cross_entropy`): chunks internally
   (about tokens × hidden logits at a time) and computes the gradients of the hidden states and of the weight
-  *in the forward*; it keeps those (tokens × hidden in bf16, and vocab × hidden accumulated in fp32 here: 0.6
-  GB at 3B) instead of any logits, and the backward only scales them. No extra `lm_head` forward.
+  *in the forward*; it keeps those instead of any logits, and the backward only scales them. No extra
+  `lm_head` forward. The weight's gradient is summed over the chunks in fp32 (`accum_dtype`; 0.6 GB at 3B)
+  and then cast to the weight's dtype, the compute dtype: kept and handed on in bf16 (0.3 GB), rounded once
+  per micro batch like every linear layer's weight gradient under bf16 autocast or DeepSpeed bf16, and summed
+  across micro batches in fp32 (master gradients). No upcast: fp32 out would take an fp32 weight and matmuls.
 - `cut_cross_entropy` (CUDA, `cut_cross_entropy.linear_cross_entropy`): no logits in GPU memory at all,
   forward or backward (blockwise in SRAM); keeps the hidden states, the weight and one log-sum-exp per token.
   Its backward skips softmax blocks below 2^-12 (bf16), a deviation `check_loss_kernel` measures.
+
+Host syncs (liger-kernel 0.8.5, cut-cross-entropy 25.1.1): `chunked` and the code here read no device value
+(tests/test_loss.py counts). The fused kernels wait for the GPU inside the library, whatever the arguments:
+liger twice per micro batch, `.item()` of the count of targets that are not -100 (any reduction) in
+ops/fused_linear_cross_entropy.py:fused_linear_cross_entropy_forward and `torch.equal(grad_output, 1.0)` in
+:fused_linear_cross_entropy_backward; cut_cross_entropy once, `nonzero()` of that mask in
+utils.py:_build_flat_valids, called by cce.py:cce_linear_cross_entropy (only its internal Function skips it).
+Each drains the stream (the host waits for the queued work, at the forward's the whole decoder forward) and
+the GPU idles until the next launch: tens of microseconds against about a second per 16k-token micro batch
+at 3B (estimated from the code, not measured); more where the host is not far ahead. `auto` keeps liger
+first: chunked recomputes lm_head, 1.5% of the FLOPs, far more than that.
 
 One forward wrapper (`enable_training_loss`) serves all three; only the loss function differs. Label
 shifting, flattening, -100 handling and the normalisation are shared (`shift_targets`, `normalise_loss`),
@@ -71,8 +85,9 @@ def resolve_loss_kernel(requested: str, chunk_size: int, device_type: str) -> st
     """The kernel `loss_kernel: requested` means on `device_type` (`auto` resolved); raises RecipeError if unusable.
 
     auto: liger on CUDA where liger-kernel imports, else cut_cross_entropy on CUDA where it imports, else
-    chunked when `loss_chunk_size` > 0, else transformers. transformers with `loss_chunk_size` > 0 is
-    chunked (recipes that only set loss_chunk_size keep their meaning). Importing a package is the only cost.
+    chunked when `loss_chunk_size` > 0, else transformers (fused first despite their host syncs: see the module).
+    transformers with `loss_chunk_size` > 0 is chunked (recipes that only set loss_chunk_size keep their
+    meaning). Importing a package is the only cost.
     """
     if requested not in LOSS_KERNELS:
         raise RecipeError(f"loss_kernel: {requested!r} is not one of {', '.join(LOSS_KERNELS)}.")
@@ -150,7 +165,7 @@ def chunked_causal_lm_loss(
 
 
 def _liger_sum(function, hidden, weight, bias, targets):
-    # fp32 accumulation of the weight's gradient across Liger's chunks (its default is the weight's dtype).
+    # fp32 sum of the weight's gradient over Liger's chunks (default: the weight's dtype); returned in the weight's.
     return function(
         hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="sum", accum_dtype=torch.float32
     )
