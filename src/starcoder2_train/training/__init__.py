@@ -2,7 +2,7 @@
 
 `loss` (the training-loss kernels: fused linear + cross-entropy, chunked, transformers'; none keeps the fp32
 logits of the whole batch), `float8` (torchao float8 linears), `trainer` (PretrainingTrainer: the loss kernel,
-float8, partial activation checkpointing, compiled layers, no per-step host syncs), `precision` (what precision
+float8, partial activation checkpointing, compiled layers, no host syncs of its own), `precision` (what precision
 a run really got from DeepSpeed), `throughput` (tokens/s, TFLOP/s, MFU, peak memory, data wait and GPU idle time
 on every log line), `dry_run` (`--dry_run true` and `gradient_checkpointing_layers: auto`: the memory plan
 read from the DeepSpeed JSON and the recipe), `checkpoints` (checkpoints staged, verified, marked complete and
