@@ -204,8 +204,8 @@ def test_no_host_reads_of_device_values_between_log_steps(tmp_path):
     assert sum(any("find_packed_sequence_indices" in f for f in frames[-2:]) for frames in bools) >= 12
 
 
-# One process (gloo, DeepSpeed's CPU accelerator): for each JSON, as shipped and with bf16.check_grad_overflow
-# true (DeepSpeed's default), 3 optimizer steps of 2 micro batches; every host read whose caller is DeepSpeed's
+# One process (gloo, DeepSpeed's CPU accelerator): for each JSON, as shipped (bf16.check_grad_overflow true) and
+# with the check off, 3 optimizer steps of 2 micro batches; every host read whose caller is DeepSpeed's
 # code, per micro batch (forward + backward + the engine.step that does nothing) and per optimizer step.
 DEEPSPEED_READS_SCRIPT = """
 import json, sys
@@ -218,7 +218,7 @@ from starcoder2_train.training.distributed import close_process_group
 torch.set_num_threads(1)
 found = {{}}
 for name in ("zero1", "zero2", "zero3"):
-    for check in (None, True):
+    for check in (None, False):
         path = test_deepspeed_configs.ROOT / f"accelerate_configs/deepspeed/{{name}}.json"
         config = test_deepspeed_configs.resolved_config(path)
         if check is not None:
@@ -260,10 +260,12 @@ close_process_group()
 @pytest.mark.slow
 def test_deepspeed_host_reads_per_optimizer_step(tmp_path):
     """What DeepSpeed 0.19.8 reads on the host in bf16 (on a GPU each read waits for the device), counted in real
-    engines on the CPU: nothing per micro batch, and per optimizer step only what no key turns off. With the JSONs'
-    `check_grad_overflow: false`, ZeRO-2 no longer reads `has_overflow` (`.item()`) nor the step's finiteness test
-    (`bool()`); left: ZeRO-2's `unscale_and_clip_grads` tests the norm once per parameter group, ZeRO-1's
-    BF16_Optimizer (which ignores the key) twice per step, ZeRO-3 once (accelerate_configs/deepspeed/README.md)."""
+    engines on the CPU: nothing per micro batch, and per optimizer step a few reads. The JSONs keep
+    `check_grad_overflow: true`: turned off, ZeRO-2 saves `has_overflow` (`.item()`) and the step's finiteness test
+    (`bool()`) but still reads the norm in `unscale_and_clip_grads` once per parameter group, so the step still waits
+    for the GPU once, and a NaN gradient is then written into the weights instead of skipped (asserted here).
+    ZeRO-1's BF16_Optimizer (which ignores the key) reads twice per step, ZeRO-3 once
+    (accelerate_configs/deepspeed/README.md)."""
     pytest.importorskip("deepspeed")
     script, out = tmp_path / "reads.py", tmp_path / "reads.json"
     script.write_text(DEEPSPEED_READS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
@@ -277,7 +279,7 @@ def test_deepspeed_host_reads_per_optimizer_step(tmp_path):
     # After the first step (ZeRO-3 then checks its recorded parameter order across ranks, hundreds of reads once):
     # none per micro batch, and per optimizer step the same few each time.
     # A NaN gradient: ZeRO-2 without the check applies the step (NaN weights from then on); the others skip it.
-    assert [name for name, counted in found.items() if counted["nan_weights"]] == ["zero2 check_grad_overflow=None"]
+    assert [name for name, counted in found.items() if counted["nan_weights"]] == ["zero2 check_grad_overflow=False"]
     steady = {}
     for name, counted in found.items():
         assert counted["micro_batches"][1:] == [[], []], name
@@ -287,11 +289,11 @@ def test_deepspeed_host_reads_per_optimizer_step(tmp_path):
     zero1 = sorted([finite_in("step"), "__bool__ in step > clip_tensors_by_global_norm"])
     assert steady == {
         "zero1 check_grad_overflow=None": zero1,  # BF16_Optimizer: the key changes nothing
-        "zero1 check_grad_overflow=True": zero1,
-        "zero2 check_grad_overflow=None": [finite_in("unscale_and_clip_grads")] * 2,  # one per parameter group
-        "zero2 check_grad_overflow=True": sorted(
+        "zero1 check_grad_overflow=False": zero1,
+        "zero2 check_grad_overflow=None": sorted(  # as shipped: the overflow test, then the norm per group
             [finite_in("step"), *[finite_in("unscale_and_clip_grads")] * 2, "item in _check_overflow > has_overflow"]
         ),
+        "zero2 check_grad_overflow=False": [finite_in("unscale_and_clip_grads")] * 2,  # one per parameter group
         "zero3 check_grad_overflow=None": [finite_in("step")],  # bf16 skips has_overflow; the key changes nothing
-        "zero3 check_grad_overflow=True": [finite_in("step")],
+        "zero3 check_grad_overflow=False": [finite_in("step")],
     }

@@ -41,15 +41,18 @@ def resolved_config(path, bf16: bool = True, **overrides) -> dict:
 
 
 @pytest.mark.parametrize("path", JSONS, ids=[path.stem for path in JSONS])
-def test_every_deepspeed_json_turns_the_bf16_overflow_check_off(path):
-    """DeepSpeed 0.19.8 defaults bf16.check_grad_overflow to true: ZeRO-2's step then reads `has_overflow` (an
-    `.item()`) and whether the norm is finite (a `bool()`) on the host. The JSONs turn it off (README.md beside them
-    says what that costs a step with a non-finite gradient); this reads it back through DeepSpeed's own parser."""
+def test_every_deepspeed_json_keeps_the_bf16_overflow_check_on_explicitly(path):
+    """DeepSpeed 0.19.8 defaults bf16.check_grad_overflow to true; the JSONs say so explicitly (a later DeepSpeed may
+    change the default). Off, ZeRO-2 would save two host reads per optimizer step but still wait for the GPU once
+    (the norm test in `unscale_and_clip_grads`), and it would write a NaN gradient into the weights instead of
+    skipping the step (README.md beside the JSONs; tests/test_callbacks.py counts both). Read back through
+    DeepSpeed's own parser."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    assert json.loads(path.read_text())["bf16"].get("check_grad_overflow") is True, f"{path.name}: say it explicitly"
     config = DeepSpeedConfig(resolved_config(path))
     assert config.bfloat16_config.enabled and config.zero_enabled
-    assert config.bfloat16_config.check_grad_overflow is False, f"{path.name}: set bf16.check_grad_overflow: false"
+    assert config.bfloat16_config.check_grad_overflow is True
 
 
 def test_the_readme_names_every_json():

@@ -16,7 +16,7 @@
 - No host-device synchronisation per micro batch or per step from this Trainer: the gradient norm stays a tensor
   until a log step reads it, and `logging_nan_inf_filter` is off by default (configs.py). Left, inside libraries:
   loss_kernel liger (2 per micro batch) and cut_cross_entropy (1; training/loss.py), and DeepSpeed's optimizer
-  step (1 to 3 per step, reading its gradient norm; accelerate_configs/deepspeed/README.md).
+  step (1 to 4 per step: the overflow test kept on, and its gradient norm; accelerate_configs/deepspeed/README.md).
 - Checkpoints are written under a temporary name, verified, marked complete and renamed, and rotated only then
   (training/checkpoints.py); `run_recipe` (checkpoints.run_recipe) is saved into each one.
 The keys are read from `PretrainingArguments`; plain `TrainingArguments` give transformers' behaviour.
