@@ -24,15 +24,15 @@ Set RAYON_NUM_THREADS=1 so that the Rust tokenizer uses one core, as the per-cor
 The measurements are in starcoder2_train.benchmarking.data_pipeline.
 """
 
-import argparse
 import os
 import sys
 import tempfile
 
+from starcoder2_train.cli import ScriptParser
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def parse_args(argv):
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--output", default=None, help="Working directory (default: a temporary one).")
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--json", default=None, help="Write the figures, with their provenance, to this JSON file.")
@@ -44,7 +44,12 @@ def main(argv=None):
     parser.add_argument("--model_config", default="test", help="Model preset (restart benchmark).")
     parser.add_argument("--batch_size", type=int, default=8, help="Windows per step (restart benchmark).")
     parser.add_argument("--repeats", type=int, default=3, help="Restarts per point and side (restart benchmark).")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     # Read when the datasets library is imported, so set before the package's modules are.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     from starcoder2_train.benchmarking import data_pipeline, report

@@ -16,53 +16,55 @@ Writes DIR/<input>-rows-<start>-<stop>.parquet, DIR/download_state/ and DIR/down
 what was fetched, what was skipped and why, and the speed. Train on it with `dataset_name_or_path: DIR`.
 """
 
-import argparse
 import logging
 import os
 import sys
 
-from starcoder2_train.data.download.fetch import S3Options
-from starcoder2_train.data.download.ids import DownloadError
-from starcoder2_train.data.download.run import download
+from starcoder2_train.cli import ScriptParser
 from starcoder2_train.progress import FORCE_ENV
 
+S3_KEYS = ("bucket", "prefix", "endpoint_url", "anonymous", "num_workers", "max_retries", "retry_mode")
 
-def main(argv=None) -> dict:
-    defaults = S3Options()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def parse_args(argv=None):
+    """The options; the S3 ones left unset (None) take S3Options' defaults (data/download/fetch.py), which are
+    read after the parse, with boto3 and the data package."""
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("ids", metavar="IDS", help="Ids parquet: a file, a folder or a Hub dataset id.")
     parser.add_argument("--output", required=True, help="Directory for the shards (a rerun resumes it).")
-    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars (none off a terminal).")
+    parser.add_flag("--disable_tqdm", help="No progress bars (none off a terminal).")
     parser.add_argument("--endpoint_url", default=None, help="Another S3 endpoint (a mirror); default AWS.")
-    parser.add_argument("--bucket", default=defaults.bucket, help=f"Bucket of the blobs (default {defaults.bucket}).")
-    parser.add_argument("--prefix", default=defaults.prefix, help=f"Key prefix of a blob (default {defaults.prefix}).")
-    parser.add_argument("--anonymous", action="store_true", help="Unsigned requests, for public mirrors.")
-    parser.add_argument("--num_workers", type=int, default=defaults.num_workers, help="Blobs fetched at once.")
-    parser.add_argument("--max_retries", type=int, default=defaults.max_retries, help="Retries of a throttled blob.")
+    parser.add_argument("--bucket", help="Bucket of the blobs (default: The Stack v2's, softwareheritage).")
+    parser.add_argument("--prefix", help="Key prefix of a blob (default: content/).")
+    parser.add_flag("--anonymous", help="Unsigned requests, for public mirrors.")
+    parser.add_argument("--num_workers", type=int, help="Blobs fetched at once (default: S3Options.num_workers).")
+    parser.add_argument(
+        "--max_retries", type=int, help="Retries of a throttled blob (default: S3Options.max_retries)."
+    )
     parser.add_argument(
         "--retry_mode",
         choices=("adaptive", "standard"),
-        default=defaults.retry_mode,
         help="botocore's retries: adaptive also slows down after throttling (default), standard only retries.",
     )
     parser.add_argument("--repos_per_shard", type=int, default=1000, help="Repositories per output shard.")
     parser.add_argument("--num_shards", type=int, default=1, help="Split the ids across this many machines.")
     parser.add_argument("--shard_index", type=int, default=0, help="This machine's part, in [0, num_shards).")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # Imported after the parse: a mistyped word is refused before boto3 and transformers load.
+    from starcoder2_train.data.download.fetch import S3Options
+    from starcoder2_train.data.download.ids import DownloadError
+    from starcoder2_train.data.download.run import download
+
     if args.disable_tqdm:
         os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     logging.getLogger("botocore").setLevel(logging.WARNING)
     try:
-        options = S3Options(
-            bucket=args.bucket,
-            prefix=args.prefix,
-            endpoint_url=args.endpoint_url,
-            anonymous=args.anonymous,
-            num_workers=args.num_workers,
-            max_retries=args.max_retries,
-            retry_mode=args.retry_mode,
-        )
+        options = S3Options(**{key: getattr(args, key) for key in S3_KEYS if getattr(args, key) is not None})
         summary, report = download(
             args.ids, args.output, options, args.repos_per_shard, args.num_shards, args.shard_index
         )

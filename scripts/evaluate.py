@@ -22,7 +22,6 @@ Prints a table with the time each task took; --output writes the results as JSON
 puts them into MODEL_DIR/README.md (table and model-index metadata).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from starcoder2_train.cli import ScriptParser, run_script
 from starcoder2_train.configs import EVAL_TASKS, TORCH_DTYPES, DataArguments, RecipeError, torch_dtype
 from starcoder2_train.data.shards import load_repositories
 from starcoder2_train.data.splits import load_split_repositories, repository_split
@@ -47,7 +47,7 @@ from starcoder2_train.recipe import RecipeParser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="A saved model directory (config, weights, tokenizer) or a Hub id.")
     parser.add_argument("--tasks", default="loss,fim", help=f"Comma-separated, among {', '.join(EVAL_TASKS)}.")
     parser.add_argument(
@@ -86,9 +86,7 @@ def parse_args(argv=None):
         "--max_length_generation", type=int, default=512,
         help="HumanEval: prompt + generation tokens, as bigcode-evaluation-harness counts them (docs/humaneval.md).",
     )  # fmt: skip
-    parser.add_argument(
-        "--unstripped", action="store_true", help="HumanEval: the harness's humaneval-unstripped (prompt as given)."
-    )
+    parser.add_flag("--unstripped", help="HumanEval: the harness's humaneval-unstripped (prompt as given).")
     parser.add_argument("--num_samples", type=int, default=1, help="HumanEval completions per problem (n).")
     parser.add_argument("--temperature", type=float, default=0.2, help="HumanEval sampling temperature; 0: greedy.")
     parser.add_argument("--top_p", type=float, default=0.95, help="HumanEval nucleus sampling.")
@@ -104,15 +102,18 @@ def parse_args(argv=None):
         help="Write each FIM problem to this JSONL file: path, line, expected, generated (null where the model went "
         "on writing the line before), exact_match.",
     )
-    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars (none off a terminal).")
-    parser.add_argument("--update_model_card", action="store_true", help="Write the results into MODEL_DIR/README.md.")
-    args, args.recipe_overrides = parser.parse_known_args(argv)
+    parser.add_flag("--disable_tqdm", help="No progress bars (none off a terminal).")
+    parser.add_flag("--update_model_card", help="Write the results into MODEL_DIR/README.md.")
+    args, args.recipe_overrides = parser.parse_with_overrides(argv)  # recipe overrides: their grammar checked
     if args.disable_tqdm:
         os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off
     if args.recipe_overrides and not args.recipe:
         parser.error(f"unrecognized arguments: {' '.join(args.recipe_overrides)}")
     args.tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    args.k = [int(value) for value in args.k.split(",")]
+    try:
+        args.k = [int(value) for value in args.k.split(",")]
+    except ValueError:
+        parser.error(f"--k: comma-separated whole numbers, got '{args.k}'.")
     unknown = [task for task in args.tasks if task not in EVAL_TASKS]
     if unknown or not args.tasks:
         parser.error(f"--tasks: {', '.join(unknown) or 'none given'}; choose among {', '.join(EVAL_TASKS)}.")
@@ -263,4 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a bad recipe, input or path: one `error:` line, no traceback (starcoder2_train.cli)

@@ -9,12 +9,10 @@ default with `--recipe`), with the code tokenized with special-token
 parsing off (split_special_tokens=True) so that text in the file can never act as a control token.
 """
 
-import argparse
 import random
 import sys
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from starcoder2_train.cli import ScriptParser, run_script
 
 
 def held_out_file(recipe_argv: list[str]) -> tuple[dict, str]:
@@ -40,6 +38,8 @@ def infill(model, tokenizer, before: str, after: str, max_new_tokens: int = 48, 
     prompt without the newline it ends with, and the first token generated is one that starts with that newline
     (token healing: a newline and the next line's indentation are one token of this tokenizer, see
     src/starcoder2_train/evaluation/fim.py); transformers' prefix_allowed_tokens_fn applies it."""
+    import torch
+
     healed = before.endswith("\n")
     before = before[:-1] if healed else before
     ids = lambda text: tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids  # noqa: E731
@@ -64,8 +64,9 @@ def infill(model, tokenizer, before: str, after: str, max_new_tokens: int = 48, 
     return tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    """(the options, the recipe's `--key value` overrides: with --recipe only, their grammar checked)."""
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("model", help="A saved model directory (or Hub id).")
     parser.add_argument("--file", help="Infill this file instead of a held-out one.")
     parser.add_argument("--recipe", help="Recipe whose held-out repositories to draw the file from.")
@@ -74,16 +75,25 @@ def main(argv=None):
     parser.add_argument(
         "--mode", choices=("psm", "spm"), help="Prompt order (default: the recipe's fim_eval_mode, else psm)."
     )
-    args, recipe_overrides = parser.parse_known_args(argv)
+    args, recipe_overrides = parser.parse_with_overrides(argv)
+    if recipe_overrides and not args.recipe:
+        parser.error(f"unrecognized arguments: {' '.join(recipe_overrides)} (recipe keys need --recipe)")
+    if not args.file and not args.recipe:
+        parser.error("give --file PATH or --recipe RECIPE.yaml")
+    return args, recipe_overrides
+
+
+def main(argv=None):
+    args, recipe_overrides = parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # after the parse: a mistyped word is quick
+
     if args.file:
         with open(args.file, encoding="utf-8") as handle:
             source = {"path": args.file, "content": handle.read()}
         mode = args.mode or "psm"
-    elif args.recipe:
+    else:
         source, recipe_mode = held_out_file([args.recipe, *recipe_overrides])
         mode = args.mode or recipe_mode
-    else:
-        parser.error("give --file PATH or --recipe RECIPE.yaml")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -114,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a bad recipe, input or path: one `error:` line, no traceback (starcoder2_train.cli)

@@ -10,19 +10,18 @@ Writes DIR/train-00000-of-0000N.parquet and DIR/ingest_summary.json, and prints 
 was skipped and why, and the reading speed. Read the shards with `dataset_name_or_path: DIR`.
 """
 
-import argparse
 import os
 import sys
 
-from starcoder2_train.data.local.ingest import IngestError, ingest
+from starcoder2_train.cli import ScriptParser
 from starcoder2_train.progress import FORCE_ENV
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("paths", nargs="*", metavar="PATH", help="Repository folders; none: this Python's stdlib.")
     parser.add_argument("--output", required=True, help="Directory for the parquet shards.")
-    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars (none off a terminal).")
+    parser.add_flag("--disable_tqdm", help="No progress bars (none off a terminal).")
     parser.add_argument("--max_file_bytes", type=int, default=1_000_000, help="Skip larger files (bytes).")
     parser.add_argument("--repos_per_shard", type=int, default=1000, help="Repositories per parquet file.")
     parser.add_argument(
@@ -32,12 +31,17 @@ def main(argv=None) -> dict:
         metavar="NAME",
         help="Leave out directories of this name wherever they occur (repeatable), e.g. --exclude test.",
     )
-    parser.add_argument(
+    parser.add_flag(
         "--overwrite",
-        action="store_true",
         help="Replace shards in --output that an earlier ingest did not write (its own are always replaced).",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from starcoder2_train.data.local.ingest import IngestError, ingest  # after the parse: it loads transformers
+
     if args.disable_tqdm:
         os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off
     try:

@@ -10,23 +10,28 @@ among them), and what PII redaction replaced. The files decontamination removed 
 overridden as `--key value`.
 """
 
-import argparse
 import json
 import os
-import sys
 
-from starcoder2_train.configs import RecipeError
-from starcoder2_train.data.pipeline import build_training_data
-from starcoder2_train.data.tokenizer import load_tokenizer
-from starcoder2_train.recipe import RecipeParser
+from starcoder2_train.cli import ScriptParser, run_script
+
+
+def parse_args(argv=None):
+    """(this script's options, RECIPE.yaml and its `--key value` overrides), read before the data libraries are
+    imported; the overrides' keys and values are RecipeParser's to check."""
+    parser = ScriptParser(description=__doc__, usage="%(prog)s RECIPE.yaml [--num_samples N] [--key value ...]")
+    parser.add_argument("--num_samples", type=int, default=4, help="How many packed samples to write.")
+    parser.add_argument("--output", default="samples.jsonl", help="JSONL file to write the samples to.")
+    return parser.parse_with_overrides(argv, recipe_first=True)
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--num_samples", type=int, default=4, help="How many packed samples to write.")
-    own.add_argument("--output", default="samples.jsonl", help="JSONL file to write the samples to.")
-    own_args, recipe_argv = own.parse_known_args(argv)
+    own_args, recipe_argv = parse_args(argv)
+    # Imported after the parse: a mistyped word is refused before the data libraries and transformers load.
+    from starcoder2_train.data.pipeline import build_training_data
+    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.recipe import RecipeParser
+
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
     if data_args.decontamination_report is None and data_args.prepared_data_dir is None:
         data_args.decontamination_report = f"{os.path.splitext(own_args.output)[0]}.decontamination.jsonl"
@@ -50,7 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as error:  # a bad recipe, input or path: its message says what to do; no traceback
-        sys.exit(f"error: {error}")
+    run_script(main)  # a bad recipe, input or path: one `error:` line, no traceback (starcoder2_train.cli)

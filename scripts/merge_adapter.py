@@ -12,17 +12,35 @@ import logging
 import os
 import sys
 
-from starcoder2_train.configs import TORCH_DTYPES, RecipeError
-from starcoder2_train.model.lora import merge_adapter
+from starcoder2_train.cli import ScriptParser
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def dtype_name(text: str) -> str:
+    """--dtype's value, one of configs.TORCH_DTYPES (imported only when --dtype is given: it loads transformers)."""
+    from starcoder2_train.configs import TORCH_DTYPES
+
+    if text not in TORCH_DTYPES:
+        raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from {', '.join(TORCH_DTYPES)})")
+    return text
+
+
+def parse_args(argv=None):
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("adapter_dir", help="A directory with adapter_config.json (a LoRA run's output).")
     parser.add_argument("--output", required=True, help="Directory to write the merged model to.")
     parser.add_argument("--base_model", help="Base checkpoint (path or Hub id); default: the adapter's own.")
-    parser.add_argument("--dtype", choices=TORCH_DTYPES, help="dtype to merge and save in; default: the base's.")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--dtype", type=dtype_name, help="dtype to merge and save in (auto, bfloat16, ...); default: the base's."
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Imported after the parse: a mistyped word is refused before transformers and peft load.
+    from starcoder2_train.configs import RecipeError
+    from starcoder2_train.model.lora import merge_adapter
+
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     try:
         output = merge_adapter(args.adapter_dir, args.output, base_model=args.base_model, dtype=args.dtype)

@@ -15,52 +15,53 @@ With `near_dedup: true` three MinHash runs come first (DIR/near_dedup/), each wa
 decontamination removed are listed in DIR/decontamination/ (docs/data_filters.md).
 """
 
-import argparse
 import os
-import sys
 
-from starcoder2_train.configs import RecipeError
-from starcoder2_train.data.prepare import build_stages, make_executor, task_progress
-from starcoder2_train.data.prepared import (
-    DECONTAMINATION,
-    LOGS,
-    decontamination_entries,
-    prepared_skips,
-    prepared_stats,
-)
-from starcoder2_train.data.tokenizer import load_tokenizer
-from starcoder2_train.recipe import RecipeParser
+from starcoder2_train.cli import ScriptParser, run_script
 
 
-def parse_args(argv):
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--output", required=True, help="Directory for the token stores (and logs/).")
-    own.add_argument("--epochs", type=int, default=1, help="Data epochs to prepare (each has its own FIM draws).")
-    own.add_argument(
+def parse_args(argv=None):
+    """(this script's options, RECIPE.yaml and its `--key value` overrides), read before the data libraries are
+    imported; the overrides' keys and values are RecipeParser's to check."""
+    parser = ScriptParser(description=__doc__, usage="%(prog)s RECIPE.yaml --output DIR [options] [--key value ...]")
+    parser.add_argument("--output", required=True, help="Directory for the token stores (and logs/).")
+    parser.add_argument("--epochs", type=int, default=1, help="Data epochs to prepare (each has its own FIM draws).")
+    parser.add_argument(
         "--tasks", type=int, default=1, help="datatrove tasks; each reads a contiguous part of the files."
     )
-    own.add_argument("--workers", type=int, default=-1, help="Tasks run at once (local executor; -1: all).")
-    own.add_argument("--executor", default="local", choices=("local", "slurm", "ray"), help="Where tasks run.")
-    own.add_argument("--slurm_partition", help="slurm: partition.")
-    own.add_argument("--slurm_time", default="04:00:00", help="slurm: time limit per task.")
-    own.add_argument("--slurm_cpus_per_task", type=int, default=1, help="slurm: CPUs per task.")
-    own.add_argument("--slurm_mem_per_cpu_gb", type=int, default=4, help="slurm: memory per CPU.")
-    own.add_argument("--slurm_venv_path", help="slurm: virtual environment the tasks activate.")
-    own.add_argument(
-        "--disable_tqdm", action="store_true", help="No progress bar (it is off anyway when stderr is not a terminal)."
-    )
-    return own.parse_known_args(argv)
+    parser.add_argument("--workers", type=int, default=-1, help="Tasks run at once (local executor; -1: all).")
+    parser.add_argument("--executor", default="local", choices=("local", "slurm", "ray"), help="Where tasks run.")
+    parser.add_argument("--slurm_partition", help="slurm: partition.")
+    parser.add_argument("--slurm_time", default="04:00:00", help="slurm: time limit per task.")
+    parser.add_argument("--slurm_cpus_per_task", type=int, default=1, help="slurm: CPUs per task.")
+    parser.add_argument("--slurm_mem_per_cpu_gb", type=int, default=4, help="slurm: memory per CPU.")
+    parser.add_argument("--slurm_venv_path", help="slurm: virtual environment the tasks activate.")
+    parser.add_flag("--disable_tqdm", help="No progress bar (it is off anyway when stderr is not a terminal).")
+    return parser.parse_with_overrides(argv, recipe_first=True)
 
 
 def main(argv=None):
-    own_args, recipe_argv = parse_args(list(sys.argv[1:] if argv is None else argv))
+    own_args, recipe_argv = parse_args(argv)
+    # Imported after the parse: a mistyped word is refused before the data libraries and transformers load.
+    from starcoder2_train.configs import RecipeError
+    from starcoder2_train.data.prepare import build_stages, make_executor, task_progress
+    from starcoder2_train.data.prepared import (
+        DECONTAMINATION,
+        LOGS,
+        decontamination_entries,
+        prepared_skips,
+        prepared_stats,
+    )
+    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.recipe import RecipeParser
+
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)  # refused here, before any task starts
     options = {}
     if own_args.executor == "local" and data_args.num_shards > 1:  # this machine runs one task of many
         options = {"local_tasks": 1, "local_rank_offset": data_args.shard_index}
         if own_args.tasks != data_args.num_shards:
-            sys.exit("error: --num_shards must equal --tasks when each machine runs one task by hand.")
+            raise RecipeError("--num_shards must equal --tasks when each machine runs one task by hand.")
         if data_args.near_dedup:
             raise RecipeError(
                 "near_dedup: every task's MinHash signatures must exist before any task filters, which machines run "
@@ -117,7 +118,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as error:  # a bad recipe, input or path: its message says what to do; no traceback
-        sys.exit(f"error: {error}")
+    run_script(main)  # a bad recipe, input or path: one `error:` line, no traceback (starcoder2_train.cli)

@@ -10,13 +10,14 @@
 Each step is printed as the command that runs it, so that any step can be rerun by hand.
 """
 
-import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+
+from starcoder2_train.cli import ScriptParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,13 +50,14 @@ def held_out_scores(model_dir: str) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--output", default="outputs/quickstart", help="Directory for data, tokenizer and model.")
     parser.add_argument("--recipe", default="recipes/tiny/pretrain.yaml")
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.epilog = "Any other --key value pair overrides the recipe's key for the training step (step 3)."
-    # parse_known_args, not a REMAINDER positional: that one refuses an override that comes first.
-    args, overrides = parser.parse_known_args(argv)
+    # Overrides read apart (not a REMAINDER positional, which refuses one that comes first), their grammar checked
+    # here: a stray word fails now, not after the ingest and the tokenizer.
+    args, overrides = parser.parse_with_overrides(argv)
     data, tokenizer, model = (os.path.join(args.output, name) for name in ("data", "tokenizer", "model"))
     python = sys.executable
     start = time.perf_counter()

@@ -9,24 +9,31 @@ model size, tokens per step and a memory estimate without training. On one CPU:
     python scripts/run_pretrain.py recipes/tiny/pretrain.yaml
 """
 
-import sys
+from starcoder2_train.cli import ScriptParser, run_script
 
-from starcoder2_train.configs import RecipeError
-from starcoder2_train.recipe import RecipeParser
-from starcoder2_train.run import run_training
-from starcoder2_train.training.distributed import match_process_group
+
+def parse_args(argv=None) -> list[str]:
+    """RECIPE.yaml and its `--key value` overrides, their grammar checked here, before transformers is imported
+    (the keys and values are RecipeParser's to check); --help prints this file's docstring."""
+    parser = ScriptParser(description=__doc__, usage="%(prog)s RECIPE.yaml [--key value ...]")
+    return parser.parse_with_overrides(argv, recipe_first=True)[1]
 
 
 def main(argv=None):
     """Parse the recipe and its overrides, then run it (starcoder2_train.run); returns the trainer."""
+    words = parse_args(argv)
+    from starcoder2_train.recipe import RecipeParser
+    from starcoder2_train.run import run_training
+    from starcoder2_train.training.distributed import match_process_group
+
     parser = RecipeParser()
-    model_args, data_args, training_args = parser.parse(argv)
+    model_args, data_args, training_args = parser.parse(words)
     training_args = match_process_group(training_args)  # DeepSpeed on CPUs: see training/distributed.py
-    return run_training(model_args, data_args, training_args, parser.recipe_values, dry_run_bf16=parser.dry_run_bf16)
+    return run_training(
+        model_args, data_args, training_args, parser.recipe_values,
+        dry_run_bf16=parser.dry_run_bf16, cpu_fallback=parser.cpu_fallback,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as error:  # a bad recipe, input or path: its message says what to do; no traceback
-        sys.exit(f"error: {error}")
+    run_script(main)  # a bad recipe, input or path: one `error:` line, no traceback (starcoder2_train.cli)

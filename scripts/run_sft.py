@@ -11,13 +11,22 @@ The adapter, the tokenizer and its chat template go to OUTPUT_DIR/adapter; scrip
 into a plain model. What the data, chat template, loss mask and packing do: src/starcoder2_train/sft.py.
 """
 
-import sys
+from starcoder2_train.cli import ScriptParser, run_script
 
-from starcoder2_train.configs import RecipeError
-from starcoder2_train.sft import run_sft
+
+def parse_args(argv=None) -> list[str]:
+    """RECIPE.yaml and its `--key value` overrides, their grammar checked here, before transformers is imported
+    (the keys and values are SFTRecipeParser's to check); --help prints this file's docstring."""
+    parser = ScriptParser(description=__doc__, usage="%(prog)s RECIPE.yaml [--key value ...]")
+    return parser.parse_with_overrides(argv, recipe_first=True)[1]
+
+
+def main(argv=None):
+    words = parse_args(argv)
+    from starcoder2_train.sft import run_sft
+
+    return run_sft(words)
+
 
 if __name__ == "__main__":
-    try:
-        run_sft()
-    except RecipeError as error:  # a bad recipe, row, template or path: its message says what to do; no traceback
-        sys.exit(f"error: {error}")
+    run_script(main)  # a bad recipe, row, template or path: one `error:` line, no traceback (starcoder2_train.cli)

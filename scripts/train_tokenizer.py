@@ -7,21 +7,18 @@ The special tokens get ids 0..33 in StarCoder2's order; the output directory loa
 lists or per-file rows) in sorted shard order; `--max_files` stops after that many files.
 """
 
-import argparse
 import json
 import logging
 import os
-import sys
 
-from starcoder2_train.configs import RecipeError
-from starcoder2_train.data.tokenizer import DEFAULT_MODEL_MAX_LENGTH, train_tokenizer_from_parquet
+from starcoder2_train.cli import ScriptParser, run_script
 from starcoder2_train.progress import FORCE_ENV
 
 logger = logging.getLogger("train_tokenizer")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="Directory of parquet shards (searched recursively).")
     parser.add_argument(
         "--vocab_size",
@@ -30,22 +27,31 @@ def main(argv: list[str] | None = None) -> dict:
         help="Tokens in all: 34 special, 256 bytes, the rest learned merges (StarCoder2: 49152).",
     )
     parser.add_argument("--output", required=True, help="Directory to write tokenizer.json and tokenizer_config.json.")
-    parser.add_argument("--disable_tqdm", action="store_true", help="No progress bars (none off a terminal).")
+    parser.add_flag("--disable_tqdm", help="No progress bars (none off a terminal).")
     parser.add_argument("--max_files", type=int, default=None, help="Train on at most this many source files.")
     parser.add_argument(
         "--model_max_length",
         type=int,
-        default=DEFAULT_MODEL_MAX_LENGTH,
-        help="Longest sequence the tokenizer reports (tokenizer.model_max_length), in tokens.",
+        default=None,
+        help="Longest sequence the tokenizer reports (tokenizer.model_max_length), in tokens (default: "
+        "data/tokenizer.py's DEFAULT_MODEL_MAX_LENGTH, the released StarCoder2 models' longest context).",
     )
     args = parser.parse_args(argv)
+    if args.max_files is not None and args.max_files < 1:
+        parser.error(f"--max_files: must be at least 1, got {args.max_files}.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # Imported after the parse: a mistyped word is refused before transformers loads.
+    from starcoder2_train.data.tokenizer import DEFAULT_MODEL_MAX_LENGTH, train_tokenizer_from_parquet
+
     if args.disable_tqdm:
         os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.max_files is not None and args.max_files < 1:
-        raise RecipeError(f"--max_files: must be at least 1, got {args.max_files}.")
     counts = train_tokenizer_from_parquet(
-        args.data, args.vocab_size, args.output, args.max_files, args.model_max_length
+        args.data, args.vocab_size, args.output, args.max_files, args.model_max_length or DEFAULT_MODEL_MAX_LENGTH
     )
     logger.info(
         "trained on %d files (%.1f MB) in %.1f s; %d tokens saved to %s",
@@ -60,7 +66,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as error:
-        sys.exit(f"error: {error}")
+    run_script(main)  # a bad input or path: one `error:` line, no traceback (starcoder2_train.cli)

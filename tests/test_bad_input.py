@@ -63,10 +63,11 @@ def run_command(script: str, *args, cwd=None, env=None) -> subprocess.CompletedP
     )
 
 
-def assert_clean_error(process: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit status 1, one `error: ...` message at the end of stderr holding every fragment, no traceback anywhere."""
+def assert_clean_error(process: subprocess.CompletedProcess, *fragments: str, status: int = 1) -> str:
+    """Exit status 1 (2 for a mistake on the command line, starcoder2_train/cli.py), one `error: ...` message at the
+    end of stderr holding every fragment, no traceback anywhere."""
     output = process.stdout + process.stderr
-    assert process.returncode == 1, output[-3000:]
+    assert process.returncode == status, output[-3000:]
     assert "Traceback" not in output and "usage:" not in output, output[-3000:]
     message = process.stderr[process.stderr.rindex("error: ") :]
     assert len(message.strip().splitlines()) <= 4, message  # the message, not a library's 30-line traceback
@@ -505,7 +506,9 @@ def test_commands_print_errors_without_a_traceback(script, case, code_shards, to
         "prepare_data": ["--output", str(tmp_path / "p"), "--tasks", "2", "--workers", "2"],
     }
     process = run_command(script, path, *words, *own.get(script, []), cwd=tmp_path)
-    assert_clean_error(process, expected)
+    message = assert_clean_error(process, expected, status=2 if case in ("unknown_key", "wrong_type") else 1)
+    if case in ("unknown_key", "wrong_type"):  # written on the command line: a usage error, with the hint
+        assert message.rstrip().endswith(f"(see {script}.py --help)"), message
 
 
 # ---------------------------------------------------------------------------------------------------------------

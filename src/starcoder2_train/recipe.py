@@ -3,7 +3,9 @@
 `RecipeParser().parse(["recipe.yaml", "--learning_rate", "2e-4"])` returns the three dataclasses of configs.py.
 Unknown keys, on the command line or in the file, fail at once with the key and where it was written (and the
 closest known key); a value argparse cannot read names the recipe. `tokenizer_name_or_path` defaults to
-`model_name_or_path` here, in one place.
+`model_name_or_path` here, in one place. The command-line grammar (`--key value`, `--key=value`, `--key v1 v2`,
+`--key` alone: true) is cli.parse_overrides; a mistake written on the command line is a CommandLineError, which
+the scripts report with exit status 2 (cli.fail), one in the recipe file a RecipeError (exit status 1).
 """
 
 import dataclasses
@@ -15,13 +17,20 @@ import sys
 import yaml
 from transformers import HfArgumentParser
 
+from starcoder2_train.cli import TRUE_WORDS, UsageError, parse_overrides
 from starcoder2_train.configs import DataArguments, ModelArguments, PretrainingArguments, RecipeError
+
+__all__ = ["CommandLineError", "RecipeParser", "parse_overrides", "to_words"]
 
 
 def _has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+class CommandLineError(RecipeError, UsageError):
+    """A recipe key or word written on the command line that cannot be read (a RecipeError; scripts exit 2)."""
 
 
 def _suggest(key: str, known) -> str:
@@ -49,22 +58,6 @@ def to_words(values: dict) -> list[str]:
     return words
 
 
-def parse_overrides(words: list[str]) -> dict:
-    """`--key value`, `--key=value` and `--key v1 v2` (lists) into a dict of strings."""
-    overrides, key = {}, None
-    for word in words:
-        if word.startswith("--"):
-            key, sep, value = word[2:].partition("=")
-            if not key:
-                raise RecipeError(f"command line: '{word}' names no key.")
-            overrides[key] = [value] if sep else []
-        elif key is None:
-            raise RecipeError(f"command line: '{word}' is not preceded by a --key.")
-        else:
-            overrides[key].append(word)
-    return {k: (v[0] if len(v) == 1 else v if v else "true") for k, v in overrides.items()}
-
-
 class RecipeParser(HfArgumentParser):
     """Parse a recipe YAML and `--key value` overrides into (ModelArguments, DataArguments, PretrainingArguments)."""
 
@@ -87,17 +80,30 @@ class RecipeParser(HfArgumentParser):
             if not isinstance(values, dict):
                 raise RecipeError(f"recipe {recipe_path}: must be a mapping of key: value lines.")
         where = {key: f"recipe {recipe_path}" for key in values}
-        for key, value in parse_overrides(override_words).items():
+        try:
+            overrides = parse_overrides(override_words)
+        except UsageError as error:
+            raise CommandLineError(f"command line: {error}") from None
+        for key, value in overrides.items():
             values[key], where[key] = value, "the command line"
         self.where = where
-        if str(values.get("dry_run", "false")).lower() in ("true", "1", "yes") and not _has_accelerator():
+        if str(values.get("dry_run", "false")).lower() in TRUE_WORDS and not _has_accelerator():
             # transformers refuses bf16 on a machine without a GPU; a dry run only plans, so plan from here too,
             # with the recipe's bf16 kept for the plan (training/dry_run.py).
-            self.dry_run_bf16 = str(values.pop("bf16", False)).lower() in ("true", "1", "yes")
-        for key in values:
+            self.dry_run_bf16 = str(values.pop("bf16", False)).lower() in TRUE_WORDS
+        for key, value in values.items():
             if key not in self.known_keys:
-                raise RecipeError(f"unknown key '{key}' in {where[key]}.{_suggest(key, self.known_keys)}")
+                raise self._error(key, f"unknown key '{key}' in {where[key]}.{_suggest(key, self.known_keys)}")
+            action = self._option_string_actions.get(f"--{key}")
+            if isinstance(value, (list, tuple)) and action is not None and action.nargs not in ("+", "*"):
+                words = " ".join(str(item) for item in value)
+                raise self._error(key, f"{key}: takes one value, got {len(value)} ({words}) in {where[key]}.")
         return values
+
+    def _error(self, key: str, message: str) -> RecipeError:
+        """A CommandLineError where the key was written on the command line, else a RecipeError."""
+        on_command_line = getattr(self, "where", {}).get(key) == "the command line"
+        return (CommandLineError if on_command_line else RecipeError)(message)
 
     def error(self, message: str):
         """argparse's refusal of a value ("argument --seq_length: invalid int value: 'long'") as a RecipeError
@@ -107,9 +113,10 @@ class RecipeParser(HfArgumentParser):
         if not reason or key not in self.known_keys:
             raise RecipeError(f"recipe: {message}")
         where = getattr(self, "where", {}).get(key, "the recipe")
-        raise RecipeError(
+        raise self._error(
+            key,
             f"{key}: {reason} (in {where}). Write a value of the key's type; each key's type and help are in "
-            "src/starcoder2_train/configs.py."
+            "src/starcoder2_train/configs.py.",
         )
 
     def parse(self, argv: list[str] | None = None):
@@ -123,6 +130,10 @@ class RecipeParser(HfArgumentParser):
             model_args, data_args, *rest = self.parse_args_into_dataclasses(args=words, look_for_args_file=False)
         except SystemExit as error:  # argparse exits on a bad value; say which key instead
             raise RecipeError(f"recipe {recipe}: a value could not be parsed (see the message above).") from error
+        except ValueError as error:  # words HfArgumentParser left over (load() refuses the ones it can foresee)
+            if isinstance(error, RecipeError) or "not used by the HfArgumentParser" not in str(error):
+                raise
+            raise CommandLineError(f"recipe {recipe} and command line: {error}") from None
         if data_args.tokenizer_name_or_path is None:  # a checkpoint's own tokenizer, the one default of this key
             data_args.tokenizer_name_or_path = model_args.model_name_or_path
         return model_args, data_args, *rest
