@@ -30,10 +30,7 @@ import os
 import sys
 import traceback
 
-from starcoder2_train.benchmarking.isolated import exit_on_sigterm
-from starcoder2_train.benchmarking.processes import on_cpu
-from starcoder2_train.benchmarking.provenance import write_json
-from starcoder2_train.benchmarking.runner import measure_paths
+from starcoder2_train.cli import ScriptParser
 
 BASELINES = ("plain", "flattening")  # benchmarking/paths.py's, not imported: the parent stays light
 
@@ -47,22 +44,21 @@ def baseline_list(text: str) -> list[str]:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    """(this script's options, the recipe's `--key value` overrides for every path, their grammar checked)."""
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--recipe", help="Recipe YAML; without it, give --model_config and --seq_length.")
     parser.add_argument("--warmup", type=int, default=None, help="Untimed steps at least (10 on CUDA, 2 on a CPU).")
     parser.add_argument("--seconds", type=float, default=None, help="Timed interval (60 s on CUDA, 10 on a CPU).")
     parser.add_argument("--steps", type=int, default=None, help="Time exactly this many steps instead of --seconds.")
     parser.add_argument("--repeats", type=int, default=3, help="Processes per path, alternating the paths.")
-    parser.add_argument("--baseline", action="store_true", help="Also measure the plain path (= --baselines plain).")
+    parser.add_flag("--baseline", help="Also measure the plain path (= --baselines plain).")
     parser.add_argument("--baselines", type=baseline_list, default=None, help="Comma-separated: plain,flattening.")
     parser.add_argument("--plain", action="append", default=[], metavar="KEY=VALUE", help="Plain path override.")
     parser.add_argument("--flattening", action="append", default=[], metavar="KEY=VALUE", help="Flattening override.")
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="WORDS"', help="Ours with WORDS.")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="Model config override.")
     parser.add_argument("--profile_steps", type=int, default=0, help="Profile ours over this many steps, once.")
-    parser.add_argument("--gemm", action="store_true", help="Also measure the GEMM ceiling at the model's shapes.")
+    parser.add_flag("--gemm", help="Also measure the GEMM ceiling at the model's shapes.")
     parser.add_argument("--token_file", help="Token rows from an .npz written by --save_token_file.")
     parser.add_argument("--synthetic", type=int, help="Use this many synthetic documents (log-normal lengths).")
     parser.add_argument("--save_token_file", help="Write the token rows used here to this .npz, for --token_file.")
@@ -73,13 +69,19 @@ def parse_args(argv):
     # A child process: one path (ours, plain, flattening, a variant, or gemm), one repeat.
     parser.add_argument("--only_path", help=argparse.SUPPRESS)
     parser.add_argument("--repeat_index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_known_args(argv)
+    parser.add_flag("--profile", help=argparse.SUPPRESS)
+    return parser.parse_with_overrides(argv)
 
 
 def main(argv=None):
     command_words = list(sys.argv[1:] if argv is None else argv)
     args, recipe_words = parse_args(command_words)
+    # Imported after the parse: a mistyped word is refused before anything heavier than the standard library.
+    from starcoder2_train.benchmarking.isolated import exit_on_sigterm
+    from starcoder2_train.benchmarking.processes import on_cpu
+    from starcoder2_train.benchmarking.provenance import write_json
+    from starcoder2_train.benchmarking.runner import measure_paths
+
     exit_on_sigterm()
     cpu = on_cpu(recipe_words)
     args.warmup = args.warmup if args.warmup is not None else (2 if cpu else 10)
