@@ -16,9 +16,11 @@ Timing: every path and repeat runs in a process of its own, the paths alternatin
 compiles, then is timed for `--seconds` (default 60 on CUDA, 10 on a CPU), or exactly `--steps` steps. The
 report gives per path the median and min–max of useful tokens/s, MFU (causal, and PaLM's k = seq_length),
 hardware TFLOP/s counting recomputation, peak memory, data wait; and ours / each baseline. `--profile_steps N`
-adds one profiled process of ours (device time by GEMM, attention, elementwise+norm, optimizer, communication,
-idle), `--gemm` the GEMM ceiling at the model's shapes. With `--deepspeed CONFIG` every path trains through
-DeepSpeed in a one-process distributed setup (on a CPU with DeepSpeed's CPU accelerator).
+profiles N steps of ours after its first timed interval, in the same process (device time by GEMM, attention,
+elementwise+norm, optimizer, communication, idle; a process of its own with `--repeats 0`), `--gemm` the GEMM
+ceiling at the model's shapes; `--skip_ours` measures only the baselines and variants. With `--deepspeed
+CONFIG` every path trains through DeepSpeed in a one-process distributed setup (on a CPU with DeepSpeed's CPU
+accelerator).
 
 Data: the recipe's dataset through the project's pipeline (needs the datasets library), `--token_file` (an
 .npz written by `--save_token_file`), or `--synthetic N` documents of log-normal lengths. Results go to
@@ -53,6 +55,7 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=3, help="Processes per path, alternating the paths.")
     parser.add_flag("--baseline", help="Also measure the plain path (= --baselines plain).")
     parser.add_argument("--baselines", type=baseline_list, default=None, help="Comma-separated: plain,flattening.")
+    parser.add_flag("--skip_ours", help="Only the baselines and variants, not ours.")
     parser.add_argument("--plain", action="append", default=[], metavar="KEY=VALUE", help="Plain path override.")
     parser.add_argument("--flattening", action="append", default=[], metavar="KEY=VALUE", help="Flattening override.")
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="WORDS"', help="Ours with WORDS.")

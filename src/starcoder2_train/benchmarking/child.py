@@ -120,7 +120,9 @@ def measure_one(args, recipe_words: list[str]) -> dict:
     kernel = resolve_loss_kernel(path_args.loss_kernel, path_args.loss_chunk_size, "cuda" if cuda else "cpu")
     checkpointed = checkpointed_layers(path_args, config.num_hidden_layers)
     recompute = loss_recomputes_logits(kernel, path_args.loss_chunk_size, cuda)
-    timing = Timing(args.warmup, args.seconds, args.steps, args.profile_steps if args.profile else 0)
+    # The profile: its own process (--profile), else the first process of ours, after its timed interval.
+    after = args.profile_steps if name == "ours" and args.repeat_index == 0 and not args.profile else 0
+    timing = Timing(args.warmup, args.seconds, args.steps, args.profile_steps if args.profile else 0, after)
     result = run_path(name, path, config, timing)
     shutil.rmtree(work, ignore_errors=True)
     result.update(loss_kernel=kernel, checkpointed_layers=checkpointed, loss_recomputes_logits=recompute)

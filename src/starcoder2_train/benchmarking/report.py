@@ -102,7 +102,8 @@ def print_summary(summary: dict) -> None:
     print(f"  {'step':12}{'path':12}" + "".join(f"{title:>22}" for title, _, _ in TRAINING_COLUMNS))
     for step in summary["steps"]:
         if "skipped" in step:
-            print(f"  {step['label']:12}skipped: {step['skipped']}")
+            kind = "optional, " if step.get("optional") else ""
+            print(f"  {step['label']:12}skipped ({kind}{step['skipped']})")
             continue
         for path, result in (step.get("results") or {}).items():
             if "error" in result:
@@ -122,6 +123,8 @@ def print_summary(summary: dict) -> None:
                 )
         if not step.get("results") and not step.get("profile"):
             print(f"  {step['label']:12}{step.get('error', step.get('status'))}")
+    for case, figures in (summary.get("ratios") or {}).items():
+        print_ratios(figures, indent=f"  {case + ' (all)':12}")
 
 
 def print_tokenization(figures: dict) -> None:

@@ -3,7 +3,10 @@
 The parent touches no GPU and imports little: it starts the children (processes.py) in turns, ours, the
 baselines, the variants, then again for each repeat, collects their JSON, aggregates them (aggregate.py:
 median and min–max) and writes the report after every child, so that a benchmark stopped at a time limit
-leaves what it measured. Then, if asked, one profiled process of ours and one GEMM benchmark process.
+leaves what it measured. The profile (`--profile_steps`) is taken in ours' first process after its timed
+interval (steps.py); only where ours has no timed process (`--repeats 0`) is it a profiled process of its own.
+`--skip_ours` measures the baselines and variants alone (ours was measured in another benchmark). Then, if
+asked, one GEMM benchmark process.
 """
 
 import os
@@ -38,7 +41,7 @@ def measure_paths(args, recipe_words: list[str], command_words: list[str], scrip
     """The parent (see the module's docstring); returns the report it wrote to `args.output`."""
     baselines = list(args.baselines)
     variants = variant_words(args.variant)
-    names = ["ours", *baselines, *variants]
+    names = ([] if getattr(args, "skip_ours", False) else ["ours"]) + [*baselines, *variants]
     env = processes.child_environment(processes.uses_deepspeed(recipe_words), processes.on_cpu(recipe_words))
     common = child_words(args, recipe_words)
     runs, contexts, statuses = {name: [] for name in names}, {}, []
@@ -79,9 +82,12 @@ def measure_paths(args, recipe_words: list[str], command_words: list[str], scrip
             first = repeat == 0 and name == names[0]
             extra = ["--save_token_file", args.save_token_file] if first and args.save_token_file else []
             extra += variants.get(name, [])
-            runs[name].append(child(name, repeat, extra))
+            result = child(name, repeat, extra)
+            if "profile" in result:  # ours' first process profiled steps after its timed interval
+                report["profile"] = {"profile": result.pop("profile")}
+            runs[name].append(result)
             update()
-    if args.profile_steps:
+    if args.profile_steps and "profile" not in report and "ours" in names:
         report["profile"] = child("ours", args.repeats, ["--profile"])
         update()
     if args.gemm:

@@ -5,7 +5,9 @@ training): at least `warmup` optimizer steps, and more while a step still compil
 graph and AOT-autograd counters moved; at most `max_warmup` steps), then either `steps` timed steps or as many
 as end after `seconds` of timing. ThroughputCallback measures the timed interval (tokens/s, TFLOP/s, MFU,
 peak memory, data wait, and what else it reports, such as gpu_idle_share). With `profile_steps`, the interval
-after the warm-up is profiled instead of timed (profile.py). Each micro batch's loss is kept (detached, read
+after the warm-up is profiled instead of timed (profile.py); with `profile_after`, that many steps after the
+timed interval are profiled in the same process (`figures["profile"]`), which spares a profiled process its
+start, model build, DeepSpeed init and compilation. Each micro batch's loss is kept (detached, read
 once at the end: no synchronisation per step), so that two runs on the same data and seed can be compared.
 
 A path that fails (out of memory included) is recorded with its error.
@@ -29,12 +31,14 @@ from starcoder2_train.training.trainer import PretrainingTrainer
 
 @dataclasses.dataclass
 class Timing:
-    """How long a path runs: warm-up steps (at least), then `steps` timed steps if set, else `seconds`."""
+    """How long a path runs: warm-up steps (at least), then `steps` timed steps if set, else `seconds`; then
+    `profile_after` profiled steps, if set."""
 
     warmup: int = 10
     seconds: float = 60.0
     steps: int | None = None
     profile_steps: int = 0
+    profile_after: int = 0
 
     @property
     def max_warmup(self) -> int:
@@ -78,6 +82,8 @@ class TimedSteps(TrainerCallback):
         self._start = time.perf_counter()
 
     def _finished(self, timed_steps: int) -> bool:
+        if self._phase == "profile":
+            return timed_steps >= self.timing.profile_after
         if self.timing.profile_steps:
             return timed_steps >= self.timing.profile_steps
         if self.timing.steps:
@@ -94,11 +100,16 @@ class TimedSteps(TrainerCallback):
             self.still_compiling = compiled
             self._begin(args, step)
             return
-        if self._phase != "timed" or not self._finished(step - self._start_step):
+        if self._phase not in ("timed", "profile") or not self._finished(step - self._start_step):
             return
         synchronize(args.device)  # the device's queued work belongs to the interval
         seconds = time.perf_counter() - self._start
         timed = step - self._start_step
+        if self._phase == "profile":  # after the timed interval: its figures are already kept
+            self._profiler.__exit__(None, None, None)
+            self.figures["profile"] = profile.summarize(self._profiler, seconds, args.device.type, timed)
+            self._stop(control)
+            return
         if self._profiler is not None:
             self._profiler.__exit__(None, None, None)
             self.figures = {"profile": profile.summarize(self._profiler, seconds, args.device.type, timed)}
@@ -112,6 +123,15 @@ class TimedSteps(TrainerCallback):
             compiled_during_timing=compilations() - self.compiled_before_timing,
             still_compiling_at_end_of_warmup=self.still_compiling if self.timing.warmup else False,
         )
+        if self.timing.profile_after and self._profiler is None:
+            self._phase, self._start_step = "profile", step
+            self._profiler = torch.profiler.profile(activities=profile.activities(args.device.type))
+            self._profiler.__enter__()
+            self._start = time.perf_counter()
+            return
+        self._stop(control)
+
+    def _stop(self, control) -> None:
         self._phase = "done"
         control.should_training_stop = True
         control.should_log = True
