@@ -112,7 +112,12 @@ class Recipe:
             self.set(**values)
         parser, (model_args, data_args, training_args) = self._parse(self.overrides)
         return run_training(
-            model_args, data_args, training_args, parser.recipe_values, dry_run_bf16=parser.dry_run_bf16
+            model_args,
+            data_args,
+            training_args,
+            parser.recipe_values,
+            dry_run_bf16=parser.dry_run_bf16,
+            cpu_fallback=parser.cpu_fallback,
         )
 
     def final_model_dir(self) -> str:

@@ -17,16 +17,11 @@ import sys
 import yaml
 from transformers import HfArgumentParser
 
-from starcoder2_train.cli import TRUE_WORDS, UsageError, parse_overrides
+from starcoder2_train.cli import UsageError, parse_overrides
 from starcoder2_train.configs import DataArguments, ModelArguments, PretrainingArguments, RecipeError
+from starcoder2_train.training.cpu_fallback import CpuFallback, fit_to_machine
 
 __all__ = ["CommandLineError", "RecipeParser", "parse_overrides", "to_words"]
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class CommandLineError(RecipeError, UsageError):
@@ -64,6 +59,7 @@ class RecipeParser(HfArgumentParser):
     def __init__(self):
         super().__init__((ModelArguments, DataArguments, PretrainingArguments))
         self.dry_run_bf16 = None  # the recipe's bf16 when a dry run without a GPU had to drop it
+        self.cpu_fallback = CpuFallback()  # what a machine without CUDA changed (training/cpu_fallback.py)
         self.known_keys = {f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype) if f.init}
 
     def load(self, recipe_path: str | os.PathLike | None, override_words: list[str]) -> dict:
@@ -87,10 +83,6 @@ class RecipeParser(HfArgumentParser):
         for key, value in overrides.items():
             values[key], where[key] = value, "the command line"
         self.where = where
-        if str(values.get("dry_run", "false")).lower() in TRUE_WORDS and not _has_accelerator():
-            # transformers refuses bf16 on a machine without a GPU; a dry run only plans, so plan from here too,
-            # with the recipe's bf16 kept for the plan (training/dry_run.py).
-            self.dry_run_bf16 = str(values.pop("bf16", False)).lower() in TRUE_WORDS
         for key, value in values.items():
             if key not in self.known_keys:
                 raise self._error(key, f"unknown key '{key}' in {where[key]}.{_suggest(key, self.known_keys)}")
@@ -98,6 +90,11 @@ class RecipeParser(HfArgumentParser):
             if isinstance(value, (list, tuple)) and action is not None and action.nargs not in ("+", "*"):
                 words = " ".join(str(item) for item in value)
                 raise self._error(key, f"{key}: takes one value, got {len(value)} ({words}) in {where[key]}.")
+        # Without a CUDA GPU the GPU-only keys are changed, or refused, in one place: training/cpu_fallback.py (a dry
+        # run only takes bf16 out, kept in dry_run_bf16 for its plan).
+        explicit = [key for key, place in where.items() if place == "the command line"]
+        self.cpu_fallback = fit_to_machine(values, explicit)
+        self.dry_run_bf16 = self.cpu_fallback.dry_run_bf16
         return values
 
     def _error(self, key: str, message: str) -> RecipeError:

@@ -239,10 +239,15 @@ def save_evaluate_publish(trainer, tokenizer, data: RunData, evaluation, model_a
     return model_dir
 
 
-def run_training(model_args, data_args, training_args, recipe_values: dict, *, dry_run_bf16=None):
+def run_training(model_args, data_args, training_args, recipe_values: dict, *, dry_run_bf16=None, cpu_fallback=None):
     """Train as the recipe says; returns the trainer (None after a dry run). On SIGTERM/SIGUSR1: a complete
-    checkpoint, then exit 75 for the requeue (training/preemption.py)."""
+    checkpoint, then exit 75 for the requeue (training/preemption.py). `cpu_fallback`: what the parser changed for
+    a machine without CUDA (RecipeParser.cpu_fallback, training/cpu_fallback.py), logged here in one line."""
     configure_logging(training_args)
+    if cpu_fallback is not None:
+        cpu_fallback.check()  # a GPU-only value asked for on a machine without CUDA: refused before any work
+        if training_args.should_log:
+            cpu_fallback.log(logger)
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise RecipeError("hub_model_id: push_to_hub needs the repository to push to (user-or-org/model-name).")
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)

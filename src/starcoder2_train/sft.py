@@ -372,6 +372,9 @@ def run_sft(argv=None) -> SFTTrainer:
     parser = SFTRecipeParser()
     model_args, sft_args, training_args = parser.parse(argv)
     configure_logging(training_args)
+    parser.cpu_fallback.check()  # a GPU-only value asked for without CUDA: refused before any work
+    if training_args.should_log:
+        parser.cpu_fallback.log(logger)  # what a machine without CUDA changed (training/cpu_fallback.py)
     tokenizer, config = sft_tokenizer(model_args, sft_args, training_args)
     # As pretraining: the newest complete checkpoint of this recipe (another recipe's refused); on SIGTERM or
     # SIGUSR1 a complete checkpoint and exit 75 for the requeue.
