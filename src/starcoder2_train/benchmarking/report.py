@@ -99,32 +99,32 @@ def print_summary(summary: dict) -> None:
         f"{summary.get('chosen_attention')}; timing per path: {timing} (shorter than a full benchmark)"
     )
     print_kernels(summary)
-    print(f"  {'step':12}{'path':12}" + "".join(f"{title:>22}" for title, _, _ in TRAINING_COLUMNS))
+    print(f"  {'step':16}{'path':16}" + "".join(f"{title:>22}" for title, _, _ in TRAINING_COLUMNS))
     for step in summary["steps"]:
         if "skipped" in step:
             kind = "optional, " if step.get("optional") else ""
-            print(f"  {step['label']:12}skipped ({kind}{step['skipped']})")
+            print(f"  {step['label']:16}skipped ({kind}{step['skipped']})")
             continue
         for path, result in (step.get("results") or {}).items():
             if "error" in result:
-                print(f"  {step['label']:12}{path:12}{result['error'][:120]}")
+                print(f"  {step['label']:16}{path:16}{result['error'][:120]}")
                 continue
-            print(f"  {step['label']:12}{path:12}" + "".join(f"{cell:>22}" for cell in _cells(result)))
-        print_ratios(step.get("useful_tokens_per_second_ratio") or {}, indent=f"  {step['label']:12}")
+            print(f"  {step['label']:16}{path:16}" + "".join(f"{cell:>22}" for cell in _cells(result)))
+        print_ratios(step.get("useful_tokens_per_second_ratio") or {}, indent=f"  {step['label']:16}")
         profile = (step.get("profile") or {}).get("profile")
         if profile:
             shares = ", ".join(f"{kind} {share:.1%}" for kind, share in profile["share_of_wall"].items())
-            print(f"  {step['label']:12}device time: {shares}")
+            print(f"  {step['label']:16}device time: {shares}")
         for name, difference in (step.get("loss_difference") or {}).items():
             if difference:
                 print(
-                    f"  {step['label']:12}loss {name} - ours: mean |diff| {difference['mean_abs']:.4g}, "
+                    f"  {step['label']:16}loss {name} - ours: mean |diff| {difference['mean_abs']:.4g}, "
                     f"last {difference['last']:+.4g} over {difference['steps']} micro batches"
                 )
         if not step.get("results") and not step.get("profile"):
-            print(f"  {step['label']:12}{step.get('error', step.get('status'))}")
+            print(f"  {step['label']:16}{step.get('error', step.get('status'))}")
     for case, figures in (summary.get("ratios") or {}).items():
-        print_ratios(figures, indent=f"  {case + ' (all)':12}")
+        print_ratios(figures, indent=f"  {case + ' (all)':16}")
 
 
 def print_tokenization(figures: dict) -> None:
