@@ -195,15 +195,15 @@ def test_a_step_killed_at_its_limit_takes_the_processes_it_started_along(tmp_pat
 # The environment step (device_env.py, scripts/device_setup.py): a fake wheel folder, stdlib and fake modules.
 
 
-def fake_wheel(folder: Path, name: str = "fakepkg", version: str = "1.0", requires=()) -> Path:
-    """A minimal pure-Python wheel: the package `name` (VALUE = 1) and its dist-info, as pip installs it."""
+def fake_wheel(folder: Path, name="fakepkg", version="1.0", requires=(), init="VALUE = 1\n") -> Path:
+    """A minimal pure-Python wheel: the package `name` (its __init__.py is `init`) and its dist-info."""
     import zipfile
 
     dist = f"{name}-{version}.dist-info"
     metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
     metadata += "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
     files = {
-        f"{name}/__init__.py": "VALUE = 1\n",
+        f"{name}/__init__.py": init,
         f"{dist}/METADATA": metadata,
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
@@ -311,3 +311,26 @@ def test_one_list_of_wheels_names_every_carried_distribution_once():
         modules
     )
     assert modules[-1].startswith("starcoder2_train.") and modules.index("torch") == 0
+
+
+def test_an_optional_wheel_that_does_not_import_is_removed_so_it_cannot_break_the_rest(tmp_path, capsys):
+    """transformers imports torchao whenever it finds it: a broken optional wheel is taken out of the target."""
+    from starcoder2_train.benchmarking import device_env
+
+    folder = wheel_folder(tmp_path)
+    fake_wheel(folder, name="brokenopt", version="0.1", init="raise ImportError('built for another torch')\n")
+    status = device_env.prepare(
+        str(folder),
+        str(tmp_path / "site"),
+        str(ROOT / "src"),
+        ("fakepkg==1.0",),
+        ("brokenopt==0.1",),
+        STDLIB_AND_FAKE,
+        (("brokenopt", "brokenopt"),),
+    )
+    line = capsys.readouterr().out.strip()
+    assert status == 0, line
+    assert "2 wheels installed" in line and "brokenopt not available (brokenopt; ImportError: built for" in line
+    assert f"removed from {tmp_path / 'site'}" in line
+    left = sorted(path.name for path in (tmp_path / "site").iterdir())
+    assert left == ["fakepkg", "fakepkg-1.0.dist-info"], left

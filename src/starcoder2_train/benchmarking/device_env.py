@@ -13,10 +13,13 @@ naming what to fix:
      only as a traceback), and no wheel in the folder is compiled for another;
   2. every wheel of the list is in the folder, exactly once (two versions of one stop pip's whole install);
   3. pip installs them into --target (--no-index --no-deps: nothing is fetched there);
-  4. one fresh interpreter, with the target and src/ first on its path, imports every module of REQUIRED in order
-     (the third-party modules, deepspeed's modules that its engine build imports, then the device check's own
-     modules, which import the rest), then checks each carried wheel's Requires-Dist (markers evaluated, extras
-     skipped) against the version the path gives, then imports OPTIONAL (reported, never fatal).
+  4. a fresh interpreter, with the target and src/ first on its path, imports OPTIONAL (reported, never fatal);
+     an optional wheel that does not import is removed from the target, since transformers imports torchao, say,
+     whenever it finds it (transformers.quantizers.auto), and a broken one would break the required imports;
+  5. another fresh interpreter imports every module of REQUIRED in order (the third-party modules, deepspeed's
+     modules that its engine build imports, then the device check's own modules, which import the rest), then
+     checks each carried wheel's Requires-Dist (markers evaluated, extras skipped) against the version the path
+     gives.
 
 Versions (read off .venv with pip show, 2026-12-06): accelerate 1.16.0 and deepspeed 0.19.8 as tested here.
 transformers 5.24.0, not the 5.25.0 tested here: 5.25.0 requires huggingface-hub>=2.4 (which requires httpx2,
@@ -273,6 +276,25 @@ def run_import_check(target, src, required, optional, carried, carried_optional=
     return report
 
 
+def remove_distribution(target: str, name: str) -> bool:
+    """Delete what pip installed for distribution `name` under `target`: the top-level folders and files its
+    dist-info's RECORD names (with the __pycache__ an import left), except bin/, which distributions share."""
+    import shutil
+
+    infos = [entry for entry in os.listdir(target) if entry.endswith(".dist-info")]
+    infos = [entry for entry in infos if normalized(entry[: -len(".dist-info")].rsplit("-", 1)[0]) == normalized(name)]
+    for info in infos:
+        with open(os.path.join(target, info, "RECORD")) as handle:
+            tops = {line.split(",")[0].split("/")[0] for line in handle if line.strip()}
+        for top in sorted(tops - {"bin", "..", ""}):
+            path = os.path.join(target, top)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.isfile(path):
+                os.remove(path)
+    return bool(infos)
+
+
 def prepare(
     wheel_dir: str,
     target: str,
@@ -293,7 +315,13 @@ def prepare(
         files += check_wheel_dir(wheel_dir, carried_optional)
         install(files, target)
         installed = time.perf_counter() - start
-        report = run_import_check(target, src, required, optional, wheels, carried_optional)
+        optional_report = run_import_check(target, src, (), optional, (), carried_optional)
+        for (module, distribution), status in zip(optional, optional_report["optional"].values()):
+            if status != "ok" and remove_distribution(target, distribution):
+                optional_report["optional"][module] = f"{status}: removed from {target}"
+        report = run_import_check(target, src, required, (), wheels)
+        report.update(optional=optional_report["optional"])
+        report["optional_requirements"] = optional_report["optional_requirements"]
     except EnvironmentProblem as error:
         print(f"{PREFIX} {error}", flush=True)
         return 1
