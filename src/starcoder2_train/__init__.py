@@ -2,7 +2,8 @@
 
 The subpackages follow a run, and each may import only those before it in this list:
 - `configs`: what a recipe may say (model, data and training arguments) and the facts every stage shares;
-  `recipe`: reading a recipe YAML and command-line overrides into them;
+  `recipe`: reading a recipe YAML and command-line overrides into them; `cli` (standard library only, imported
+  by recipe and the scripts): the scripts' one command-line convention;
 - `data/`: Stack v2 shards → repository examples → FIM → tokens → packed windows → batches;
 - `model/`: the StarCoder2 model, its attention kernels, LoRA/QLoRA adapters, its FLOPs and memory;
 - `training/`: the Trainer, its loss, checkpoints, preemption, the dry run, throughput and process groups;
