@@ -334,3 +334,17 @@ def test_an_optional_wheel_that_does_not_import_is_removed_so_it_cannot_break_th
     assert f"removed from {tmp_path / 'site'}" in line
     left = sorted(path.name for path in (tmp_path / "site").iterdir())
     assert left == ["fakepkg", "fakepkg-1.0.dist-info"], left
+
+
+def test_ours_first_process_profiles_after_its_timed_steps(tmp_path):
+    """--profile_steps on ours' first process: the timed figures first, then the profiled steps in the same
+    process (no profiled process of its own: the device check's 4k step saves a start, a build and a compile)."""
+    benchmark = load_script("benchmark")
+    words = ["--model_config", "test", "--seq_length", "128", "--per_device_train_batch_size", "2"]
+    words += ["--attn_implementation", "sdpa_blocked", "--use_cpu", "true", "--steps", "1", "--warmup", "1"]
+    words += ["--synthetic", "30", "--max_tokens", "8000", "--profile_steps", "2", "--only_path", "ours"]
+    written = benchmark.main([*words, "--output", str(tmp_path / "ours.json")])
+    result = written["result"]
+    assert result["timed_steps"] == 1 and result["real_tokens_per_second_per_device"] > 0
+    assert result["profile"]["steps"] == 2 and result["profile"]["share_of_wall"]["gemm"] > 0
+    assert len(result["losses"]) == 1 + 1 + 2  # one micro batch a step: warm-up, timed, profiled
