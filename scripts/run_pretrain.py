@@ -9,19 +9,12 @@ model size, tokens per step and a memory estimate without training. On one CPU:
     python scripts/run_pretrain.py recipes/tiny/pretrain.yaml
 """
 
-from starcoder2_train.cli import ScriptParser, run_script
-
-
-def parse_args(argv=None) -> list[str]:
-    """RECIPE.yaml and its `--key value` overrides, their grammar checked here, before transformers is imported
-    (the keys and values are RecipeParser's to check); --help prints this file's docstring."""
-    parser = ScriptParser(description=__doc__, usage="%(prog)s RECIPE.yaml [--key value ...]")
-    return parser.parse_with_overrides(argv, recipe_first=True)[1]
+from starcoder2_train.cli import recipe_words, run_script
 
 
 def main(argv=None):
     """Parse the recipe and its overrides, then run it (starcoder2_train.run); returns the trainer."""
-    words = parse_args(argv)
+    words = recipe_words(__doc__, argv)  # checked before transformers is imported
     from starcoder2_train.recipe import RecipeParser
     from starcoder2_train.run import run_training
     from starcoder2_train.training.distributed import match_process_group

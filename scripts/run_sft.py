@@ -11,18 +11,11 @@ The adapter, the tokenizer and its chat template go to OUTPUT_DIR/adapter; scrip
 into a plain model. What the data, chat template, loss mask and packing do: src/starcoder2_train/sft.py.
 """
 
-from starcoder2_train.cli import ScriptParser, run_script
-
-
-def parse_args(argv=None) -> list[str]:
-    """RECIPE.yaml and its `--key value` overrides, their grammar checked here, before transformers is imported
-    (the keys and values are SFTRecipeParser's to check); --help prints this file's docstring."""
-    parser = ScriptParser(description=__doc__, usage="%(prog)s RECIPE.yaml [--key value ...]")
-    return parser.parse_with_overrides(argv, recipe_first=True)[1]
+from starcoder2_train.cli import recipe_words, run_script
 
 
 def main(argv=None):
-    words = parse_args(argv)
+    words = recipe_words(__doc__, argv)  # checked before transformers is imported
     from starcoder2_train.sft import run_sft
 
     return run_sft(words)

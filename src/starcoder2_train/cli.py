@@ -144,3 +144,10 @@ class ScriptParser(argparse.ArgumentParser):
         """One line and exit status 2, instead of argparse's usage block."""
         print(usage_line(message, self.prog), file=sys.stderr)
         raise SystemExit(2)
+
+
+def recipe_words(description: str, argv=None) -> list[str]:
+    """The words of a script that takes RECIPE.yaml and its `--key value` overrides alone (run_pretrain.py,
+    run_sft.py), their grammar checked; --help prints `description`. The keys and values are RecipeParser's."""
+    parser = ScriptParser(description=description, usage="%(prog)s RECIPE.yaml [--key value ...]")
+    return parser.parse_with_overrides(argv, recipe_first=True)[1]
