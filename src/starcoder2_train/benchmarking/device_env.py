@@ -9,13 +9,14 @@ there), and the environment step that stops before any device time is spent on s
 op is compiled here) and writes MANIFEST, which names the interpreter the wheels are for. `install`, run with the
 image's python3 before anything else, stops at the first of these that fails, with exit status 1 and one line
 naming what to fix:
-  1. the interpreter is the manifest's (a cp312 wheel of pydantic-core cannot load on 3.11, and pip would say so
-     only as a traceback), and no wheel in the folder is compiled for another;
+  1. the interpreter is the manifest's (wheels for another Python mean the wrong download: pip would refuse the
+     compiled ones, pydantic-core and regex, one at a time), and no wheel in the folder is compiled for another;
   2. every wheel of the list is in the folder, exactly once (two versions of one stop pip's whole install);
   3. pip installs them into --target (--no-index --no-deps: nothing is fetched there);
   4. a fresh interpreter, with the target and src/ first on its path, imports OPTIONAL (reported, never fatal);
      an optional wheel that does not import is removed from the target, since transformers imports torchao, say,
-     whenever it finds it (transformers.quantizers.auto), and a broken one would break the required imports;
+     whenever it finds it (transformers.quantizers.auto, seen with 5.24.0's -X importtime here), and a broken
+     one would break the required imports;
   5. another fresh interpreter imports every module of REQUIRED in order (the third-party modules, deepspeed's
      modules that its engine build imports, then the device check's own modules, which import the rest), then
      checks each carried wheel's Requires-Dist (markers evaluated, extras skipped) against the version the path
@@ -27,8 +28,9 @@ httpcore2, truststore and click>=8.4.2) and kernels>=0.19.1 (which requires toml
 holds, while 5.24.0 requires huggingface-hub>=1.31 (the image has 1.33.0), tokenizers>=0.23.1 (0.23.2) and
 safetensors>=0.8.0 (0.8.0). regex is carried because transformers needs >=2025.10.22 and the image's version is
 unknown. The image holds einops, msgpack, ninja, psutil, py-cpuinfo, pyyaml, pyarrow and typer (KINDS.md's
-package list), and they are import-checked all the same; it lacks pydantic (and so its four dependencies) and
-hjson, which deepspeed imports.
+package list), and they are import-checked all the same; it lacks pydantic (with pydantic-core, annotated-types
+and typing-inspection; typing-extensions is carried too, as pydantic needs >=4.16.0 and the image's version is
+unknown) and hjson, which deepspeed imports.
 """
 
 import importlib
