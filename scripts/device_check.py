@@ -61,7 +61,6 @@ at once on the warm machine inside the 900 s of device time (860 s, 40 s for the
 (4 files come back: at most 8 may.)
 """
 
-import argparse
 import json
 import os
 import sys
@@ -70,20 +69,21 @@ from starcoder2_train.benchmarking.device_cases import BUDGET_SECONDS, RECIPE_4K
 from starcoder2_train.benchmarking.isolated import exit_on_sigterm
 from starcoder2_train.benchmarking.provenance import run_record, write_json
 from starcoder2_train.benchmarking.report import print_summary
+from starcoder2_train.cli import ScriptParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARK = os.path.join(HERE, "benchmark.py")  # started as a command of its own, never imported
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--token_file", help="Token rows (.npz from benchmark.py --save_token_file); else synthetic.")
-    parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, short sequences, seconds.")
+    parser.add_flag("--tiny", help="CPU rehearsal: tiny model, short sequences, seconds.")
     parser.add_argument(
         "--budget_seconds", type=float, default=BUDGET_SECONDS, help="Start no step that would end later."
     )
     parser.add_argument("--output_dir", default=os.environ.get("OUT") or "outputs/device_check")
-    parser.add_argument("--kernels_only", action="store_true", help="Only the kernels step, in this process.")
+    parser.add_flag("--kernels_only", help="Only the kernels step, in this process.")
     return parser.parse_args(argv)
 
 

@@ -8,17 +8,17 @@ with the device image's python3 and stops with exit status 1 and one line at the
 broken. The wheels, the modules and the checks are listed in starcoder2_train/benchmarking/device_env.py.
 """
 
-import argparse
 import os
 import sys
 
 from starcoder2_train.benchmarking import device_env
+from starcoder2_train.cli import ScriptParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("action", choices=("download", "install"))
     parser.add_argument("--wheel_dir", default=".whl", help="Where the wheels and their manifest are.")
     parser.add_argument("--target", default="/tmp/site", help="install: the folder pip installs into.")
@@ -28,7 +28,7 @@ def parse_args(argv):
         help="download: the interpreter the wheels are for (the device image's by default; the running one's "
         "for a rehearsal here).",
     )
-    parser.add_argument("--no_optional", action="store_true", help="download: leave liger, cce and torchao out.")
+    parser.add_flag("--no_optional", help="download: leave liger, cce and torchao out.")
     return parser.parse_args(argv)
 
 
