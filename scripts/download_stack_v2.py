@@ -2,7 +2,7 @@
 
     python scripts/download_stack_v2.py IDS --output DIR [--endpoint_url URL] [--num_workers N] [--bucket B]
         [--prefix P] [--num_shards N --shard_index I] [--anonymous] [--repos_per_shard N] [--max_retries N]
-        [--retry_mode adaptive|standard]
+        [--retry_mode adaptive|standard] [--verify_checksums]
 
 IDS: a local parquet file or folder in the the-stack-v2-train-*-ids layout, or a Hub dataset id such as
 bigcode/the-stack-v2-train-smol-ids (bulk access to the contents is gated behind Software Heritage's terms).
@@ -10,7 +10,9 @@ Each blob is s3://BUCKET/PREFIX<blob_id> (default s3://softwareheritage/content/
 with its file's src_encoding. Credentials come from the standard AWS chain (environment, ~/.aws, instance
 role) and are never printed; --anonymous sends unsigned requests (public mirrors).
 
-A rerun resumes: finished shards are kept and only the rest is fetched. On N machines (or N processes, past
+A rerun resumes: finished shards are kept and only the rest is fetched. A shard kept must match the size and
+row count its record holds (--verify_checksums: its sha256 too, which reads every shard once); one that does
+not (missing, truncated, changed) is fetched again and counted by reason. On N machines (or N processes, past
 about a thousand blobs/s per process) run it with --num_shards N --shard_index I, the same IDS and options.
 Writes DIR/<input>-rows-<start>-<stop>.parquet, DIR/download_state/ and DIR/download_summary.json, and prints
 what was fetched, what was skipped and why, and the speed. Train on it with `dataset_name_or_path: DIR`.
@@ -49,6 +51,10 @@ def parse_args(argv=None):
     parser.add_argument("--repos_per_shard", type=int, default=1000, help="Repositories per output shard.")
     parser.add_argument("--num_shards", type=int, default=1, help="Split the ids across this many machines.")
     parser.add_argument("--shard_index", type=int, default=0, help="This machine's part, in [0, num_shards).")
+    parser.add_flag(
+        "--verify_checksums",
+        help="On resume, keep a shard only if its sha256 matches its record (default: size and row count).",
+    )
     return parser.parse_args(argv)
 
 
@@ -66,8 +72,9 @@ def main(argv=None) -> dict:
     try:
         options = S3Options(**{key: getattr(args, key) for key in S3_KEYS if getattr(args, key) is not None})
         summary, report = download(
-            args.ids, args.output, options, args.repos_per_shard, args.num_shards, args.shard_index
-        )
+            args.ids, args.output, options, args.repos_per_shard, args.num_shards, args.shard_index,
+            verify_checksums=args.verify_checksums,
+        )  # fmt: skip
     except DownloadError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -82,6 +89,14 @@ def main(argv=None) -> dict:
         f"retries, in {run['seconds']:.1f} s: {run['blobs_per_second']:,.0f} blobs/s, "
         f"{run['megabytes_per_second']:.2f} MB/s with {run['num_workers']} workers"
     )
+    refetched = summary["shards_refetched"]
+    if refetched or summary["records_upgraded"]:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(refetched.items()))
+        print(
+            f"resume check ({'sha256' if summary['verify_checksums'] else 'size and row count'}): "
+            f"{sum(refetched.values())} shard(s) fetched again{f' ({reasons})' if reasons else ''}, "
+            f"{summary['records_upgraded']} old record(s) upgraded with size, row count and sha256"
+        )
     print("\n".join(report.summary_lines()))
     return summary
 

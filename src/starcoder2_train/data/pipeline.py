@@ -27,6 +27,7 @@ import torch
 from starcoder2_train.configs import DataArguments, RecipeError, windows_per_step
 from starcoder2_train.data import fim, repo_examples, special_tokens, tokenization
 from starcoder2_train.data.decontamination import write_report
+from starcoder2_train.data.download.verify import check_downloaded_shards
 from starcoder2_train.data.epochs import DataEpochs, in_worker_process
 from starcoder2_train.data.fim import FimRates, apply_fim, prepared_rates, window_fim
 from starcoder2_train.data.packing import PackedDataset
@@ -308,6 +309,8 @@ def build_training_data(data_args: DataArguments, tokenizer, training_args):
     their concatenation that it asks for. Returns (dataset, DataReport of epoch 0).
     """
     seed = training_args.seed
+    if data_args.prepared_data_dir is None:  # a shard that differs from its download record: refused, not skipped
+        check_downloaded_shards(data_args)
     # Read and filter the shards once; each epoch only redraws order and FIM over the same repositories.
     loaded = None if data_args.prepared_data_dir is not None else load_split_repositories(data_args, "train")
     if loaded is not None and data_args.decontamination_report and getattr(training_args, "process_index", 0) == 0:

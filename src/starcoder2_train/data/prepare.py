@@ -38,6 +38,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
 from starcoder2_train.configs import DataArguments, RecipeError
+from starcoder2_train.data.download.verify import check_downloaded_shards
 from starcoder2_train.data.fim import prepared_rates
 from starcoder2_train.data.near_dedup import (
     FileSignatures,
@@ -97,6 +98,7 @@ def input_plan(data_args: DataArguments) -> list[tuple[str, str | None]]:
     if data_args.eval_data_files:
         plan += [(path, "eval") for path in resolve_data_files(data_args, data_args.eval_data_files)]
     check_layouts(plan)
+    check_downloaded_shards(data_args, [path for path, _ in plan])  # a damaged download: refused, never skipped
     return plan
 
 

@@ -8,10 +8,15 @@ files kept). What gets no content is counted by reason in a SkipReport: missing 
 are not gzip, undecodable, binary or empty files, and repositories with no file left.
 
 Resuming: a shard is written under a temporary name and renamed once complete, then its record
-(`download_state/<shard>.json`: counts and skips) is written the same way; a chunk with a record is done and
-is not fetched again, so a run killed mid-way loses at most the chunk in flight. `download_state/plan.json`
-holds the input's names, row counts and `repos_per_shard`; a rerun with other ones is refused, since the
-shard names would then mean other rows. `download_summary.json` (per machine:
+(`download_state/<shard>.json`: counts, skips and `shard_file`, the shard's size, row count and sha256 taken
+before the rename; data/download/verify.py) is written the same way. A chunk with a record is done, and is
+not fetched again if its shard passes verify.py's check (size and footer row count; the sha256 too with
+`verify_checksums`); one that fails it (missing, truncated, unreadable, changed) loses its record and shard
+and is fetched again, counted by reason in the summary's `shards_refetched`. A record written before
+`shard_file` existed is upgraded when its shard's footer reads with the recorded repository count (counted in
+`records_upgraded`), else fetched again. So a run killed mid-way loses at most the chunk in flight.
+`download_state/plan.json` holds the input's names, row counts and `repos_per_shard`; a rerun with other ones
+is refused, since the shard names would then mean other rows. `download_summary.json` (per machine:
 `download_summary-IIIII-of-NNNNN.json`) sums the records and this run's speed.
 
 Cost at the scale of the-stack-v2-train-smol-ids (~3.3M repositories, hundreds of millions of blobs): ~3,300
@@ -34,14 +39,22 @@ import pyarrow.parquet as pq
 from starcoder2_train.configs import RecipeError, check_shard
 from starcoder2_train.data.download.fetch import BlobFetcher, S3Options
 from starcoder2_train.data.download.ids import Chunk, DownloadError, IdsReader, plan_chunks, resolve_ids_files
+from starcoder2_train.data.download.verify import (
+    PLAN,
+    STATE_DIRECTORY,
+    old_record_problem,
+    record_path,
+    shard_facts,
+    shard_problem,
+)
 from starcoder2_train.data.shards import decode_content
 from starcoder2_train.data.skips import DENIED_BLOB, MISSING_BLOB_ID, MISSING_REPO_NAME, NO_FILE_FETCHED, SkipReport
 from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)
-STATE_DIRECTORY = "download_state"
 ROWS_PER_WRITE, BYTES_PER_WRITE = 64, 256_000_000  # bounds Arrow's 2 GiB string columns and memory per write
 DETAILS_PER_CHUNK = 20  # lines naming a skipped file, per chunk record (the counts are always complete)
+UPGRADED = "records upgraded"  # a key of `resumed` beside verify.py's reasons for fetching a shard again
 COUNTS = ("repositories", "files", "blobs", "requests", "compressed_bytes", "bytes")
 
 
@@ -60,17 +73,13 @@ def write_json_atomically(path: str, data) -> None:
     os.replace(partial, path)
 
 
-def _record_path(output_dir: str, chunk: Chunk) -> str:
-    return os.path.join(output_dir, STATE_DIRECTORY, f"{chunk.shard.removesuffix('.parquet')}.json")
-
-
 def prepare_output(output_dir: str, ids: str, plan: dict) -> None:
     """Refuse an output inside a local ids folder, foreign parquet files, or a plan other than this run's."""
     if os.path.isdir(ids):
         inside = os.path.relpath(os.path.realpath(output_dir), os.path.realpath(ids))
         if not inside.startswith(os.pardir):
             raise DownloadError(f"--output {output_dir} lies inside IDS {ids}, which a rerun would read as input.")
-    plan_path = os.path.join(output_dir, STATE_DIRECTORY, "plan.json")
+    plan_path = os.path.join(output_dir, STATE_DIRECTORY, PLAN)
     if os.path.exists(plan_path):
         with open(plan_path) as handle:
             if json.load(handle) != plan:
@@ -124,8 +133,9 @@ def _repositories(rows: list[dict], blobs: dict, report: SkipReport, details: li
     return repositories, kept_bytes
 
 
-def _write_shard(path: str, repositories: list[dict], schema: pa.Schema) -> None:
-    """Write to a temporary name, then rename: the shard exists whole or not at all."""
+def _write_shard(path: str, repositories: list[dict], schema: pa.Schema) -> dict:
+    """Write to a temporary name, then rename: the shard exists whole or not at all. Returns its facts for the
+    record (verify.shard_facts: size, footer row count, sha256), read from the finished file before the rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
     with pq.ParquetWriter(partial, schema) as writer:
@@ -138,7 +148,9 @@ def _write_shard(path: str, repositories: list[dict], schema: pa.Schema) -> None
                 batch, batch_bytes = [], 0
         if batch:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+    facts = shard_facts(partial)
     os.replace(partial, path)
+    return facts
 
 
 def download_chunk(chunk: Chunk, reader: IdsReader, fetcher: BlobFetcher, pool, output_dir: str) -> dict:
@@ -158,8 +170,7 @@ def download_chunk(chunk: Chunk, reader: IdsReader, fetcher: BlobFetcher, pool, 
             "or pass --anonymous."
         )
     repositories, kept_bytes = _repositories(named, blobs, report, details)
-    if repositories:
-        _write_shard(os.path.join(output_dir, chunk.shard), repositories, schema)
+    facts = _write_shard(os.path.join(output_dir, chunk.shard), repositories, schema) if repositories else None
     record = {
         "shard": chunk.shard if repositories else None,
         "input_rows": [chunk.start, chunk.stop],
@@ -172,20 +183,44 @@ def download_chunk(chunk: Chunk, reader: IdsReader, fetcher: BlobFetcher, pool, 
         "seconds": round(time.perf_counter() - start, 3),
         "skipped": report.as_dict(),
         "details": details,
+        **({"shard_file": facts} if facts is not None else {}),
     }
-    write_json_atomically(_record_path(output_dir, chunk), record)
+    write_json_atomically(record_path(output_dir, chunk.shard), record)
     return record
 
 
-def _load_record(output_dir: str, chunk: Chunk) -> dict | None:
-    path = _record_path(output_dir, chunk)
+def _load_record(output_dir: str, chunk: Chunk, verify_checksums: bool, resumed: Counter) -> dict | None:
+    """The chunk's record if its shard passes the check (an old record upgraded), else None: the record and the
+    shard are removed (record first: a kill in between leaves a chunk to fetch, never a record without its
+    shard) and the reason counted in `resumed`."""
+    path = record_path(output_dir, chunk.shard)
     if not os.path.exists(path):
         return None
     with open(path) as handle:
         record = json.load(handle)
-    if record["shard"] is not None and not os.path.exists(os.path.join(output_dir, record["shard"])):
-        return None  # the shard was removed since: fetch it again
-    return record
+    if record["shard"] is None:
+        return record
+    shard = os.path.join(output_dir, record["shard"])
+    if "shard_file" in record:
+        problem = shard_problem(shard, record["shard_file"], verify_checksums)
+        if problem is None:
+            return record
+    else:  # written before records held the shard's facts: unverified until its footer is read
+        problem = old_record_problem(shard, record)
+        if problem is None:
+            record["shard_file"] = shard_facts(shard)
+            write_json_atomically(path, record)
+            resumed[UPGRADED] += 1
+            logger.info("%s: an old record (no size, rows, sha256); its footer holds the %d repositories it records: "
+                        "record upgraded.", record["shard"], record["repositories"])  # fmt: skip
+            return record
+    reason, what = problem
+    logger.warning("%s: %s; its record and shard removed, fetching it again.", record["shard"], what)
+    os.remove(path)
+    if os.path.exists(shard):
+        os.remove(shard)
+    resumed[reason] += 1
+    return None
 
 
 def download(
@@ -195,8 +230,12 @@ def download(
     repos_per_shard: int = 1000,
     num_shards: int = 1,
     shard_index: int = 0,
+    verify_checksums: bool = False,
 ) -> tuple[dict, SkipReport]:
-    """Fetch this machine's part of `ids` into `output_dir`; returns the summary and what was left out."""
+    """Fetch this machine's part of `ids` into `output_dir`; returns the summary and what was left out.
+
+    verify_checksums: a shard already written is kept only if its sha256 matches its record (else size and
+    footer row count suffice; data/download/verify.py says why and what each costs)."""
     options = options or S3Options()
     try:
         check_shard(num_shards, shard_index)
@@ -207,12 +246,13 @@ def download(
     prepare_output(output_dir, ids, {"inputs": inputs, "repos_per_shard": repos_per_shard})
     mine = [chunk for chunk in chunks if chunk.assignment % num_shards == shard_index]
     start, totals, this_run, report, details, shards = time.perf_counter(), Counter(), Counter(), SkipReport(), [], []
+    resumed = Counter()  # shards fetched again, by reason, and old records upgraded
     reader, fetcher = IdsReader(), BlobFetcher(options)
     try:
         with ThreadPoolExecutor(options.num_workers, thread_name_prefix="fetch") as pool:
             chunks_bar = progress(enumerate(mine, 1), desc="download", total=len(mine), unit="chunk")
             for number, chunk in chunks_bar:
-                record = _load_record(output_dir, chunk)
+                record = _load_record(output_dir, chunk, verify_checksums, resumed)
                 if record is None:
                     record = download_chunk(chunk, reader, fetcher, pool, output_dir)
                     this_run.update({key: record[key] for key in ("blobs", "requests", "compressed_bytes")})
@@ -238,6 +278,9 @@ def download(
         "chunks_of_all_machines": len(chunks),
         "chunks_fetched_this_run": this_run["chunks"],
         "chunks_already_done": len(mine) - this_run["chunks"],
+        "shards_refetched": {reason: count for reason, count in resumed.items() if reason != UPGRADED},
+        "records_upgraded": resumed[UPGRADED],
+        "verify_checksums": verify_checksums,
         "shards": shards,
         **{key: totals[key] for key in COUNTS},
         "this_run": {
