@@ -263,6 +263,13 @@ class DataArguments:
     max_repositories: int | None = field(
         default=None, metadata={"help": "Use only the first N repositories (quick runs, debugging)."}
     )
+    verify_download_checksums: bool = field(
+        default=False,
+        metadata={
+            "help": "Input shards with a download record (scripts/download_stack_v2.py) are checked by size and "
+            "row count before reading; true: also by sha256 (reads every shard once; data/download/verify.py)."
+        },
+    )
     tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={
