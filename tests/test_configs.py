@@ -1,4 +1,4 @@
-"""The recipe's shared facts: each defined once in configs.py, each refused with an error naming its key."""
+"""The recipe's shared facts: each defined once in configs/shared.py, each refused with an error naming its key."""
 
 import pytest
 import torch

@@ -1,7 +1,8 @@
 """starcoder2_train: StarCoder2-style code models trained with transformers, datasets, accelerate and DeepSpeed.
 
 The subpackages follow a run, and each may import only those before it in this list:
-- `configs`: what a recipe may say (model, data and training arguments) and the facts every stage shares;
+- `configs/`: what a recipe may say, one module per kind of key (`model_arguments`, `data_arguments`,
+  `training_arguments`), and `shared`, the facts every stage shares;
   `recipe`: reading a recipe YAML and command-line overrides into them; `cli` (standard library only, imported
   by recipe and the scripts): the scripts' one command-line convention;
 - `data/`: Stack v2 shards → repository examples → FIM → tokens → packed windows → batches;

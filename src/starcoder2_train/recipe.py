@@ -1,6 +1,6 @@
 """Reading a recipe: a YAML file plus `--key value` overrides → ModelArguments, DataArguments, PretrainingArguments.
 
-`RecipeParser().parse(["recipe.yaml", "--learning_rate", "2e-4"])` returns the three dataclasses of configs.py.
+`RecipeParser().parse(["recipe.yaml", "--learning_rate", "2e-4"])` returns the three dataclasses of configs/.
 Unknown keys, on the command line or in the file, fail at once with the key and where it was written (and the
 closest known key); a value argparse cannot read names the recipe. `tokenizer_name_or_path` defaults to
 `model_name_or_path` here, in one place. The command-line grammar (`--key value`, `--key=value`, `--key v1 v2`,
@@ -113,7 +113,7 @@ class RecipeParser(HfArgumentParser):
         raise self._error(
             key,
             f"{key}: {reason} (in {where}). Write a value of the key's type; each key's type and help are in "
-            "src/starcoder2_train/configs.py.",
+            "src/starcoder2_train/configs/.",
         )
 
     def parse(self, argv: list[str] | None = None):

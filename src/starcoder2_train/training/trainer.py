@@ -14,7 +14,7 @@
   graph, so compiling costs about one layer's time, not the whole model's as `torch_compile` does). Turned off,
   with a warning, under DeepSpeed ZeRO-3 (`compile_layers_allowed`); kept under ZeRO-1/2.
 - No host-device synchronisation per micro batch or per step from this Trainer: the gradient norm stays a tensor
-  until a log step reads it, and `logging_nan_inf_filter` is off by default (configs.py). Left, inside libraries:
+  until a log step reads it, and `logging_nan_inf_filter` is off by default (configs/). Left, inside libraries:
   loss_kernel liger (2 per micro batch) and cut_cross_entropy (1; training/loss.py), and DeepSpeed's optimizer
   step (1 to 4 per step: the overflow test kept on, and its gradient norm; accelerate_configs/deepspeed/README.md).
 - Checkpoints are written under a temporary name, verified, marked complete and renamed, and rotated only then
