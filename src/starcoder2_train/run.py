@@ -288,5 +288,5 @@ def run_training(model_args, data_args, training_args, recipe_values: dict, *, d
     save_evaluate_publish(
         trainer, tokenizer, data, evaluation, model_args, data_args, training_args, recipe_values, push
     )
-    close_process_group()
+    close_process_group(exit_code=0)  # a multi-process run ends here (training/distributed.py says why)
     return trainer

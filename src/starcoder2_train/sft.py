@@ -397,4 +397,5 @@ def run_sft(argv=None) -> SFTTrainer:
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     save_final_model(trainer, tokenizer, model_args, training_args)
+    close_process_group(exit_code=0)  # a multi-process run ends here (training/distributed.py says why)
     return trainer

@@ -146,5 +146,6 @@ class PreemptionCallback(TrainerCallback):
             checkpoint,
             REQUEUE_EXIT_CODE,
         )
-        close_process_group()  # the requeue file is written before any rank exits
+        # the requeue file is written before any rank exits; a multi-process run ends there with the status
+        close_process_group(exit_code=REQUEUE_EXIT_CODE)
         raise SystemExit(REQUEUE_EXIT_CODE)
