@@ -114,9 +114,10 @@ def close_process_group(exit_code: int | None = None) -> None:
 
     Measured with the command of tests/test_compile_layers.py's ZeRO-3 test (2 processes, 2 shared cores,
     PYTHONFAULTHANDLER=1): with the barrier alone, 2 aborts in 68 runs (and 1 in 6 before the barrier);
-    ending here, 0 in 54, 40 of them alternated with 40 runs of the barrier alone that aborted once. At
-    ~3% the counts alone prove little; the stack does: the abort needs a finalizing interpreter, which a
-    run ending here never reaches.
+    ending here, 0 in 114, 40 of them alternated with 40 runs of the barrier alone that aborted once. At
+    ~3% the counts alone are weak evidence (0 in 114 at an unchanged 3% would happen about 3% of the
+    time); the stack is the stronger one: the abort needs a finalizing interpreter, which a run ending here
+    never reaches.
 
     `exit_code` is the status the run ends with (0 after a finished run, REQUEUE_EXIT_CODE after a stop);
     failures never get here: an exception still propagates and exits non-zero. Without a process group,
