@@ -135,10 +135,11 @@ def close_process_group(exit_code: int | None = None) -> None:
 
 def _exit_before_finalization(exit_code: int) -> None:
     """Do what Python 3.11's Py_FinalizeEx does before its module teardown, in its order, then `os._exit`."""
-    main = threading.main_thread()
-    for thread in threading.enumerate():
-        if thread is not main and not thread.daemon:
-            thread.join()  # as the interpreter's threading._shutdown() does
+    # The interpreter's own first step: threading._shutdown() runs the callbacks registered with
+    # threading._register_atexit (concurrent.futures' wakes its idle ThreadPoolExecutor workers, which otherwise
+    # wait forever for work: a plain join of every non-daemon thread hung a 2-process run after its save), then
+    # joins the non-daemon threads.
+    threading._shutdown()
     atexit._run_exitfuncs()  # logging.shutdown() among them: handlers flushed and closed
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
