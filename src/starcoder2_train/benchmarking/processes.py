@@ -15,6 +15,7 @@ import sys
 import time
 
 from starcoder2_train.benchmarking.isolated import run_limited
+from starcoder2_train.cli import parse_overrides
 
 
 def free_port() -> int:
@@ -25,16 +26,12 @@ def free_port() -> int:
 
 
 def recipe_keys(recipe_words: list[str]) -> dict:
-    """`--key value` / `--key=value` recipe words as {key: last value} (the children parse them for real, with
-    recipe.parse_overrides; this light reading keeps the parent from importing transformers' Trainer)."""
-    keys, key = {}, None
-    for word in recipe_words:
-        if word.startswith("--"):
-            key, sep, value = word[2:].partition("=")
-            keys[key] = value if sep else "true"
-        elif key is not None:
-            keys[key] = word
-    return keys
+    """`--key value` / `--key=value` recipe words as {key: last value}, read with the scripts' one grammar
+    (cli.parse_overrides, standard library only: the parent does not import transformers' Trainer; the children
+    parse the words for real with RecipeParser)."""
+    return {
+        key: value[-1] if isinstance(value, list) else value for key, value in parse_overrides(recipe_words).items()
+    }
 
 
 def uses_deepspeed(recipe_words: list[str]) -> bool:
