@@ -47,7 +47,10 @@ trainer_module.PretrainingTrainer.training_step = logged_training_step
 
 class Steps(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
-        print(f"STEP {state.global_step} RANK {args.process_index} PID {os.getpid()}", flush=True)
+        # One write of the whole line: both ranks share the launcher's pipe, and print's two writes (text, then
+        # newline) interleave with the other rank's.
+        sys.stdout.write(f"STEP {state.global_step} RANK {args.process_index} PID {os.getpid()}\\n")
+        sys.stdout.flush()
         time.sleep(DELAY)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -160,6 +163,12 @@ def run(command, **env) -> subprocess.CompletedProcess:
     return result
 
 
+def step_markers(line: str) -> list[tuple[int, int, int]]:
+    """(step, rank, pid) of every STEP marker in an output line, wherever it stands in the line: two ranks' lines
+    can still meet in one read of the shared pipe."""
+    return [tuple(map(int, match)) for match in re.findall(r"STEP (\d+) RANK (\d+) PID (\d+)", line)]
+
+
 def signal_mid_run(command, signum, at_step: int, rank: int, **env) -> tuple[int, str, float]:
     """Start `command`, send `signum` to the process of `rank` once it has finished step `at_step`; returns
     (exit status, output, seconds from the signal to the exit)."""
@@ -170,10 +179,10 @@ def signal_mid_run(command, signum, at_step: int, rank: int, **env) -> tuple[int
     lines, signalled = [], None
     for line in process.stdout:
         lines.append(line)
-        match = re.match(r"STEP (\d+) RANK (\d+) PID (\d+)", line)
-        if signalled is None and match and int(match[1]) == at_step and int(match[2]) == rank:
-            os.kill(int(match[3]), signum)
-            signalled = time.monotonic()
+        for step, step_rank, pid in step_markers(line):
+            if signalled is None and step == at_step and step_rank == rank:
+                os.kill(pid, signum)
+                signalled = time.monotonic()
     status = process.wait(timeout=300)
     assert signalled is not None, "".join(lines)[-5000:]
     return status, "".join(lines), time.monotonic() - signalled
@@ -263,10 +272,9 @@ def test_two_zero3_ranks_killed_after_a_checkpoint_resume_with_the_same_windows_
     lines, workers = [], {}
     for line in process.stdout:
         lines.append(line)
-        match = re.match(r"STEP (\d+) RANK (\d+) PID (\d+)", line)
-        if match:
-            workers[int(match[2])] = int(match[3])
-        if match and int(match[1]) == 5 and len(workers) == 2:
+        markers = step_markers(line)
+        workers.update({step_rank: pid for _, step_rank, pid in markers})
+        if any(step == 5 for step, _, _ in markers) and len(workers) == 2:
             # The workers run in sessions of their own (torch elastic): kill them and the launcher, as a lost node.
             for pid in [*workers.values(), process.pid]:
                 os.kill(pid, signal.SIGKILL)
