@@ -29,7 +29,7 @@ S3_KEYS = ("bucket", "prefix", "endpoint_url", "anonymous", "num_workers", "max_
 
 
 def parse_args(argv=None):
-    """The options; the S3 ones left unset (None) take S3Options' defaults (data/download/fetch.py), which are
+    """The options; the S3 ones left unset (None) take S3Options' defaults (data/sources/download/fetch.py), which are
     read after the parse, with boto3 and the data package."""
     parser = ScriptParser(description=__doc__)
     parser.add_argument("ids", metavar="IDS", help="Ids parquet: a file, a folder or a Hub dataset id.")
@@ -61,9 +61,9 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # Imported after the parse: a mistyped word is refused before boto3 and transformers load.
-    from starcoder2_train.data.download.fetch import S3Options
-    from starcoder2_train.data.download.ids import DownloadError
-    from starcoder2_train.data.download.run import download
+    from starcoder2_train.data.sources.download.fetch import S3Options
+    from starcoder2_train.data.sources.download.ids import DownloadError
+    from starcoder2_train.data.sources.download.run import download
 
     if args.disable_tqdm:
         os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off

@@ -29,7 +29,7 @@ def main(argv=None):
     own_args, recipe_argv = parse_args(argv)
     # Imported after the parse: a mistyped word is refused before the data libraries and transformers load.
     from starcoder2_train.data.pipeline import build_training_data
-    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
     from starcoder2_train.recipe import RecipeParser
 
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)

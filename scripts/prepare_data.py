@@ -45,14 +45,14 @@ def main(argv=None):
     # Imported after the parse: a mistyped word is refused before the data libraries and transformers load.
     from starcoder2_train.configs import RecipeError
     from starcoder2_train.data.prepare import build_stages, make_executor, task_progress
-    from starcoder2_train.data.prepared import (
+    from starcoder2_train.data.store.prepared import (
         DECONTAMINATION,
         LOGS,
         decontamination_entries,
         prepared_skips,
         prepared_stats,
     )
-    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
     from starcoder2_train.recipe import RecipeParser
 
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)

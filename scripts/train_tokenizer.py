@@ -34,7 +34,7 @@ def parse_args(argv=None):
         type=int,
         default=None,
         help="Longest sequence the tokenizer reports (tokenizer.model_max_length), in tokens (default: "
-        "data/tokenizer.py's DEFAULT_MODEL_MAX_LENGTH, the released StarCoder2 models' longest context).",
+        "data/tokens/tokenizer.py's DEFAULT_MODEL_MAX_LENGTH, the released StarCoder2 models' longest context).",
     )
     args = parser.parse_args(argv)
     if args.max_files is not None and args.max_files < 1:
@@ -45,7 +45,7 @@ def parse_args(argv=None):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # Imported after the parse: a mistyped word is refused before transformers loads.
-    from starcoder2_train.data.tokenizer import DEFAULT_MODEL_MAX_LENGTH, train_tokenizer_from_parquet
+    from starcoder2_train.data.tokens.tokenizer import DEFAULT_MODEL_MAX_LENGTH, train_tokenizer_from_parquet
 
     if args.disable_tqdm:
         os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off

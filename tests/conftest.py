@@ -68,7 +68,7 @@ def random_repositories(num_repos: int, seed: int = 0, max_files: int = 5) -> li
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A byte-level BPE with StarCoder2's special tokens, trained here on synthetic code."""
-    from starcoder2_train.data.tokenizer import train_tokenizer
+    from starcoder2_train.data.tokens.tokenizer import train_tokenizer
 
     texts = [r["files"][0]["content"] for r in random_repositories(300, seed=123)]
     texts += ["<fim_middle> <|endoftext|> <file_sep>" * 20]  # literal special-token text in the corpus

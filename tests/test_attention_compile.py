@@ -11,7 +11,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import AutoModelForCausalLM, Starcoder2Config
 
-from starcoder2_train.data.collators import document_boundaries, make_collator
+from starcoder2_train.data.batches.collators import document_boundaries, make_collator
 from starcoder2_train.model.attention import SDPA_VARLEN, skip_mask_building
 from starcoder2_train.model.presets import MODEL_PRESETS
 

@@ -11,7 +11,7 @@ from conftest import LAUNCH_ENV
 from transformers import AutoModelForCausalLM, Starcoder2Config, TrainerCallback
 
 from starcoder2_train.configs import SDPA_VARLEN, PretrainingArguments
-from starcoder2_train.data.collators import make_collator
+from starcoder2_train.data.batches.collators import make_collator
 from starcoder2_train.model.attention import skip_mask_building
 from starcoder2_train.model.flops import model_flops_per_token
 from starcoder2_train.model.presets import MODEL_PRESETS

@@ -15,7 +15,7 @@ import torch._dynamo
 from transformers import AutoModelForCausalLM, Starcoder2Config
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from starcoder2_train.data.collators import document_boundaries
+from starcoder2_train.data.batches.collators import document_boundaries
 from starcoder2_train.model.attention import SDPA_VARLEN
 from starcoder2_train.model.presets import MODEL_PRESETS
 from starcoder2_train.recipe import RecipeParser
@@ -97,7 +97,7 @@ def test_a_zero3_run_says_compile_layers_is_off_and_trains(tmp_path, tokenizer_d
     from conftest import LAUNCH_ENV, random_repositories, write_repository_shards
 
     from starcoder2_train.configs import ModelArguments
-    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
     from starcoder2_train.model.factory import create_model
 
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -13,7 +13,7 @@ from starcoder2_train.configs import (
     torch_dtype,
     windows_per_step,
 )
-from starcoder2_train.data.splits import repository_split, shard_repositories
+from starcoder2_train.data.filters.splits import repository_split, shard_repositories
 from starcoder2_train.recipe import RecipeParser
 
 

@@ -133,7 +133,7 @@ SMALL = [
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, tokenizer_dir):
     from starcoder2_train.configs import ModelArguments
-    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
     from starcoder2_train.model.factory import create_model
 
     tokenizer = load_tokenizer(tokenizer_dir)

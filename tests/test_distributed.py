@@ -23,7 +23,7 @@ ENV = LAUNCH_ENV
 def setup(tmp_path_factory, tokenizer_dir):
     """A saved starting checkpoint (so that ZeRO-3's sharded init does not change the weights) and a recipe."""
     from starcoder2_train.configs import ModelArguments
-    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
     from starcoder2_train.model.factory import create_model
 
     root = tmp_path_factory.mktemp("distributed")

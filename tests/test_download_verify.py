@@ -1,4 +1,4 @@
-"""Downloaded shards checked against their records (data/download/verify.py): on resume by the download, which
+"""Downloaded shards checked against their records (data/sources/download/verify.py): on resume by the download, which
 fetches a damaged shard again, and before preparation, which refuses it. Reuses test_download.py's moto S3 server.
 """
 
@@ -10,9 +10,9 @@ from conftest import load_script
 from test_download import environment, options, put, read_output, s3, simple_repositories, write_ids  # noqa: F401
 
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.data.download.ids import DownloadError
-from starcoder2_train.data.download.run import download
-from starcoder2_train.data.download.verify import CHECKSUM, SIZE, check_downloaded_shards, record_path, sha256_of
+from starcoder2_train.data.sources.download.ids import DownloadError
+from starcoder2_train.data.sources.download.run import download
+from starcoder2_train.data.sources.download.verify import CHECKSUM, SIZE, check_downloaded_shards, record_path, sha256_of
 
 FIRST = "data/train-00000-of-00001-rows-000000000-000000002.parquet"
 SECOND = "data/train-00000-of-00001-rows-000000002-000000004.parquet"

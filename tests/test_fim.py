@@ -6,10 +6,10 @@ import pytest
 from conftest import random_repositories
 from fim_utils import undo_example
 
-from starcoder2_train.data.fim import FimRates, apply_fim
-from starcoder2_train.data.repo_examples import build_example
+from starcoder2_train.data.examples.fim import FimRates, apply_fim
+from starcoder2_train.data.examples.repo_examples import build_example
 from starcoder2_train.data.special_tokens import SpecialTokenIds
-from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 
 
 def encode_repos(repos, tokenizer, rates, seed=0, epoch=0, metadata_rate=0.5):

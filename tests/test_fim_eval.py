@@ -8,7 +8,7 @@ from transformers import Trainer, TrainingArguments
 
 from starcoder2_train.configs import ModelArguments
 from starcoder2_train.data.special_tokens import SpecialTokenIds
-from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.callback import EvaluationCallback
 from starcoder2_train.evaluation.fim import (
     FimProblem,

@@ -15,11 +15,11 @@ from conftest import load_script
 
 from starcoder2_train.configs import DataArguments
 from starcoder2_train.data import skips
-from starcoder2_train.data.languages import EXTENSIONS, SMOL_LANGUAGES, language_of
-from starcoder2_train.data.local import ingest as ingest_module
-from starcoder2_train.data.local.ingest import IngestError, ingest
-from starcoder2_train.data.local.metadata import detect_licenses, repository_name
-from starcoder2_train.data.shards import load_repositories
+from starcoder2_train.data.sources.languages import EXTENSIONS, SMOL_LANGUAGES, language_of
+from starcoder2_train.data.sources.local import ingest as ingest_module
+from starcoder2_train.data.sources.local.ingest import IngestError, ingest
+from starcoder2_train.data.sources.local.metadata import detect_licenses, repository_name
+from starcoder2_train.data.sources.shards import load_repositories
 from starcoder2_train.data.skips import SkipReport
 
 MIT = """MIT License
@@ -114,7 +114,7 @@ def test_ingest_of_a_checkout(checkout, tmp_path, monkeypatch):
     assert written["skipped"] == report.as_dict() and written["files"] == 6 and written["repositories"] == 1
     assert written["read_mb_per_second"] > 0 and written["bytes_kept"] == sum(f["length_bytes"] for f in row["files"])
 
-    # The shards read back through data/shards.py, whose defaults leave the vendored and generated files out.
+    # The shards read back through data/sources/shards.py, whose defaults leave the vendored and generated files out.
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     dataset, read_report = load_repositories(DataArguments(dataset_name_or_path=str(output)))
     assert [f["path"] for f in dataset[0]["files"]] == ["README.md", "src/main.py", "src/util.js"]

@@ -11,7 +11,7 @@ import os
 import pytest
 from conftest import load_script, write_repository_shards
 
-from starcoder2_train.data.prepared import open_store, prepared_stats
+from starcoder2_train.data.store.prepared import open_store, prepared_stats
 from starcoder2_train.data.special_tokens import (
     EOS_TOKEN,
     FILE_SEP,
@@ -175,7 +175,7 @@ def test_a_copied_piece_tokenizer_still_splits_special_token_text(hostile):
     import dill
     from transformers import AutoTokenizer
 
-    from starcoder2_train.data.tokenization import PieceTokenizer
+    from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hostile[1])
     special = set(PieceTokenizer(tokenizer).token_ids.values())

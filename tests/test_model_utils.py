@@ -6,7 +6,7 @@ import torch
 from transformers import Starcoder2Config
 
 from starcoder2_train.configs import ModelArguments, RecipeError
-from starcoder2_train.data.tokenizer import train_tokenizer
+from starcoder2_train.data.tokens.tokenizer import train_tokenizer
 from starcoder2_train.model.factory import choose_attention, count_parameters, create_model, validate_model_and_data
 from starcoder2_train.model.presets import MODEL_PRESETS, build_config
 

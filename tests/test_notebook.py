@@ -40,8 +40,8 @@ def base_and_code(tmp_path_factory, tokenizer_dir):
     """A saved tiny base model with its tokenizer, and a folder of 20 repositories (one per sub-folder), of which
     eval_fraction 0.3 holds out 2."""
     from starcoder2_train.configs import ModelArguments
-    from starcoder2_train.data.splits import eval_share
-    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.data.filters.splits import eval_share
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
     from starcoder2_train.model.factory import create_model
 
     root = tmp_path_factory.mktemp("notebook")

@@ -10,7 +10,7 @@ import pytest
 from conftest import random_repositories, write_repository_shards
 
 from starcoder2_train.configs import DataArguments
-from starcoder2_train.data.pii import PRIVATE_IPV4, PRIVATE_IPV6, PiiRedactor, redact_files, rule_spans
+from starcoder2_train.data.filters.pii import PRIVATE_IPV4, PRIVATE_IPV6, PiiRedactor, redact_files, rule_spans
 
 GITHUB_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 SECRET_FILE = f'''#!/usr/bin/env python
@@ -86,7 +86,7 @@ STDLIB_MAX_SHARE_NOT_EMAIL = 0.02  # changed by a rule other than email (measure
 def stdlib_files(tmp_path_factory):
     import pyarrow.parquet as pq
 
-    from starcoder2_train.data.local.ingest import ingest
+    from starcoder2_train.data.sources.local.ingest import ingest
 
     output = tmp_path_factory.mktemp("stdlib")
     summary, _ = ingest([], str(output))
@@ -120,7 +120,7 @@ def test_the_pipeline_redacts_and_counts_on_both_paths(tmp_path, tokenizer, toke
     from conftest import load_script
 
     from starcoder2_train.data.pipeline import build_packed_dataset, load_token_rows
-    from starcoder2_train.data.prepared import open_store, prepared_skips
+    from starcoder2_train.data.store.prepared import open_store, prepared_skips
 
     repositories = random_repositories(12, seed=4)
     repositories[3]["files"][0]["content"] += SECRET_FILE

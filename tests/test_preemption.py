@@ -86,7 +86,7 @@ module.main(sys.argv[1:])
 def setup(tmp_path_factory, tokenizer_dir):
     """A saved starting model, shards, a recipe of 8 steps (no saves of its own) and the driver."""
     from starcoder2_train.configs import ModelArguments
-    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
     from starcoder2_train.model.factory import create_model
 
     root = tmp_path_factory.mktemp("preemption")

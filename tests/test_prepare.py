@@ -10,7 +10,7 @@ from conftest import load_script, random_repositories, write_repository_shards
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data import prepare
 from starcoder2_train.data.pipeline import build_packed_dataset, load_token_rows
-from starcoder2_train.data.prepared import open_store, prepared_skips
+from starcoder2_train.data.store.prepared import open_store, prepared_skips
 
 prepare_data = load_script("prepare_data")
 
@@ -113,7 +113,7 @@ def test_inputs_prepare_data_cannot_split_are_refused(tokenizer_dir, tmp_path):
 
 
 def test_nothing_held_out_opens_as_no_eval_data(shards, tokenizer_dir, tmp_path):
-    from starcoder2_train.data.prepared import load_held_out_repositories
+    from starcoder2_train.data.store.prepared import load_held_out_repositories
 
     path = recipe(tmp_path, shards, tokenizer_dir)
     prepare_data.main(

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from starcoder2_train.configs import ModelArguments, RecipeError
-from starcoder2_train.data.collators import document_boundaries
+from starcoder2_train.data.batches.collators import document_boundaries
 from starcoder2_train.data.special_tokens import IGNORE_INDEX
 from starcoder2_train.model.factory import create_model
 from starcoder2_train.sft import (
@@ -155,7 +155,7 @@ def test_packing_isolates_samples_and_drops_nothing(tmp_path, base_dir, attn_imp
     assert sum(label != IGNORE_INDEX for labels in packed["labels"] for label in labels) == targets
 
     # TRL's padding-free batch is this project's packed format: one flattened row, positions restarting per sample,
-    # the first label of each sample ignored, and the document boundaries data/collators.py computes.
+    # the first label of each sample ignored, and the document boundaries data/batches/collators.py computes.
     # A piece of the cut sample (rows go longest first), and the two rows holding the most samples.
     chosen = [0] + sorted(range(len(packed)), key=lambda i: -len(packed[i]["seq_lengths"]))[:2]
     batch = trainer.data_collator([packed[i] for i in chosen])

@@ -14,9 +14,9 @@ from conftest import random_repositories
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data import skips
-from starcoder2_train.data.shards import decode_content, load_repositories
+from starcoder2_train.data.sources.shards import decode_content, load_repositories
 from starcoder2_train.data.skips import SkipReport
-from starcoder2_train.data.splits import eval_share, repository_split, shard_repositories
+from starcoder2_train.data.filters.splits import eval_share, repository_split, shard_repositories
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +172,7 @@ def test_corrupted_parquet_files_are_counted_and_the_good_ones_read(tmp_path, ca
     }
     for name, payload in bad.items():
         (tmp_path / "s" / name).write_bytes(payload)
-    with caplog.at_level(logging.WARNING, logger="starcoder2_train.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="starcoder2_train.data.sources.shards"):
         dataset, report = load(tmp_path / "s")
     assert dataset.to_list() == repos
     assert report.parquet_files == Counter({skips.UNREADABLE_PARQUET: 3})

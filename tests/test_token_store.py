@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from starcoder2_train.data.packing import ArrowTokenRows, PackedDataset
-from starcoder2_train.data.permutation import Permutation
+from starcoder2_train.data.windows.packing import ArrowTokenRows, PackedDataset
+from starcoder2_train.data.windows.permutation import Permutation
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
-from starcoder2_train.data.token_store import TokenStore, TokenStoreError, part_metadata, token_dtype
-from starcoder2_train.data.token_writer import TokenStoreWriter, write_token_rows
+from starcoder2_train.data.store.token_store import TokenStore, TokenStoreError, part_metadata, token_dtype
+from starcoder2_train.data.store.token_writer import TokenStoreWriter, write_token_rows
 
 SPECIAL = SpecialTokenIds(eos=0, fim_prefix=1, fim_middle=2, fim_suffix=3, fim_pad=4, repo_name=5, file_sep=6)
 VOCAB = 49152
@@ -300,7 +300,7 @@ def test_a_writer_killed_before_close_leaves_nothing_that_opens(tmp_path):
     write_parts(tmp_path, [[[1, 2, 0]]])  # one complete part beside the killed writer's
     code = (
         "import os, signal\n"
-        "from starcoder2_train.data.token_writer import TokenStoreWriter\n"
+        "from starcoder2_train.data.store.token_writer import TokenStoreWriter\n"
         f"writer = TokenStoreWriter({str(tmp_path)!r}, 'part-00001', 1000)\n"
         "for i in range(20000): writer.add(list(range(1, i % 50 + 2)))\n"
         "for handle in writer._files.values(): handle.flush()\n"
@@ -392,7 +392,7 @@ def test_permutation_resumes_anywhere_and_is_the_same_in_every_process():
         258806919,
     ]
     code = (
-        "from starcoder2_train.data.permutation import Permutation\n"
+        "from starcoder2_train.data.windows.permutation import Permutation\n"
         "print(Permutation(1_000_003, 2024).take(range(0, 1_000_003, 9973)).tolist())"
     )
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

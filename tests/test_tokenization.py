@@ -3,10 +3,10 @@
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from starcoder2_train.data.fim import FimRates, apply_fim
-from starcoder2_train.data.repo_examples import build_example
+from starcoder2_train.data.examples.fim import FimRates, apply_fim
+from starcoder2_train.data.examples.repo_examples import build_example
 from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
-from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 
 
 def test_special_token_text_in_source_yields_no_special_ids(tokenizer):

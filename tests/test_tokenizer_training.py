@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from starcoder2_train.configs import RecipeError
 from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS
-from starcoder2_train.data.tokenizer import (
+from starcoder2_train.data.tokens.tokenizer import (
     iter_parquet_contents,
     learned_special_tokens,
     load_tokenizer,

@@ -12,7 +12,7 @@
 `Recipe` holds a recipe file (or none: the defaults) and the values changed on top of it; every change is checked
 by the same parser as the scripts' (unknown keys and wrong types are refused naming the key), and `arguments()`
 parses them into the model, data and training dataclasses. The scripts are thin users of the same functions:
-scripts/run_pretrain.py of run.py's `run_training`, scripts/ingest.py of data/local/ingest.py,
+scripts/run_pretrain.py of run.py's `run_training`, scripts/ingest.py of data/sources/local/ingest.py,
 scripts/merge_adapter.py of model/lora.py. Nothing here needs `accelerate launch`; a Trainer built in a notebook
 uses the one device it finds.
 """
@@ -69,7 +69,7 @@ class Recipe:
         return self.arguments()[2].output_dir
 
     def tokenizer(self):
-        from starcoder2_train.data.tokenizer import load_tokenizer
+        from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 
         return load_tokenizer(self.arguments()[1].tokenizer_name_or_path)
 
@@ -159,7 +159,7 @@ def ingest_code(
     summary (what was kept, and what was skipped and why). Each sub-folder of `folder` is one repository
     (`one_per_subfolder`); by default that is so when `folder` holds only folders, and `folder` is itself one
     repository when it holds files too. `options`: ingest's (max_file_bytes, overwrite, exclude_dirs, ...)."""
-    from starcoder2_train.data.local.ingest import ingest
+    from starcoder2_train.data.sources.local.ingest import ingest
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -189,7 +189,7 @@ def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 64)
     As in the FIM evaluation, a prefix that ends in a newline goes into the prompt without it and the first token
     generated starts with it (token healing: evaluation/fim.py says why); the text returned starts after that
     newline."""
-    from starcoder2_train.data.tokenization import PieceTokenizer
+    from starcoder2_train.data.tokens.tokenization import PieceTokenizer
     from starcoder2_train.evaluation.fim import FimProblem, fim_prompts
     from starcoder2_train.evaluation.generation import generate_batched
 

@@ -23,11 +23,11 @@ import transformers
 from transformers import set_seed
 
 from starcoder2_train.configs import RecipeError, tokens_per_step
-from starcoder2_train.data.collators import make_collator
+from starcoder2_train.data.batches.collators import make_collator
 from starcoder2_train.data.pipeline import build_packed_dataset, build_training_data
-from starcoder2_train.data.prepared import load_held_out_repositories
-from starcoder2_train.data.splits import load_split_repositories
-from starcoder2_train.data.tokenizer import load_tokenizer
+from starcoder2_train.data.store.prepared import load_held_out_repositories
+from starcoder2_train.data.filters.splits import load_split_repositories
+from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import held_out
 from starcoder2_train.evaluation.callback import EvaluationCallback
 from starcoder2_train.evaluation.fim import fim_generation_budget
@@ -201,7 +201,7 @@ def save_final_model(trainer, tokenizer, model_args, training_args) -> str:
     if trainer.is_fsdp_enabled:  # FSDP saves sharded state during training; the final model is one file
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(model_dir)
-    trainer.model.config.use_cache = False  # packed evaluation needs it off (data/packing.py)
+    trainer.model.config.use_cache = False  # packed evaluation needs it off (data/windows/packing.py)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(model_dir)
         logger.info("saved the %s and tokenizer to %s", "adapter" if model_args.use_lora else "model", model_dir)

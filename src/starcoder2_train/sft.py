@@ -25,7 +25,7 @@ TRL's padding-free collator produces literally that: one flattened row as `Packe
 position_ids from each packed row's `seq_lengths`, labels -100 where they restart, and `cu_seq_lens_q/k`,
 `max_length_q/k` as `document_boundaries` computes them (tests/test_sft.py checks both; TRL refuses another collator
 for padding-free batches). TRL's `bfd_split` chooses which samples share a row: whole samples, best fit, and one
-longer than seq_length cut into seq_length pieces, as data/packing.py continues a long example in the next window.
+longer than seq_length cut into seq_length pieces, as data/windows/packing.py continues a long example in the next window.
 
 TRL behaviour worked around (SFTTrainingArguments): its default packing `bfd` and `packing: false` truncate at
 max_length and `wrapped` loses the sample boundaries, so only bfd_split is taken; bf16 and checkpointing are off unless
@@ -47,7 +47,7 @@ from trl.chat_template_utils import get_training_chat_template, has_generation_m
 
 from starcoder2_train.configs import ModelArguments, RecipeError, hub_hint, is_hub_id
 from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS
-from starcoder2_train.data.tokenizer import load_tokenizer
+from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.model.factory import choose_attention, validate_model_and_data
 from starcoder2_train.model.presets import build_config
 from starcoder2_train.recipe import RecipeParser

@@ -60,7 +60,7 @@ def load_documents(model_args, data_args, training_args, token_file=None, synthe
             f"{synthetic} synthetic documents (log-normal lengths, median 2000 tokens)",
         )
     from starcoder2_train.data.pipeline import load_token_rows  # the datasets library, only for this source
-    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path or model_args.model_name_or_path)
     rows, _ = load_token_rows(data_args, tokenizer, training_args.seed)

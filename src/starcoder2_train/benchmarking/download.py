@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from starcoder2_train.data.download.fetch import S3Options
-from starcoder2_train.data.download.run import download
+from starcoder2_train.data.sources.download.fetch import S3Options
+from starcoder2_train.data.sources.download.run import download
 
 SERVER = """
 import sys

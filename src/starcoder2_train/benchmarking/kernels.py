@@ -31,8 +31,8 @@ from starcoder2_train.benchmarking.documents import (
     token_rows,
 )
 from starcoder2_train.benchmarking.provenance import write_json
-from starcoder2_train.data.collators import document_boundaries, document_ids
-from starcoder2_train.data.packing import PackedDataset
+from starcoder2_train.data.batches.collators import document_boundaries, document_ids
+from starcoder2_train.data.windows.packing import PackedDataset
 from starcoder2_train.model.attention import blocked_sdpa_attention_forward, varlen_attention_forward
 from starcoder2_train.model.dropout_check import dropout_gradient_check, flash_kernel_with_another_mask
 

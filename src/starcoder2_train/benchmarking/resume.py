@@ -40,8 +40,8 @@ FIRST_NEW_STEP = "'loss'"  # the Trainer's printed log dict of a step (disable_t
 
 def prepare_data(work: str, vocab_size: int) -> tuple[str, str]:
     """(shards, tokenizer) under `work`: the standard library ingested and a BPE trained on it, made once."""
-    from starcoder2_train.data.local.ingest import ingest
-    from starcoder2_train.data.tokenizer import train_tokenizer_from_parquet
+    from starcoder2_train.data.sources.local.ingest import ingest
+    from starcoder2_train.data.tokens.tokenizer import train_tokenizer_from_parquet
 
     shards, tokenizer = os.path.join(work, "stdlib"), os.path.join(work, "tokenizer")
     if not os.path.isfile(os.path.join(shards, "ingest_summary.json")):
@@ -210,7 +210,7 @@ def baseline_child(values_file: str, output_dir: str, resume: str | None) -> Non
     from transformers import Trainer, TrainingArguments
 
     from starcoder2_train.configs import ModelArguments
-    from starcoder2_train.data.tokenizer import load_tokenizer
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
     from starcoder2_train.model.factory import create_model
 
     with open(values_file) as handle:

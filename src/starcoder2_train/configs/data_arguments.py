@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from starcoder2_train.configs.shared import RecipeError, check_eval_fraction, check_shard
 
 FIM_LEVELS = ("file", "window")
-# Benchmarks whose texts decontamination finds without a download (data/decontamination.py), and the other ones
+# Benchmarks whose texts decontamination finds without a download (data/filters/decontamination.py), and the other ones
 # StarCoder2 decontaminated against (arXiv:2402.19173), whose texts a user gives as decontamination_files.
 DECONTAMINATION_BENCHMARKS = ("humaneval",)
 BENCHMARKS_AS_FILES = ("mbpp", "apps", "gsm8k", "ds1000")
@@ -62,7 +62,7 @@ class DataArguments:
         default=False,
         metadata={
             "help": "Input shards with a download record (scripts/download_stack_v2.py) are checked by size and "
-            "row count before reading; true: also by sha256 (reads every shard once; data/download/verify.py)."
+            "row count before reading; true: also by sha256 (reads every shard once; data/sources/download/verify.py)."
         },
     )
     tokenizer_name_or_path: str | None = field(
@@ -87,7 +87,7 @@ class DataArguments:
         metadata={
             "help": "Where FIM cuts: file (whole files, before packing, in the prepared tokens) or window (each "
             "training window's files where they lie in the window, as Fast-LLM trained StarCoder2-3B: every FIM "
-            "example is whole in its window; data/fim.py WindowFim). The rates mean the same at both levels."
+            "example is whole in its window; data/examples/fim.py WindowFim). The rates mean the same at both levels."
         },
     )
     repo_metadata_rate: float = field(
@@ -159,7 +159,7 @@ class DataArguments:
         metadata={
             "help": "Replace personal data in file contents: emails by <EMAIL>, API keys and secrets by <KEY>, "
             "passwords in assignments and URLs by <PASSWORD>, public IP addresses by a private one of the same "
-            "version (private and documentation ranges are kept), counted per kind (data/pii.py)."
+            "version (private and documentation ranges are kept), counted per kind (data/filters/pii.py)."
         },
     )
     pii_model_path: str | None = field(

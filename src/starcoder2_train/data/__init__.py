@@ -1,17 +1,24 @@
-"""The data: Stack v2-format parquet shards → repository examples → FIM → token ids → packed windows → batches.
+"""The data, in the order a sample takes, one subpackage per stage:
 
-Read it top to bottom in the order a sample takes: `special_tokens` (the structure tokens and their ids, and
-IGNORE_INDEX), `languages` and `skips` (what a file is and why one is left out), `shards` (reading and
-filtering parquet, with `opt_outs` and `decontamination`: StarCoder2's opt-outs and benchmark decontamination),
-`cleaning` (then `near_dedup`, MinHash over files, and `pii`, PII redaction), `splits` (held-out repositories,
-one machine's part), `repo_examples` (a repository as one
-example), `fim` (file-level Fill-in-the-Middle), `tokenization` (pieces → ids with special-token parsing
-off), `pipeline` (those steps as one cached `datasets.map`, and the data epochs, made as training reaches them by
-`epochs`), `token_store` and
-`token_writer` (token ids as memory-mapped files, read in place by every rank), `permutation` (the window
-order in O(1) memory), `packing` (fixed windows, nothing dropped), `collators` (windows → the batch an
-attention kernel needs). Before training: `download/` (file contents from Software Heritage), `local/`
-(folders on disk → shards), `tokenizer` (train and load the tokenizer), `prepare` (the same steps as
-datatrove tasks, writing token stores) and `prepared` (their layout, opened by training). May import
-`configs` only: nothing of model/, training/ or later.
+    sources/  → filters/ → examples/ → tokens/ → store/ → windows/ → batches/
+
+- `sources/`: where repositories come from: Stack v2-format parquet shards (`shards`: find, recognise the layout,
+  read, group by repository), `languages` (a file's language from its path), `download/` (file contents from
+  Software Heritage), `local/` (folders on disk → shards).
+- `filters/`: what is kept: `opt_outs`, `decontamination`, `cleaning` (then `near_dedup`, MinHash over files, and
+  `pii`, PII redaction), `splits` (held-out repositories, one machine's part).
+- `examples/`: a repository as one example (`repo_examples`) and file-level Fill-in-the-Middle (`fim`, with the
+  window-level FIM that windows/ applies).
+- `tokens/`: `tokenizer` (train and load it), `tokenization` (pieces → ids with special-token parsing off).
+- `store/`: token ids as memory-mapped files read in place by every rank (`token_store`, `token_writer`) and the
+  prepared directory's layout (`prepared`).
+- `windows/`: `permutation` (the window order in O(1) memory), `packing` (fixed windows, nothing dropped), `epochs`
+  (data epochs made as training reaches them).
+- `batches/`: `collators` (windows → the batch an attention kernel needs).
+
+Shared by every stage, at this level: `special_tokens` (the structure tokens, their ids, IGNORE_INDEX) and `skips`
+(every file, repository or parquet file left out, with its reason). Two modules run the stages end to end:
+`pipeline` (in process, one cached `datasets.map`, for training and inspect_data.py) and `prepare` (the same steps as
+datatrove tasks writing token stores, for prepare_data.py). May import `configs` only: nothing of model/, training/
+or later.
 """

@@ -25,18 +25,20 @@ import numpy as np
 import torch
 
 from starcoder2_train.configs import DataArguments, RecipeError, windows_per_step
-from starcoder2_train.data import fim, repo_examples, special_tokens, tokenization
-from starcoder2_train.data.decontamination import write_report
-from starcoder2_train.data.download.verify import check_downloaded_shards
-from starcoder2_train.data.epochs import DataEpochs, in_worker_process
-from starcoder2_train.data.fim import FimRates, apply_fim, prepared_rates, window_fim
-from starcoder2_train.data.packing import PackedDataset
-from starcoder2_train.data.prepared import open_store, prepared_skips, prepared_stats, store_directory
-from starcoder2_train.data.repo_examples import build_example
+from starcoder2_train.data.examples import fim, repo_examples
+from starcoder2_train.data import special_tokens
+from starcoder2_train.data.tokens import tokenization
+from starcoder2_train.data.filters.decontamination import write_report
+from starcoder2_train.data.sources.download.verify import check_downloaded_shards
+from starcoder2_train.data.windows.epochs import DataEpochs, in_worker_process
+from starcoder2_train.data.examples.fim import FimRates, apply_fim, prepared_rates, window_fim
+from starcoder2_train.data.windows.packing import PackedDataset
+from starcoder2_train.data.store.prepared import open_store, prepared_skips, prepared_stats, store_directory
+from starcoder2_train.data.examples.repo_examples import build_example
 from starcoder2_train.data.skips import SkipReport
 from starcoder2_train.data.special_tokens import SpecialTokenIds
-from starcoder2_train.data.splits import load_split_repositories, shard_repositories
-from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.filters.splits import load_split_repositories, shard_repositories
+from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 
 logger = logging.getLogger(__name__)
 TOKEN_COLUMNS = ("input_ids", "num_tokens", "repo_name", "language", "num_files", "num_fim_psm", "num_fim_spm")
@@ -304,7 +306,7 @@ def build_training_data(data_args: DataArguments, tokenizer, training_args):
 
     With max_steps set: `DataEpochs` of exactly the windows the run reads. Before step 1 only epoch 0 is made
     (from the raw shards), or every prepared epoch's store is opened and counted, so that too few prepared
-    epochs fail now rather than mid-run; later raw epochs are made when training reaches them (data/epochs.py).
+    epochs fail now rather than mid-run; later raw epochs are made when training reaches them (data/windows/epochs.py).
     Without max_steps: ceil(num_train_epochs) epochs made now, and num_train_epochs rescaled to the share of
     their concatenation that it asks for. Returns (dataset, DataReport of epoch 0).
     """

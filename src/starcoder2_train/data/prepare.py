@@ -1,16 +1,16 @@
 """Preprocessing on datatrove: a recipe's shards → memory-mapped token stores, in N tasks on any executor.
 
-The pipeline is datatrove blocks, each usable alone, in the order of data/splits.py's in-process path:
+The pipeline is datatrove blocks, each usable alone, in the order of data/filters/splits.py's in-process path:
 - `RepositoryReader`: task r of N reads only its own contiguous range of the input parquet files (per-repository
   layout), streams them in batches of rows (memory bounded by one batch, never the file), applies the recipe's
-  opt-outs, filters and decontamination with data/shards.py's own `filter_repository_rows`, and counts every
+  opt-outs, filters and decontamination with data/sources/shards.py's own `filter_repository_rows`, and counts every
   file, repository and parquet file left out as a pipeline stat named like SkipReport's keys ("files: empty
   content"); the files decontamination removed are listed in OUTPUT/decontamination/part-<r>-of-<N>.jsonl. It
-  tags each repository train or eval (eval_data_files, or the eval_fraction hash of data/splits.py).
-- with `near_dedup`: data/near_dedup.py's `NearDuplicateFilter`, after three stages that ran first
+  tags each repository train or eval (eval_data_files, or the eval_fraction hash of data/filters/splits.py).
+- with `near_dedup`: data/filters/near_dedup.py's `NearDuplicateFilter`, after three stages that ran first
   (`near_dedup_stages`: the reader and the files' MinHash signatures in the same N tasks, the duplicate pairs in
   one task per band, the groups in one task), so each task drops the same files the in-process path drops;
-- with `pii_redaction`: `PiiRedaction`, data/pii.py's `redact_files`, counted as "redactions: <kind>" stats;
+- with `pii_redaction`: `PiiRedaction`, data/filters/pii.py's `redact_files`, counted as "redactions: <kind>" stats;
 - `ExampleTokenizer`: repository examples, FIM and tokens for every data epoch, with this project's own
   ExampleTransform (datatrove's tokenizer parses special tokens in the text, which must never happen here).
 - `StoreWriter`: one token-store part per (split, epoch) and task, `part-<r>-of-<N>`, and the held-out
@@ -21,8 +21,8 @@ stream one task would write: N tasks give the store one task gives. datatrove re
 Executors: `local` (processes on this machine), `slurm` (an sbatch array), `ray`.
 
 Cost per task: one batch of repositories (64 rows) in memory, one open writer per (split, epoch); the index of
-the input files (a list of paths), the opt-out set and the benchmark index (data/opt_outs.py,
-data/decontamination.py say their size) are the structures every task holds whole.
+the input files (a list of paths), the opt-out set and the benchmark index (data/filters/opt_outs.py,
+data/filters/decontamination.py say their size) are the structures every task holds whole.
 """
 
 import contextlib
@@ -38,18 +38,18 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.data.download.verify import check_downloaded_shards
-from starcoder2_train.data.fim import prepared_rates
-from starcoder2_train.data.near_dedup import (
+from starcoder2_train.data.sources.download.verify import check_downloaded_shards
+from starcoder2_train.data.examples.fim import prepared_rates
+from starcoder2_train.data.filters.near_dedup import (
     FileSignatures,
     KeepFirstOfCluster,
     NearDuplicateFilter,
     find_pairs,
     minhash_config,
 )
-from starcoder2_train.data.pii import PiiRedactor, redact_files
+from starcoder2_train.data.filters.pii import PiiRedactor, redact_files
 from starcoder2_train.data.pipeline import ExampleTransform
-from starcoder2_train.data.prepared import (
+from starcoder2_train.data.store.prepared import (
     DECONTAMINATION,
     LOGS,
     NEAR_DEDUP,
@@ -58,7 +58,7 @@ from starcoder2_train.data.prepared import (
     part_name,
     store_directory,
 )
-from starcoder2_train.data.shards import (
+from starcoder2_train.data.sources.shards import (
     REPOSITORIES_PER_BATCH,
     file_filters,
     filter_repository_rows,
@@ -67,10 +67,10 @@ from starcoder2_train.data.shards import (
     resolve_data_files,
 )
 from starcoder2_train.data.skips import UNREADABLE_PARQUET
-from starcoder2_train.data.splits import eval_share
-from starcoder2_train.data.token_writer import TokenStoreWriter
-from starcoder2_train.data.tokenization import PieceTokenizer
-from starcoder2_train.data.tokenizer import load_tokenizer
+from starcoder2_train.data.filters.splits import eval_share
+from starcoder2_train.data.store.token_writer import TokenStoreWriter
+from starcoder2_train.data.tokens.tokenization import PieceTokenizer
+from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _check_repository_layout(path: str, schema: pa.Schema) -> None:
 class RepositoryReader(PipelineStep):
     """Per-repository parquet → one Document per kept repository (metadata: files, split); skips as stats.
 
-    filters: data/shards.py's `file_filters` (opt-outs and the benchmark index in it), built once by the caller;
+    filters: data/sources/shards.py's `file_filters` (opt-outs and the benchmark index in it), built once by the caller;
     report_dir: where each task lists the files decontamination removed (None: not listed)."""
 
     name, type = "Stack v2 repositories", "📖 - READER"
@@ -175,7 +175,7 @@ class RepositoryReader(PipelineStep):
 
 
 class PiiRedaction(PipelineStep):
-    """Documents → the same, with personal data in their files replaced (data/pii.py), counted by kind."""
+    """Documents → the same, with personal data in their files replaced (data/filters/pii.py), counted by kind."""
 
     name, type = "PII redaction", "🔏 - PII"
 

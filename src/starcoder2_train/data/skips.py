@@ -4,7 +4,7 @@ Nothing is dropped silently: every step that leaves something out adds it to a S
 reasons below; reports merge with `+` (several files, several machines) and print as `summary_lines()`.
 What PII redaction rewrote is counted the same way, by kind, under the unit `redactions` (nothing is left out
 there), and the files that decontamination removed are also named one by one (`contaminated`, for the report
-file of data/decontamination.py).
+file of data/filters/decontamination.py).
 """
 
 from collections import Counter
@@ -26,7 +26,7 @@ UNDECODABLE = "content not decodable as its src_encoding"
 NO_FILE_LEFT = "no file left after filtering"
 BEYOND_MAX_REPOSITORIES = "beyond max_repositories"
 UNREADABLE_PARQUET = "unreadable parquet file"
-# Fetching contents from Software Heritage (data/download/).
+# Fetching contents from Software Heritage (data/sources/download/).
 MISSING_BLOB = "blob not in the bucket (NoSuchKey, HTTP 404)"
 DENIED_BLOB = "blob access denied (AccessDenied, HTTP 403)"
 NOT_GZIP = "blob is not valid gzip"
@@ -35,7 +35,7 @@ NO_FILE_FETCHED = "no file fetched (every blob missing, denied or undecodable)"
 # The steps of StarCoder2's preprocessing (docs/data_filters.md).
 OPTED_OUT = "opted-out repository (exclude_repositories)"
 NEAR_DUPLICATE = "near-duplicate of a file kept elsewhere (near_dedup, MinHash)"
-FILES_REDACTED = "files with a redaction"  # a key of SkipReport.redactions beside the kinds of data/pii.py
+FILES_REDACTED = "files with a redaction"  # a key of SkipReport.redactions beside the kinds of data/filters/pii.py
 
 
 def contamination_reason(benchmark: str) -> str:

@@ -32,7 +32,7 @@ import random
 from collections import defaultdict
 
 from starcoder2_train.configs import FIM_EVAL_MODES
-from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.generation import generate_batched
 
 

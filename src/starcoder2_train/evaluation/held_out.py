@@ -20,7 +20,7 @@ Cost: the held-out files' text in memory on every rank, eval_fraction × the cor
 
 from collections import defaultdict
 
-from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.fim import FimProblem, build_fim_problems, evaluate_fim
 from starcoder2_train.evaluation.loss import evaluate_loss
 

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.execution import require_code_execution_allowed
 from starcoder2_train.evaluation.generation import generate_batched
 from starcoder2_train.progress import progress

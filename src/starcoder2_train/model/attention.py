@@ -1,6 +1,6 @@
 """Attention that keeps packed documents apart without building an s×s mask.
 
-A packed row holds several documents; `position_ids` restart at 0 where a document starts (data/packing.py),
+A packed row holds several documents; `position_ids` restart at 0 where a document starts (data/windows/packing.py),
 and a query may attend only to keys of its own document, causally, within `sliding_window`. transformers
 builds that as a full (batch, 1, s, s) mask for sdpa (one per layer, kept for the backward: about 16 GB at
 16k for StarCoder2-3B) and computes every score of it; flash_attention_2 needs the flash-attn package.
@@ -42,7 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from starcoder2_train.configs import SDPA_BLOCKED, SDPA_VARLEN
-from starcoder2_train.data.collators import cumulative_lengths, document_ids
+from starcoder2_train.data.batches.collators import cumulative_lengths, document_ids
 
 
 def _compute_dtype(query: torch.Tensor) -> torch.dtype:

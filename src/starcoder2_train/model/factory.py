@@ -25,7 +25,7 @@ from starcoder2_train.configs import (
     RecipeError,
     torch_dtype,
 )
-from starcoder2_train.data.collators import document_boundaries
+from starcoder2_train.data.batches.collators import document_boundaries
 from starcoder2_train.data.special_tokens import SpecialTokenIds
 from starcoder2_train.model.attention import (  # registers sdpa_varlen, sdpa_blocked
     skip_mask_building,

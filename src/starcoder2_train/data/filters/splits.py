@@ -15,8 +15,8 @@ import logging
 from datasets import Dataset
 
 from starcoder2_train.configs import DataArguments, check_eval_fraction, check_shard
-from starcoder2_train.data.cleaning import clean_repositories
-from starcoder2_train.data.shards import load_repositories
+from starcoder2_train.data.filters.cleaning import clean_repositories
+from starcoder2_train.data.sources.shards import load_repositories
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def repository_split(dataset: Dataset, eval_fraction: float) -> tuple[Dataset, D
 def load_split_repositories(data_args: DataArguments, split: str = "train"):
     """(repositories of one split or None, SkipReport): eval is eval_data_files, or the eval_fraction hold-out.
 
-    The shards are read and filtered (data/shards.py), then near-deduplicated and PII-redacted
-    (data/cleaning.py) before the split, so that a near-copy is kept once across both splits."""
+    The shards are read and filtered (data/sources/shards.py), then near-deduplicated and PII-redacted
+    (data/filters/cleaning.py) before the split, so that a near-copy is kept once across both splits."""
     if split == "eval" and data_args.eval_data_files:
         repositories, skips = load_repositories(data_args, data_files=data_args.eval_data_files)
         return clean_repositories(repositories, data_args, skips), skips

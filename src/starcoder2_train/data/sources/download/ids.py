@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from starcoder2_train.configs import DataArguments, RecipeError, is_hub_id
-from starcoder2_train.data.shards import resolve_data_files
+from starcoder2_train.data.sources.shards import resolve_data_files
 
 
 class DownloadError(ValueError):

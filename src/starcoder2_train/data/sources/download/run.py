@@ -9,7 +9,7 @@ are not gzip, undecodable, binary or empty files, and repositories with no file 
 
 Resuming: a shard is written under a temporary name and renamed once complete, then its record
 (`download_state/<shard>.json`: counts, skips and `shard_file`, the shard's size, row count and sha256 taken
-before the rename; data/download/verify.py) is written the same way. A chunk with a record is done, and is
+before the rename; data/sources/download/verify.py) is written the same way. A chunk with a record is done, and is
 not fetched again if its shard passes verify.py's check (size and footer row count; the sha256 too with
 `verify_checksums`); one that fails it (missing, truncated, unreadable, changed) loses its record and shard
 and is fetched again, counted by reason in the summary's `shards_refetched`. A record written before
@@ -37,9 +37,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from starcoder2_train.configs import RecipeError, check_shard
-from starcoder2_train.data.download.fetch import BlobFetcher, S3Options
-from starcoder2_train.data.download.ids import Chunk, DownloadError, IdsReader, plan_chunks, resolve_ids_files
-from starcoder2_train.data.download.verify import (
+from starcoder2_train.data.sources.download.fetch import BlobFetcher, S3Options
+from starcoder2_train.data.sources.download.ids import Chunk, DownloadError, IdsReader, plan_chunks, resolve_ids_files
+from starcoder2_train.data.sources.download.verify import (
     PLAN,
     STATE_DIRECTORY,
     old_record_problem,
@@ -47,7 +47,7 @@ from starcoder2_train.data.download.verify import (
     shard_facts,
     shard_problem,
 )
-from starcoder2_train.data.shards import decode_content
+from starcoder2_train.data.sources.shards import decode_content
 from starcoder2_train.data.skips import DENIED_BLOB, MISSING_BLOB_ID, MISSING_REPO_NAME, NO_FILE_FETCHED, SkipReport
 from starcoder2_train.progress import progress
 
@@ -235,7 +235,7 @@ def download(
     """Fetch this machine's part of `ids` into `output_dir`; returns the summary and what was left out.
 
     verify_checksums: a shard already written is kept only if its sha256 matches its record (else size and
-    footer row count suffice; data/download/verify.py says why and what each costs)."""
+    footer row count suffice; data/sources/download/verify.py says why and what each costs)."""
     options = options or S3Options()
     try:
         check_shard(num_shards, shard_index)

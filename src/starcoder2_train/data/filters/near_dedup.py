@@ -11,7 +11,7 @@ datatrove's MinHash deduplication (`datatrove.pipeline.dedup.minhash`), with fil
 3. `KeepFirstOfCluster`: the pairs joined into groups (union-find); every file of a group but the first in input
    order is removed. datatrove's MinhashDedupCluster keeps the root of a union by size, which depends on how the
    files were split into tasks; keeping the first makes one task and a thousand remove the same files, and the
-   in-process pipeline (data/cleaning.py) remove what scripts/prepare_data.py removes;
+   in-process pipeline (data/filters/cleaning.py) remove what scripts/prepare_data.py removes;
 4. `NearDuplicateFilter`: drops the removed files from the task's repositories, read again in the same order; a
    repository left without files is dropped too, counted as "no file left after filtering".
 

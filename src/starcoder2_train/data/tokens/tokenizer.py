@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from starcoder2_train.configs import RecipeError, hub_hint
-from starcoder2_train.data.shards import parquet_layout
+from starcoder2_train.data.sources.shards import parquet_layout
 from starcoder2_train.data.special_tokens import EOS_TOKEN, STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
 from starcoder2_train.progress import progress
 

@@ -15,13 +15,13 @@ Labels are IGNORE_INDEX (-100) on padding, on `<fim_pad>`, and (when isolated) o
 `cross_document_attention: true` gives the plain concatenation instead: positions 0..seq_length-1.
 Batches are made by collators.py.
 
-Window-level FIM (`fim_level: window`, data/fim.py WindowFim): window i then reads stream tokens
+Window-level FIM (`fim_level: window`, data/examples/fim.py WindowFim): window i then reads stream tokens
 [i·stride, (i+1)·stride) with stride = seq_length − WindowFim.reserve(seq_length) (496 of 512, 4,064 of 4,096),
 FIM-transforms the files in it, and pads what the sentinels leave of the room; nothing is truncated.
 
-The stream comes from a token store (data/token_store.py: memory-mapped, shared by every process of a machine)
+The stream comes from a token store (data/store/token_store.py: memory-mapped, shared by every process of a machine)
 or from token rows still in Arrow (a datasets.Dataset or pyarrow table: `ArrowTokenRows`, read chunk by chunk
-in place). With a shuffle seed the windows are read in the order of a `Permutation` (data/permutation.py),
+in place). With a shuffle seed the windows are read in the order of a `Permutation` (data/windows/permutation.py),
 computed per index. Cost per rank at 3T tokens (~730M windows of 4,096): the store's index (two int64 per
 part), 48 bytes of permutation keys, and one window's arrays at a time.
 """
@@ -31,10 +31,10 @@ import os
 import numpy as np
 import torch
 
-from starcoder2_train.data.fim import WindowFim, WindowFimCounts
-from starcoder2_train.data.permutation import Permutation
+from starcoder2_train.data.examples.fim import WindowFim, WindowFimCounts
+from starcoder2_train.data.windows.permutation import Permutation
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
-from starcoder2_train.data.token_store import TokenStore, TokenStream, chunk_arrays, input_ids_column
+from starcoder2_train.data.store.token_store import TokenStore, TokenStream, chunk_arrays, input_ids_column
 
 
 class ArrowTokenRows(TokenStream):

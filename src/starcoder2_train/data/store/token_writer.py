@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from starcoder2_train.data.token_store import (
+from starcoder2_train.data.store.token_store import (
     _FLUSH_OFFSETS,
     OFFSETS_DTYPE,
     chunk_arrays,

@@ -22,7 +22,7 @@ plus 8 an example (6 TB + 12 GB: 2.004 bytes a token at ~2,000 tokens an example
 on disk, memory-mapped. At most MAPPED_PARTS parts are mapped at once (Python's mmap keeps a file descriptor
 for each map: 256 of them). A window reads its own ~8 KB of tokens and the ~18 pages a binary search touches
 in one part's offsets.
-`TokenStream` is what a store and data/packing.py's `ArrowTokenRows` (token rows still in Arrow) share:
+`TokenStream` is what a store and data/windows/packing.py's `ArrowTokenRows` (token rows still in Arrow) share:
 `tokens(begin, end)` and `example_starts_in(begin, end)` over parts read as one stream.
 """
 

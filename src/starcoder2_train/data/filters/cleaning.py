@@ -1,11 +1,11 @@
 """The steps after the filters, over the repository rows of the in-process pipeline: near-deduplication, then PII.
 
-data/shards.py has read the shards, removed opted-out repositories and contaminated files and applied the filters;
+data/sources/shards.py has read the shards, removed opted-out repositories and contaminated files and applied the filters;
 `clean_repositories` then runs, in this order:
-- near-deduplication (`near_dedup`): the blocks of data/near_dedup.py run here in one process (rank 0 of 1, in a
+- near-deduplication (`near_dedup`): the blocks of data/filters/near_dedup.py run here in one process (rank 0 of 1, in a
   temporary folder), then one `datasets.map` drops the removed files. In one process: for data a machine tokenizes
   in process; at scale scripts/prepare_data.py runs the same blocks as datatrove tasks;
-- PII redaction (`pii_redaction`): data/pii.py's `redact_files` on every file, one batched `datasets.map` in
+- PII redaction (`pii_redaction`): data/filters/pii.py's `redact_files` on every file, one batched `datasets.map` in
   num_proc processes (the PiiRedactor, its compiled patterns and no model, is pickled into each).
 data/prepare.py runs the same functions as datatrove blocks (NearDuplicateFilter, PiiRedaction), so both paths
 remove and rewrite the same files. Each map has an explicit fingerprint of its input, its settings and the source
@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value
 
 from starcoder2_train.configs import DataArguments
-from starcoder2_train.data import near_dedup, pii
-from starcoder2_train.data.near_dedup import (
+from starcoder2_train.data.filters import near_dedup, pii
+from starcoder2_train.data.filters.near_dedup import (
     FileSignatures,
     KeepFirstOfCluster,
     find_pairs,
@@ -35,7 +35,7 @@ from starcoder2_train.data.near_dedup import (
     removed_files,
     similarity_threshold,
 )
-from starcoder2_train.data.shards import FILE_FEATURES, REPOSITORIES_PER_BATCH
+from starcoder2_train.data.sources.shards import FILE_FEATURES, REPOSITORIES_PER_BATCH
 from starcoder2_train.data.skips import NEAR_DUPLICATE, NO_FILE_LEFT, SkipReport
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def _redact(batch: dict, redactor: pii.PiiRedactor) -> dict:
 
 
 def redact_repositories(rows: Dataset, data_args: DataArguments, report: SkipReport) -> Dataset:
-    """Rows with personal data replaced (data/pii.py), the replacements counted by kind in report.redactions."""
+    """Rows with personal data replaced (data/filters/pii.py), the replacements counted by kind in report.redactions."""
     redactor = pii.PiiRedactor(data_args.pii_model_path)
     rows = rows.map(
         _redact,

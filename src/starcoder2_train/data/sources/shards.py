@@ -8,8 +8,8 @@ Two layouts are accepted, recognised per parquet file by its columns:
 Optional file fields, used when present: `language` (else derived from the path), `license_type`,
 `is_vendor`, `is_generated`, `src_encoding` (to decode contents stored as bytes; default UTF-8).
 
-Before any check, a repository named in `exclude_repositories` is removed (data/opt_outs.py); after a file's
-checks, a file holding a benchmark text is removed (data/decontamination.py, `decontamination_benchmarks`) and
+Before any check, a repository named in `exclude_repositories` is removed (data/filters/opt_outs.py); after a file's
+checks, a file holding a benchmark text is removed (data/filters/decontamination.py, `decontamination_benchmarks`) and
 named in the SkipReport's `contaminated` list. Both are steps of `filter_repository_rows`, which the in-process
 pipeline and data/prepare.py's datatrove reader both call.
 
@@ -36,10 +36,10 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from datasets.exceptions import DatasetGenerationError
 
 from starcoder2_train.configs import DataArguments, RecipeError, hub_hint, is_hub_id
-from starcoder2_train.data import decontamination, opt_outs
-from starcoder2_train.data.decontamination import Match, load_benchmark_index
-from starcoder2_train.data.languages import language_of
-from starcoder2_train.data.opt_outs import load_opt_outs
+from starcoder2_train.data.filters import decontamination, opt_outs
+from starcoder2_train.data.filters.decontamination import Match, load_benchmark_index
+from starcoder2_train.data.sources.languages import language_of
+from starcoder2_train.data.filters.opt_outs import load_opt_outs
 from starcoder2_train.data.skips import (
     BEYOND_MAX_REPOSITORIES,
     BINARY,

@@ -2,7 +2,7 @@
 
 Layout of a prepared directory (data/prepare.py writes it, one part per datatrove task):
 
-    train/epoch-<e>/part-<r>-of-<N>.{tokens,offsets,json}   token-store parts (data/token_store.py), epoch e
+    train/epoch-<e>/part-<r>-of-<N>.{tokens,offsets,json}   token-store parts (data/store/token_store.py), epoch e
     eval/epoch-0/part-<r>-of-<N>.{tokens,offsets,json}      the held-out repositories' examples
     eval/repositories/part-<r>-of-<N>.parquet               the held-out repositories themselves (evaluation)
     decontamination/part-<r>-of-<N>.jsonl                   the files decontamination removed, one JSON a line
@@ -81,7 +81,7 @@ def check_complete(root: str, suffix: str) -> list[str]:
 
 def open_store(directory: str, split: str, epoch: int):
     """The TokenStore of one split and epoch, or None for an eval split that holds nothing."""
-    from starcoder2_train.data.token_store import TokenStore
+    from starcoder2_train.data.store.token_store import TokenStore
 
     root = store_directory(directory, split, epoch)
     if not os.path.isdir(root):

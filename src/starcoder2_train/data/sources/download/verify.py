@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.data.shards import resolve_data_files
+from starcoder2_train.data.sources.shards import resolve_data_files
 
 STATE_DIRECTORY = "download_state"
 PLAN = "plan.json"

@@ -14,7 +14,7 @@ unpickled or copied, and `encode_texts` refuses to encode if the flag is off any
 
 from tokenizers import Tokenizer
 
-from starcoder2_train.data.repo_examples import Piece
+from starcoder2_train.data.examples.repo_examples import Piece
 from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
 
 

@@ -5,7 +5,7 @@ machine's part), `fetch` (one blob from Software Heritage's bucket or a mirror: 
 failure a reason), `run` (a thread pool fetches each chunk, files are decoded as their src_encoding says,
 each chunk is written as one shard atomically, and a rerun resumes where a run stopped), `verify` (each shard
 against its record's size, row count and sha256: on resume, and before preparation reads the folder). The
-shards read as `dataset_name_or_path: DIR` (data/shards.py). scripts/download_stack_v2.py runs it. May import
+shards read as `dataset_name_or_path: DIR` (data/sources/shards.py). scripts/download_stack_v2.py runs it. May import
 `configs` and `data/` (shards, skips).
 
 Cost at the scale of the-stack-v2-train-smol-ids (~3.3M repositories, hundreds of millions of blobs): one GET

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starcoder2_train.data.repo_examples import Piece, RepoExample, example_rng
+from starcoder2_train.data.examples.repo_examples import Piece, RepoExample, example_rng
 from starcoder2_train.data.special_tokens import EOS_TOKEN, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from starcoder2_train.data.tokenization import PieceTokenizer
+from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class WindowFimCounts:
 
 class WindowFim:
     """Fast-LLM's FIM, as it trained StarCoder2-3B: applied to each training window, so that every FIM example
-    lies whole in the window it is trained in (`fim_level: window`; data/packing.py calls it).
+    lies whole in the window it is trained in (`fim_level: window`; data/windows/packing.py calls it).
 
     The file-level transform above cuts whole files before packing; a file longer than the window (the Stack's
     median Python file is ~2,300 tokens of a 4k BPE) then puts its middle windows away from the prefix end it

@@ -1,0 +1,1 @@
+"""Stage 7, windows → batches for the attention kernel (`collators`)."""
