@@ -32,8 +32,8 @@ from transformers import AutoModelForCausalLM
 
 from starcoder2_train.cli import ScriptParser, run_script
 from starcoder2_train.configs import EVAL_TASKS, TORCH_DTYPES, DataArguments, RecipeError, torch_dtype
-from starcoder2_train.data.sources.shards import load_repositories
 from starcoder2_train.data.filters.splits import load_split_repositories, repository_split
+from starcoder2_train.data.sources.shards import load_repositories
 from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import held_out
 from starcoder2_train.evaluation.chart import draw_language_chart

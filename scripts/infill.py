@@ -18,8 +18,8 @@ from starcoder2_train.cli import ScriptParser, run_script
 def held_out_file(recipe_argv: list[str]) -> tuple[dict, str]:
     """The first file of the first held-out repository of the recipe, and the recipe's fim_eval_mode (this part
     uses the project's reader)."""
-    from starcoder2_train.data.sources.shards import load_repositories
     from starcoder2_train.data.filters.splits import repository_split
+    from starcoder2_train.data.sources.shards import load_repositories
     from starcoder2_train.recipe import RecipeParser
 
     _, data_args, training_args = RecipeParser().parse(recipe_argv)

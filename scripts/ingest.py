@@ -40,7 +40,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from starcoder2_train.data.sources.local.ingest import IngestError, ingest  # after the parse: it loads transformers
+    from starcoder2_train.data.sources.local.ingest import (  # after the parse: it loads transformers
+        IngestError,
+        ingest,
+    )
 
     if args.disable_tqdm:
         os.environ[FORCE_ENV] = "0"  # starcoder2_train.progress: every bar of this command off

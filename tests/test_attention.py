@@ -10,7 +10,12 @@ from transformers import AttentionInterface, AutoModelForCausalLM, Starcoder2Con
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from starcoder2_train.configs import ModelArguments, RecipeError
-from starcoder2_train.data.batches.collators import DocumentBoundaryCollator, PackedCollator, document_boundaries, document_ids
+from starcoder2_train.data.batches.collators import (
+    DocumentBoundaryCollator,
+    PackedCollator,
+    document_boundaries,
+    document_ids,
+)
 from starcoder2_train.model import factory
 from starcoder2_train.model.attention import (
     SDPA_BLOCKED,

@@ -22,8 +22,8 @@ import pytest
 from conftest import LAUNCH_ENV, load_script, random_repositories, write_repository_shards
 
 from starcoder2_train.configs import RecipeError
-from starcoder2_train.data.store.prepared import open_store, prepared_skips, prepared_stats
 from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS
+from starcoder2_train.data.store.prepared import open_store, prepared_skips, prepared_stats
 
 ROOT = Path(__file__).parents[1]
 MAX_FILE_BYTES = 4000

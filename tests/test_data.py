@@ -149,8 +149,8 @@ def test_prepared_shards_from_two_machines_train_like_one(code_shards, tokenizer
     assert windows(direct) == windows(prepared)
     assert prepared_report.skipped == direct_report.skipped and prepared_report.tokens == direct_report.tokens
     # The held-out repositories travel too: the evaluation tasks get the same rows as from the raw shards.
-    from starcoder2_train.data.store.prepared import load_held_out_repositories
     from starcoder2_train.data.filters.splits import load_split_repositories
+    from starcoder2_train.data.store.prepared import load_held_out_repositories
     from starcoder2_train.evaluation.held_out import task_inputs
 
     held_out = load_held_out_repositories(str(tmp_path / "prepared"))
@@ -198,8 +198,8 @@ def test_later_epochs_are_made_when_training_reaches_them(code_shards, tokenizer
     import torch
     from transformers import TrainingArguments
 
-    from starcoder2_train.data.windows.epochs import DataEpochs
     from starcoder2_train.data.pipeline import build_training_data
+    from starcoder2_train.data.windows.epochs import DataEpochs
 
     args = data_args(code_shards, tokenizer_dir, num_proc=2)
     first, _ = build_packed_dataset(args, tokenizer, seed=3, epoch=0)

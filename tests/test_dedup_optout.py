@@ -13,8 +13,8 @@ from test_bad_input import assert_clean_error, run_command, write_recipe
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data.filters.opt_outs import load_opt_outs
 from starcoder2_train.data.pipeline import load_token_rows
-from starcoder2_train.data.store.prepared import open_store, prepared_skips
 from starcoder2_train.data.sources.shards import load_repositories
+from starcoder2_train.data.store.prepared import open_store, prepared_skips
 
 prepare_data = load_script("prepare_data")
 OPTED_OUT = "repositories: opted-out repository (exclude_repositories)"

@@ -24,10 +24,6 @@ from conftest import load_script
 
 from starcoder2_train.benchmarking.download import upload_blobs
 from starcoder2_train.configs import DataArguments
-from starcoder2_train.data.sources.download.fetch import S3Options
-from starcoder2_train.data.sources.download.ids import DownloadError
-from starcoder2_train.data.sources.download.run import download
-from starcoder2_train.data.sources.shards import load_repositories
 from starcoder2_train.data.skips import (
     DENIED_BLOB,
     MISSING_BLOB,
@@ -36,6 +32,10 @@ from starcoder2_train.data.skips import (
     NOT_GZIP,
     UNDECODABLE,
 )
+from starcoder2_train.data.sources.download.fetch import S3Options
+from starcoder2_train.data.sources.download.ids import DownloadError
+from starcoder2_train.data.sources.download.run import download
+from starcoder2_train.data.sources.shards import load_repositories
 
 ACCESS_KEY = "AKIATESTDONOTLEAK0001"
 SECRET_KEY = "secret/DoNotLeak+0123456789abcdefghij"

@@ -12,7 +12,13 @@ from test_download import environment, options, put, read_output, s3, simple_rep
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data.sources.download.ids import DownloadError
 from starcoder2_train.data.sources.download.run import download
-from starcoder2_train.data.sources.download.verify import CHECKSUM, SIZE, check_downloaded_shards, record_path, sha256_of
+from starcoder2_train.data.sources.download.verify import (
+    CHECKSUM,
+    SIZE,
+    check_downloaded_shards,
+    record_path,
+    sha256_of,
+)
 
 FIRST = "data/train-00000-of-00001-rows-000000000-000000002.parquet"
 SECOND = "data/train-00000-of-00001-rows-000000002-000000004.parquet"

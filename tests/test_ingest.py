@@ -15,12 +15,12 @@ from conftest import load_script
 
 from starcoder2_train.configs import DataArguments
 from starcoder2_train.data import skips
+from starcoder2_train.data.skips import SkipReport
 from starcoder2_train.data.sources.languages import EXTENSIONS, SMOL_LANGUAGES, language_of
 from starcoder2_train.data.sources.local import ingest as ingest_module
 from starcoder2_train.data.sources.local.ingest import IngestError, ingest
 from starcoder2_train.data.sources.local.metadata import detect_licenses, repository_name
 from starcoder2_train.data.sources.shards import load_repositories
-from starcoder2_train.data.skips import SkipReport
 
 MIT = """MIT License
 

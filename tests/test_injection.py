@@ -11,7 +11,6 @@ import os
 import pytest
 from conftest import load_script, write_repository_shards
 
-from starcoder2_train.data.store.prepared import open_store, prepared_stats
 from starcoder2_train.data.special_tokens import (
     EOS_TOKEN,
     FILE_SEP,
@@ -21,6 +20,7 @@ from starcoder2_train.data.special_tokens import (
     REPO_NAME,
     STARCODER2_SPECIAL_TOKENS,
 )
+from starcoder2_train.data.store.prepared import open_store, prepared_stats
 
 LITERALS = "".join(f"s = '{token}'\n{token}not a separator {token}{token}\n" for token in STARCODER2_SPECIAL_TOKENS)
 

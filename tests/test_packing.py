@@ -9,8 +9,8 @@ import torch
 from transformers import Starcoder2Config, Starcoder2ForCausalLM
 
 from starcoder2_train.data.batches.collators import PackedCollator
-from starcoder2_train.data.windows.packing import PackedDataset
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
+from starcoder2_train.data.windows.packing import PackedDataset
 
 SPECIAL = SpecialTokenIds(eos=0, fim_prefix=1, fim_middle=2, fim_suffix=3, fim_pad=4, repo_name=5, file_sep=6)
 
@@ -106,9 +106,9 @@ def test_packed_logits_equal_each_example_alone(attn):
 
 
 def test_a_token_store_packs_as_its_token_rows_shuffled_or_not(tmp_path):
-    from starcoder2_train.data.windows.permutation import Permutation
     from starcoder2_train.data.store.token_store import TokenStore
     from starcoder2_train.data.store.token_writer import write_token_rows
+    from starcoder2_train.data.windows.permutation import Permutation
 
     dataset, _ = token_rows([5, 1, 40, 3 * 16 + 7, 2, 31, 32, 33, 9, 17])
     write_token_rows(dataset, tmp_path, "part-00000", vocab_size=100)

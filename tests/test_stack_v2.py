@@ -14,9 +14,9 @@ from conftest import random_repositories
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data import skips
-from starcoder2_train.data.sources.shards import decode_content, load_repositories
-from starcoder2_train.data.skips import SkipReport
 from starcoder2_train.data.filters.splits import eval_share, repository_split, shard_repositories
+from starcoder2_train.data.skips import SkipReport
+from starcoder2_train.data.sources.shards import decode_content, load_repositories
 
 
 @pytest.fixture(autouse=True)

@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from starcoder2_train.data.windows.packing import ArrowTokenRows, PackedDataset
-from starcoder2_train.data.windows.permutation import Permutation
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
 from starcoder2_train.data.store.token_store import TokenStore, TokenStoreError, part_metadata, token_dtype
 from starcoder2_train.data.store.token_writer import TokenStoreWriter, write_token_rows
+from starcoder2_train.data.windows.packing import ArrowTokenRows, PackedDataset
+from starcoder2_train.data.windows.permutation import Permutation
 
 SPECIAL = SpecialTokenIds(eos=0, fim_prefix=1, fim_middle=2, fim_suffix=3, fim_pad=4, repo_name=5, file_sep=6)
 VOCAB = 49152

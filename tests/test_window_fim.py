@@ -11,10 +11,10 @@ from conftest import load_script, random_repositories, write_repository_shards
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data.examples.fim import FimRates, WindowFim
-from starcoder2_train.data.windows.packing import PackedDataset
 from starcoder2_train.data.pipeline import build_packed_dataset, tokenize_repositories
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
 from starcoder2_train.data.tokens.tokenizer import load_tokenizer
+from starcoder2_train.data.windows.packing import PackedDataset
 
 
 def plain_rows(tokenizer, repos, seed=0):

@@ -24,9 +24,9 @@ from transformers import set_seed
 
 from starcoder2_train.configs import RecipeError, tokens_per_step
 from starcoder2_train.data.batches.collators import make_collator
+from starcoder2_train.data.filters.splits import load_split_repositories
 from starcoder2_train.data.pipeline import build_packed_dataset, build_training_data
 from starcoder2_train.data.store.prepared import load_held_out_repositories
-from starcoder2_train.data.filters.splits import load_split_repositories
 from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import held_out
 from starcoder2_train.evaluation.callback import EvaluationCallback

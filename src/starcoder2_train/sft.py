@@ -25,7 +25,8 @@ TRL's padding-free collator produces literally that: one flattened row as `Packe
 position_ids from each packed row's `seq_lengths`, labels -100 where they restart, and `cu_seq_lens_q/k`,
 `max_length_q/k` as `document_boundaries` computes them (tests/test_sft.py checks both; TRL refuses another collator
 for padding-free batches). TRL's `bfd_split` chooses which samples share a row: whole samples, best fit, and one
-longer than seq_length cut into seq_length pieces, as data/windows/packing.py continues a long example in the next window.
+longer than seq_length cut into seq_length pieces, as data/windows/packing.py continues a long example in the next
+window.
 
 TRL behaviour worked around (SFTTrainingArguments): its default packing `bfd` and `packing: false` truncate at
 max_length and `wrapped` loses the sample boundaries, so only bfd_split is taken; bf16 and checkpointing are off unless

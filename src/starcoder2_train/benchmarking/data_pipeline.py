@@ -17,12 +17,12 @@ import numpy as np
 
 from starcoder2_train.configs import DataArguments
 from starcoder2_train.data.batches.collators import PackedCollator
-from starcoder2_train.data.sources.local.ingest import ingest
-from starcoder2_train.data.windows.packing import PackedDataset
 from starcoder2_train.data.pipeline import tokenize_repositories
+from starcoder2_train.data.sources.local.ingest import ingest
 from starcoder2_train.data.sources.shards import load_repositories
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.data.tokens.tokenizer import load_tokenizer, train_tokenizer_from_parquet
+from starcoder2_train.data.windows.packing import PackedDataset
 
 H100_TOKENS_PER_SECOND = 20_000  # StarCoder2-3B training on one H100, the consumer to keep fed
 

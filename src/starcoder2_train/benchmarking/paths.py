@@ -29,8 +29,8 @@ from transformers import DataCollatorWithFlattening
 from starcoder2_train.benchmarking.documents import token_rows
 from starcoder2_train.configs import FLASH_ATTENTION_2, ModelArguments, PretrainingArguments
 from starcoder2_train.data.batches.collators import make_collator
-from starcoder2_train.data.windows.packing import PackedDataset
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
+from starcoder2_train.data.windows.packing import PackedDataset
 from starcoder2_train.model.flash import flash_attention_2_available
 
 BASELINES = ("plain", "flattening")

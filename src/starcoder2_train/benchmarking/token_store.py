@@ -27,9 +27,9 @@ import numpy as np
 
 from starcoder2_train.benchmarking.data_pipeline import H100_TOKENS_PER_SECOND
 from starcoder2_train.benchmarking.documents import SYNTHETIC_SPECIAL, synthetic_documents
-from starcoder2_train.data.windows.packing import PackedDataset
 from starcoder2_train.data.store.token_store import TokenStore
 from starcoder2_train.data.store.token_writer import TokenStoreWriter
+from starcoder2_train.data.windows.packing import PackedDataset
 
 GOALS = {"peak_rss_gb_at_most": 2.0, "bytes_per_token_at_most": 2.2, "windows_per_second_at_least": 300}
 DOCUMENTS_PER_BATCH = 2_000  # ~8M tokens, ~70 MB as int64: the writer's memory, whatever the store's size

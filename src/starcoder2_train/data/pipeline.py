@@ -25,20 +25,20 @@ import numpy as np
 import torch
 
 from starcoder2_train.configs import DataArguments, RecipeError, windows_per_step
-from starcoder2_train.data.examples import fim, repo_examples
 from starcoder2_train.data import special_tokens
-from starcoder2_train.data.tokens import tokenization
-from starcoder2_train.data.filters.decontamination import write_report
-from starcoder2_train.data.sources.download.verify import check_downloaded_shards
-from starcoder2_train.data.windows.epochs import DataEpochs, in_worker_process
+from starcoder2_train.data.examples import fim, repo_examples
 from starcoder2_train.data.examples.fim import FimRates, apply_fim, prepared_rates, window_fim
-from starcoder2_train.data.windows.packing import PackedDataset
-from starcoder2_train.data.store.prepared import open_store, prepared_skips, prepared_stats, store_directory
 from starcoder2_train.data.examples.repo_examples import build_example
-from starcoder2_train.data.skips import SkipReport
-from starcoder2_train.data.special_tokens import SpecialTokenIds
+from starcoder2_train.data.filters.decontamination import write_report
 from starcoder2_train.data.filters.splits import load_split_repositories, shard_repositories
+from starcoder2_train.data.skips import SkipReport
+from starcoder2_train.data.sources.download.verify import check_downloaded_shards
+from starcoder2_train.data.special_tokens import SpecialTokenIds
+from starcoder2_train.data.store.prepared import open_store, prepared_skips, prepared_stats, store_directory
+from starcoder2_train.data.tokens import tokenization
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer
+from starcoder2_train.data.windows.epochs import DataEpochs, in_worker_process
+from starcoder2_train.data.windows.packing import PackedDataset
 
 logger = logging.getLogger(__name__)
 TOKEN_COLUMNS = ("input_ids", "num_tokens", "repo_name", "language", "num_files", "num_fim_psm", "num_fim_spm")

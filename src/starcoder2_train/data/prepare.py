@@ -38,7 +38,6 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.data.sources.download.verify import check_downloaded_shards
 from starcoder2_train.data.examples.fim import prepared_rates
 from starcoder2_train.data.filters.near_dedup import (
     FileSignatures,
@@ -48,7 +47,18 @@ from starcoder2_train.data.filters.near_dedup import (
     minhash_config,
 )
 from starcoder2_train.data.filters.pii import PiiRedactor, redact_files
+from starcoder2_train.data.filters.splits import eval_share
 from starcoder2_train.data.pipeline import ExampleTransform
+from starcoder2_train.data.skips import UNREADABLE_PARQUET
+from starcoder2_train.data.sources.download.verify import check_downloaded_shards
+from starcoder2_train.data.sources.shards import (
+    REPOSITORIES_PER_BATCH,
+    file_filters,
+    filter_repository_rows,
+    parquet_layout,
+    python_rows,
+    resolve_data_files,
+)
 from starcoder2_train.data.store.prepared import (
     DECONTAMINATION,
     LOGS,
@@ -58,16 +68,6 @@ from starcoder2_train.data.store.prepared import (
     part_name,
     store_directory,
 )
-from starcoder2_train.data.sources.shards import (
-    REPOSITORIES_PER_BATCH,
-    file_filters,
-    filter_repository_rows,
-    parquet_layout,
-    python_rows,
-    resolve_data_files,
-)
-from starcoder2_train.data.skips import UNREADABLE_PARQUET
-from starcoder2_train.data.filters.splits import eval_share
 from starcoder2_train.data.store.token_writer import TokenStoreWriter
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.data.tokens.tokenizer import load_tokenizer
@@ -127,7 +127,8 @@ def _check_repository_layout(path: str, schema: pa.Schema) -> None:
 class RepositoryReader(PipelineStep):
     """Per-repository parquet → one Document per kept repository (metadata: files, split); skips as stats.
 
-    filters: data/sources/shards.py's `file_filters` (opt-outs and the benchmark index in it), built once by the caller;
+    filters: data/sources/shards.py's `file_filters` (opt-outs and the benchmark index in it), built once by the
+    caller;
     report_dir: where each task lists the files decontamination removed (None: not listed)."""
 
     name, type = "Stack v2 repositories", "📖 - READER"

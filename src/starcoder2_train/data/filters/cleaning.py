@@ -1,9 +1,9 @@
 """The steps after the filters, over the repository rows of the in-process pipeline: near-deduplication, then PII.
 
-data/sources/shards.py has read the shards, removed opted-out repositories and contaminated files and applied the filters;
-`clean_repositories` then runs, in this order:
-- near-deduplication (`near_dedup`): the blocks of data/filters/near_dedup.py run here in one process (rank 0 of 1, in a
-  temporary folder), then one `datasets.map` drops the removed files. In one process: for data a machine tokenizes
+data/sources/shards.py has read the shards, removed opted-out repositories and contaminated files and applied
+the filters; `clean_repositories` then runs, in this order:
+- near-deduplication (`near_dedup`): the blocks of data/filters/near_dedup.py run here in one process (rank 0 of 1,
+  in a temporary folder), then one `datasets.map` drops the removed files. In one process: for data a machine tokenizes
   in process; at scale scripts/prepare_data.py runs the same blocks as datatrove tasks;
 - PII redaction (`pii_redaction`): data/filters/pii.py's `redact_files` on every file, one batched `datasets.map` in
   num_proc processes (the PiiRedactor, its compiled patterns and no model, is pickled into each).
@@ -35,8 +35,8 @@ from starcoder2_train.data.filters.near_dedup import (
     removed_files,
     similarity_threshold,
 )
-from starcoder2_train.data.sources.shards import FILE_FEATURES, REPOSITORIES_PER_BATCH
 from starcoder2_train.data.skips import NEAR_DUPLICATE, NO_FILE_LEFT, SkipReport
+from starcoder2_train.data.sources.shards import FILE_FEATURES, REPOSITORIES_PER_BATCH
 
 logger = logging.getLogger(__name__)
 DEDUP_FEATURES = Features({"repo_name": Value("string"), "files": List(FILE_FEATURES), "dropped": Value("int64")})
@@ -136,7 +136,8 @@ def _redact(batch: dict, redactor: pii.PiiRedactor) -> dict:
 
 
 def redact_repositories(rows: Dataset, data_args: DataArguments, report: SkipReport) -> Dataset:
-    """Rows with personal data replaced (data/filters/pii.py), the replacements counted by kind in report.redactions."""
+    """Rows with personal data replaced (data/filters/pii.py), the replacements counted by kind in
+    report.redactions."""
     redactor = pii.PiiRedactor(data_args.pii_model_path)
     rows = rows.map(
         _redact,

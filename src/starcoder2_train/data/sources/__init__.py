@@ -1,1 +1,3 @@
-"""Stage 1, where repositories come from: parquet shards (`shards`), file languages (`languages`), Software Heritage downloads (`download/`) and folders on disk (`local/`)."""
+"""Stage 1, where repositories come from: parquet shards (`shards`), file languages (`languages`), Software Heritage
+downloads (`download/`) and folders on disk (`local/`).
+"""

@@ -38,7 +38,6 @@ from datasets.exceptions import DatasetGenerationError
 from starcoder2_train.configs import DataArguments, RecipeError, hub_hint, is_hub_id
 from starcoder2_train.data.filters import decontamination, opt_outs
 from starcoder2_train.data.filters.decontamination import Match, load_benchmark_index
-from starcoder2_train.data.sources.languages import language_of
 from starcoder2_train.data.filters.opt_outs import load_opt_outs
 from starcoder2_train.data.skips import (
     BEYOND_MAX_REPOSITORIES,
@@ -60,6 +59,7 @@ from starcoder2_train.data.skips import (
     SkipReport,
     contamination_reason,
 )
+from starcoder2_train.data.sources.languages import language_of
 
 logger = logging.getLogger(__name__)
 DEFAULT_DATA_FILES = "**/*.parquet"

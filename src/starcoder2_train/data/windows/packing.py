@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from starcoder2_train.data.examples.fim import WindowFim, WindowFimCounts
-from starcoder2_train.data.windows.permutation import Permutation
 from starcoder2_train.data.special_tokens import IGNORE_INDEX, SpecialTokenIds
 from starcoder2_train.data.store.token_store import TokenStore, TokenStream, chunk_arrays, input_ids_column
+from starcoder2_train.data.windows.permutation import Permutation
 
 
 class ArrowTokenRows(TokenStream):

@@ -37,8 +37,8 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from starcoder2_train.data.sources.download.ids import DownloadError
 from starcoder2_train.data.skips import DENIED_BLOB, MISSING_BLOB, NOT_GZIP
+from starcoder2_train.data.sources.download.ids import DownloadError
 
 # Why a file gets no content from S3 (keys of SkipReport.files, beside those of data/skips.py).
 

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from starcoder2_train.configs import RecipeError, check_shard
+from starcoder2_train.data.skips import DENIED_BLOB, MISSING_BLOB_ID, MISSING_REPO_NAME, NO_FILE_FETCHED, SkipReport
 from starcoder2_train.data.sources.download.fetch import BlobFetcher, S3Options
 from starcoder2_train.data.sources.download.ids import Chunk, DownloadError, IdsReader, plan_chunks, resolve_ids_files
 from starcoder2_train.data.sources.download.verify import (
@@ -48,7 +49,6 @@ from starcoder2_train.data.sources.download.verify import (
     shard_problem,
 )
 from starcoder2_train.data.sources.shards import decode_content
-from starcoder2_train.data.skips import DENIED_BLOB, MISSING_BLOB_ID, MISSING_REPO_NAME, NO_FILE_FETCHED, SkipReport
 from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)
