@@ -38,7 +38,7 @@ def _to_argv(key: str, value) -> list[str]:
     if isinstance(value, bool):
         return [f"--{key}", "true" if value else "false"]
     if isinstance(value, (list, tuple)):
-        return [f"--{key}", *[str(item) for item in value]]
+        return [f"--{key}", *[json.dumps(item) if isinstance(item, dict) else str(item) for item in value]]
     if isinstance(value, dict):
         return [f"--{key}", json.dumps(value)]
     return [f"--{key}", str(value)]

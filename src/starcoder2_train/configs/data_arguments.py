@@ -4,9 +4,12 @@ decontamination, PII redaction, near-deduplication); with the values fim_level a
 may take.
 """
 
+import json
 from dataclasses import dataclass, field
 
+from starcoder2_train.configs.data_sources import DATASET_KINDS, DataSource, resolve_sources
 from starcoder2_train.configs.shared import RecipeError, check_eval_fraction, check_shard
+from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS
 
 FIM_LEVELS = ("file", "window")
 # Benchmarks whose texts decontamination finds without a download (data/filters/decontamination.py), and the other ones
@@ -24,6 +27,30 @@ class DataArguments:
         metadata={
             "help": "Stack v2-format parquet shards: a local directory (as written by scripts/ingest.py) "
             "or a Hub dataset id. Either per-repository rows with a `files` list, or per-file rows."
+        },
+    )
+    dataset_mixture: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Several sources, each a share of the training windows: a list of mappings with "
+            "dataset_name_or_path, weight (divided by the weights' sum), optional name, and any per-source data key "
+            "(languages, FIM rates, filters, dataset_kind, structure_tokens, prepared_data_dir; "
+            "configs/data_sources.py). Unset: dataset_name_or_path alone, a mixture of one source."
+        },
+    )
+    dataset_kind: str = field(
+        default="auto",
+        metadata={
+            "help": "repositories (Stack v2 layouts: repository context, FIM) or documents (parquet or JSONL with a "
+            "content column, one document a row: starcoder2data-extras' format). auto: documents when the first "
+            "local file has a content column and no repo_name/files (data/sources/documents.py)."
+        },
+    )
+    structure_tokens: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "documents only: StarCoder2 special tokens this source writes as text on purpose (such as "
+            "<issue_start> <issue_comment>), read as those tokens; any other special token's text stays text."
         },
     )
     data_dir: str | None = field(
@@ -190,8 +217,7 @@ class DataArguments:
     near_dedup_hashes_per_bucket: int = field(default=8, metadata={"help": "MinHash hashes per band r."})
 
     def __post_init__(self):
-        if self.dataset_name_or_path is None and self.prepared_data_dir is None:
-            raise RecipeError("dataset_name_or_path: no data given; set it (or prepared_data_dir).")
+        self._check_sources()
         for key in ("fim_rate", "fim_fragment_rate", "fim_spm_rate", "repo_metadata_rate"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
@@ -209,6 +235,33 @@ class DataArguments:
         if self.max_repositories is not None and self.max_repositories < 1:
             raise RecipeError(f"max_repositories: must be at least 1, got {self.max_repositories}.")
         self._check_data_steps()
+
+    def _check_sources(self):
+        """dataset_name_or_path or dataset_mixture (entries as mappings, or JSON text from the command line)."""
+        if self.dataset_mixture is not None:
+            if self.dataset_name_or_path is not None:
+                raise RecipeError(
+                    "dataset_name_or_path: set together with dataset_mixture; list it as an entry of dataset_mixture "
+                    "(with its weight) or drop dataset_mixture."
+                )
+            self.dataset_mixture = [parse_entry(index, entry) for index, entry in enumerate(self.dataset_mixture)]
+            if not self.dataset_mixture:
+                raise RecipeError("dataset_mixture: is empty; list at least one source, or unset it.")
+            self.sources()  # every entry checked now, with the key and entry named
+        elif self.dataset_name_or_path is None and self.prepared_data_dir is None:
+            raise RecipeError("dataset_name_or_path: no data given; set it, dataset_mixture or prepared_data_dir.")
+        if self.dataset_kind not in DATASET_KINDS:
+            raise RecipeError(f"dataset_kind: must be one of {', '.join(DATASET_KINDS)}, got {self.dataset_kind!r}.")
+        unknown = sorted(set(self.structure_tokens or ()) - set(STARCODER2_SPECIAL_TOKENS))
+        if unknown:
+            raise RecipeError(
+                f"structure_tokens: {', '.join(unknown)} not StarCoder2 special token(s); list tokens such as "
+                "<issue_start> (data/special_tokens.py)."
+            )
+
+    def sources(self) -> list[DataSource]:
+        """The mixture's sources: name, normalised weight, kind, and their DataArguments (configs/data_sources.py)."""
+        return resolve_sources(self)
 
     def _check_data_steps(self):
         """The decontamination, PII and near-deduplication keys; files are checked where they are read."""
@@ -236,3 +289,16 @@ class DataArguments:
         for key in ("near_dedup_ngrams", "near_dedup_buckets", "near_dedup_hashes_per_bucket"):
             if getattr(self, key) < 1:
                 raise RecipeError(f"{key}: must be at least 1, got {getattr(self, key)}.")
+
+
+def parse_entry(index: int, entry):
+    """A dataset_mixture entry as a mapping: recipe YAML gives mappings, the command line JSON text."""
+    if isinstance(entry, str):
+        try:
+            entry = json.loads(entry)
+        except json.JSONDecodeError as error:
+            raise RecipeError(
+                f"dataset_mixture[{index}]: {entry!r} is not a mapping (JSON on the command line: "
+                f"'{{\"dataset_name_or_path\": \"data/mine\", \"weight\": 0.2}}'): {error}."
+            ) from None
+    return entry
