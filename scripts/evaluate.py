@@ -79,8 +79,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--max_new_tokens",
         type=int,
-        help="Generation budget (default: fim min(64, seq_length/4); humaneval: "
-        "what --max_length_generation leaves after the prompt).",
+        help="FIM: new tokens per hole (default min(64, seq_length/4)). HumanEval's budget is "
+        "--max_length_generation, which this does not cap.",
     )
     parser.add_argument(
         "--max_length_generation", type=int, default=512,
@@ -234,8 +234,7 @@ def main(argv=None):
                 temperature=args.temperature,
                 top_p=args.top_p,
                 k=args.k,
-                max_new_tokens=args.max_new_tokens,
-                max_length_generation=args.max_length_generation,
+                max_length_generation=args.max_length_generation,  # its only budget: --max_new_tokens is FIM's
                 strip_prompt=not args.unstripped,
                 batch_size=args.batch_size,
                 limit=args.limit,

@@ -14,11 +14,6 @@ import pytest
 from starcoder2_train.evaluation import humaneval
 from starcoder2_train.evaluation.execution import CodeExecutionNotAllowed
 from starcoder2_train.evaluation.humaneval import (
-    GREEDY,
-    HARNESS_DEFAULTS,
-    HUMANEVAL_STOP_SEQUENCES,
-    STARCODER2_PASS_AT_1,
-    HumanEvalSettings,
     evaluate_humaneval,
     generate_completions,
     generate_programs,
@@ -31,6 +26,13 @@ from starcoder2_train.evaluation.humaneval import (
     stop_words,
     task_prompt,
     truncate_completion,
+)
+from starcoder2_train.evaluation.humaneval_settings import (
+    GREEDY,
+    HARNESS_DEFAULTS,
+    HUMANEVAL_STOP_SEQUENCES,
+    STARCODER2_PASS_AT_1,
+    HumanEvalSettings,
 )
 
 PROBLEM = {
@@ -356,6 +358,10 @@ def test_evaluate_humaneval_end_to_end(problems, tokenizer, monkeypatch):
     assert metrics["pass@1"] == 0.0
 
 
-def test_top_k_other_than_the_harness_default_is_refused(tokenizer, problems):
-    with pytest.raises(ValueError, match="top_k=0"):
-        generate_programs(None, tokenizer, problems[:1], dataclasses.replace(HARNESS_DEFAULTS, top_k=50))
+def test_top_k_reaches_generate(tokenizer, problems, monkeypatch):
+    """The harness's --top_k is passed on, 0 (its default, no top-k) included: never left for transformers to fill."""
+    fake = FakeGenerator(tokenizer, lambda prompt: encode(tokenizer, "\n    return 0\n"))
+    monkeypatch.setattr(humaneval, "generate_batched", fake)
+    for top_k in (0, 40):
+        generate_programs(None, tokenizer, problems[:1], dataclasses.replace(HARNESS_DEFAULTS, top_k=top_k))
+        assert fake.calls.pop()["top_k"] == top_k

@@ -47,6 +47,7 @@ def generate_batched(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     pad_token_id: int | None = None,
     desc: str = "generating",
     disable_progress: bool | None = None,
@@ -65,6 +66,11 @@ def generate_batched(
     with (the newline that opens a FIM hole: evaluation/fim.py says why it is left out). transformers'
     `prefix_allowed_tokens_fn` applies it; the allowed ids are found once per call by decoding the vocabulary
     (49,152 single-token decodes for StarCoder2's, well under a second).
+
+    Sampling (`do_sample`) passes temperature, top_p and top_k to generate explicitly; top_k 0 is no top-k filter.
+    Left out or None, transformers 5.25 would fill each from the model's generation_config, then from its own
+    defaults (`GenerationConfig._get_default_generation_params`: top_k 50), in `_prepare_generation_config`;
+    bigcode-evaluation-harness passes all three (its top_k default is 0).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("generate_batched: batch_size and max_new_tokens must be at least 1.")
@@ -75,7 +81,7 @@ def generate_batched(
         eos_token_id=list(stop_token_ids),
         pad_token_id=pad_token_id,
         bos_token_id=None,
-        **({"temperature": temperature, "top_p": top_p, "top_k": None} if do_sample else {}),
+        **({"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}),
     )
     was_training, model_device = model.training, model.device
     model.eval()

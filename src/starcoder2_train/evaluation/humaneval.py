@@ -18,7 +18,9 @@ settings as a table, with what could not be established.
    token length of generation including the input token length. The default is 512"). A prompt that leaves no
    room gets no generation (the harness catches transformers' error and keeps the input as the output).
 4. Sampling: `do_sample=True, temperature=0.2, top_p=0.95, top_k=0` (bigcode_eval/arguments.py,
-   `EvalArguments`), `n_samples` samples per problem, `batch_size` of them per `generate` call.
+   `EvalArguments`; bigcode_eval/generation.py passes all four to `generate`), `n_samples` samples per problem,
+   `batch_size` of them per `generate` call. All four are passed here too: top_k 0 is no top-k filter, where an
+   unset top_k would be 50 (transformers 5.25 fills it from its generation defaults; evaluation/generation.py).
 5. Stopping and post-processing (harness_program): the stop words are the task's HUMANEVAL_STOP_SEQUENCES
    (`GeneralHumanEval.__init__`) plus the tokenizer's eos token, which `parallel_generations` appends. The
    output is decoded with special tokens kept (bigcode_eval/utils.py, `update_code_gens`: when the eos token
@@ -51,10 +53,8 @@ may mix problems, left-padded, and each row is cut to its own budget afterwards)
 the harness's `exec` under `reliability_guard` (here: a separate process with a 1 GiB address-space limit).
 """
 
-import dataclasses
 import gzip
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,110 +62,16 @@ import torch
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.execution import require_code_execution_allowed
 from starcoder2_train.evaluation.generation import generate_batched
+from starcoder2_train.evaluation.humaneval_settings import (
+    HARNESS_DEFAULTS,
+    HUMANEVAL_STOP_SEQUENCES,
+    STARCODER2_EOS_TOKEN,
+    HumanEvalSettings,
+    settings_for,
+)
 from starcoder2_train.progress import progress
 
-# bigcode_eval/tasks/humaneval.py, GeneralHumanEval.__init__: the task's stop_words, in the harness's order.
-# ("<file_sep>" is in the current version; the version of early 2023 lacked it.)
-HUMANEVAL_STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
-# The eos token of the StarCoder2 tokenizer; the harness appends the tokenizer's own eos token to the stop
-# words (bigcode_eval/generation.py, parallel_generations), and "<|endoftext|>" is also EvalArguments.eos.
-STARCODER2_EOS_TOKEN = "<|endoftext|>"
 CODE_EVAL_METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "code_eval")
-
-
-def _setting(default, source: str):
-    return field(default=default, metadata={"source": source})
-
-
-@dataclass(frozen=True)
-class HumanEvalSettings:
-    """How the harness generates and scores HumanEval; the defaults are the harness's own defaults.
-
-    Sources (bigcode-project/bigcode-evaluation-harness unless named otherwise), one line per field:
-    """
-
-    strip_prompt: bool = _setting(
-        True,
-        "bigcode_eval/tasks/humaneval.py: task `humaneval` is create_task(True), whose get_prompt returns "
-        "doc['prompt'].strip(); task `humaneval-unstripped` is create_task(False) (prompt unchanged)",
-    )
-    prefix: str = _setting(
-        "",
-        "bigcode_eval/arguments.py: EvalArguments.prefix defaults to ''; bigcode_eval/utils.py TokenizedDataset "
-        "puts it before the prompt and update_code_gens cuts len(prefix) characters off the output",
-    )
-    stop_sequences: tuple[str, ...] = _setting(
-        HUMANEVAL_STOP_SEQUENCES, "bigcode_eval/tasks/humaneval.py: GeneralHumanEval.__init__ stop_words"
-    )
-    stop_at_eos: bool = _setting(
-        True,
-        "bigcode_eval/generation.py: parallel_generations appends tokenizer.eos_token to task.stop_words when "
-        "the task has stop words and the tokenizer an eos token",
-    )
-    do_sample: bool = _setting(True, "bigcode_eval/arguments.py: EvalArguments.do_sample defaults to True")
-    temperature: float = _setting(0.2, "bigcode_eval/arguments.py: EvalArguments.temperature defaults to 0.2")
-    top_p: float = _setting(0.95, "bigcode_eval/arguments.py: EvalArguments.top_p defaults to 0.95")
-    top_k: int = _setting(
-        0, "bigcode_eval/arguments.py: EvalArguments.top_k defaults to 0 (transformers: no top-k filtering)"
-    )
-    n_samples: int = _setting(
-        1,
-        "bigcode_eval/arguments.py: EvalArguments.n_samples defaults to 1 (docs/README.md's HumanEval command "
-        "uses 200; the BigCode leaderboard and issue #82 use 50)",
-    )
-    batch_size: int = _setting(
-        1,
-        "main.py: --batch_size defaults to 1 (docs/README.md: 'by default it is 1'); it is generate's "
-        "num_return_sequences for one prompt",
-    )
-    max_length_generation: int = _setting(
-        512,
-        "main.py: --max_length_generation defaults to 512, 'prompt+generation'; bigcode_eval/generation.py "
-        "passes it to generate as max_length (README.md: 'including the input token length')",
-    )
-    seed: int = _setting(
-        0, "bigcode_eval/arguments.py: EvalArguments.seed defaults to 0; generation.py calls set_seed(args.seed)"
-    )
-    precision: str = _setting(
-        "fp32", "main.py: --precision defaults to fp32 (the dtype the model is loaded in; the caller's here)"
-    )
-    k: tuple[int, ...] = _setting(
-        (1, 10, 100),
-        "bigcode_eval/tasks/humaneval.py: GeneralHumanEval k=[1, 10, 100]; compute_code_eval reports pass@k "
-        "only when every problem has at least k samples",
-    )
-    timeout: float = _setting(3.0, "bigcode_eval/tasks/humaneval.py: GeneralHumanEval timeout=3.0 (seconds)")
-    num_workers: int = _setting(
-        16, "bigcode_eval/tasks/humaneval.py: GeneralHumanEval num_workers=16 (programs run in parallel)"
-    )
-
-    def evaluate_kwargs(self) -> dict:
-        """These settings as keyword arguments of evaluate_humaneval (k is the caller's: at most n_samples)."""
-        return dict(
-            num_samples=self.n_samples,
-            temperature=self.temperature if self.do_sample else 0.0,
-            top_p=self.top_p,
-            batch_size=self.batch_size,
-            max_length_generation=self.max_length_generation,
-            strip_prompt=self.strip_prompt,
-            prefix=self.prefix,
-            seed=self.seed,
-            timeout=self.timeout,
-            num_workers=self.num_workers,
-        )
-
-
-HumanEvalSettings.__doc__ += "".join(
-    f"    - {setting.name}: {setting.metadata['source']}.\n" for setting in dataclasses.fields(HumanEvalSettings)
-)
-
-HARNESS_DEFAULTS = HumanEvalSettings()
-# huggingface.co/spaces/bigcode/bigcode-models-leaderboard, src/text_content.py: "top-p=0.95, temperature=0.2,
-# max_length_generation 512, and n_samples=50"; bigcode-evaluation-harness issue #82: the same with
-# --batch_size 50 (and --precision bf16) reproduces StarCoder's HumanEval pass@1.
-STARCODER2_PASS_AT_1 = dataclasses.replace(HARNESS_DEFAULTS, n_samples=50, batch_size=50, k=(1,))
-# Greedy decoding in the harness: --do_sample False with one sample per problem.
-GREEDY = dataclasses.replace(HARNESS_DEFAULTS, do_sample=False, n_samples=1, k=(1,))
 
 
 def load_humaneval_problems(limit: int | None = None) -> list[dict]:
@@ -288,33 +194,6 @@ def completion_after(prompt: str, generated: str) -> str:
     return generated[len(stripped) :] if generated.startswith(stripped) else generated
 
 
-def settings_for(
-    *,
-    num_samples: int = 1,
-    temperature: float = 0.2,
-    top_p: float = 0.95,
-    batch_size: int = 8,
-    seed: int = 0,
-    max_length_generation: int = 512,
-    strip_prompt: bool = True,
-    prefix: str = "",
-) -> HumanEvalSettings:
-    """The settings the keyword arguments of generate_completions and evaluate_humaneval stand for
-    (temperature 0: greedy)."""
-    return dataclasses.replace(
-        HARNESS_DEFAULTS,
-        n_samples=num_samples,
-        do_sample=temperature > 0,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
-        seed=seed,
-        max_length_generation=max_length_generation,
-        strip_prompt=strip_prompt,
-        prefix=prefix,
-    )
-
-
 def generate_programs(
     model,
     tokenizer,
@@ -331,8 +210,6 @@ def generate_programs(
     """
     if settings.batch_size < 1 or settings.n_samples < 1:
         raise ValueError("HumanEval: batch_size and num_samples must be at least 1.")
-    if settings.top_k:
-        raise ValueError("HumanEval: only top_k=0 (no top-k filtering, the harness default) is supported here.")
     piece_tokenizer = PieceTokenizer(tokenizer)
     ids = piece_tokenizer.special
     prompts = piece_tokenizer.encode_texts([generation_prompt(problem, settings) for problem in problems])
@@ -367,6 +244,7 @@ def generate_programs(
             do_sample=sampling,
             temperature=settings.temperature,
             top_p=settings.top_p,
+            top_k=settings.top_k,  # 0 (none), passed: transformers would fill an unset top_k with 50
             disable_progress=True,  # one bar over the batches, above
         )
         for index, row in zip(batch, generated):
