@@ -24,8 +24,12 @@ from transformers import set_seed
 
 from starcoder2_train.configs import RecipeError, tokens_per_step
 from starcoder2_train.data.batches.collators import make_collator
-from starcoder2_train.data.filters.splits import load_split_repositories
-from starcoder2_train.data.pipeline import build_packed_dataset, build_training_data
+from starcoder2_train.data.pipeline import (
+    build_packed_dataset,
+    build_training_data,
+    evaluation_data_args,
+    load_split,
+)
 from starcoder2_train.data.store.prepared import load_held_out_repositories
 from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import held_out
@@ -83,13 +87,14 @@ def build_data(data_args, tokenizer, training_args) -> RunData:
     held-out repositories are read once, for the Trainer's eval_loss and the evaluation tasks."""
     with training_args.main_process_first(desc="data preprocessing"):
         train_dataset, report = build_training_data(data_args, tokenizer, training_args)
-        if data_args.prepared_data_dir is None:
-            split = load_split_repositories(data_args, "eval")
+        eval_args = evaluation_data_args(data_args)  # a mixture: its first repository source's held-out split
+        if eval_args.prepared_data_dir is None:
+            split = load_split(eval_args, "eval")
             held_out_repositories = split[0]
         else:
-            split, held_out_repositories = None, load_held_out_repositories(data_args.prepared_data_dir)
+            split, held_out_repositories = None, load_held_out_repositories(eval_args.prepared_data_dir)
         eval_dataset, _ = build_packed_dataset(
-            data_args, tokenizer, training_args.seed, split="eval", shuffle=False, repositories=split, report=False
+            eval_args, tokenizer, training_args.seed, split="eval", shuffle=False, repositories=split, report=False
         )
         loss_rows, fim_problems = held_out.task_inputs(
             held_out_repositories,

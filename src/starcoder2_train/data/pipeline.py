@@ -18,27 +18,34 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import datasets
 import numpy as np
 import torch
 
 from starcoder2_train.configs import DataArguments, RecipeError, windows_per_step
+from starcoder2_train.configs.data_sources import DOCUMENTS
 from starcoder2_train.data import special_tokens
 from starcoder2_train.data.examples import fim, repo_examples
 from starcoder2_train.data.examples.fim import FimRates, apply_fim, prepared_rates, window_fim
 from starcoder2_train.data.examples.repo_examples import build_example
 from starcoder2_train.data.filters.decontamination import write_report
 from starcoder2_train.data.filters.splits import load_split_repositories, shard_repositories
+from starcoder2_train.data.report import DataReport
 from starcoder2_train.data.skips import SkipReport
+from starcoder2_train.data.sources import documents
+from starcoder2_train.data.sources.documents import DocumentTransform, load_documents
 from starcoder2_train.data.sources.download.verify import check_downloaded_shards
 from starcoder2_train.data.special_tokens import SpecialTokenIds
-from starcoder2_train.data.store.prepared import open_store, prepared_skips, prepared_stats, store_directory
+from starcoder2_train.data.store.prepared import open_store, store_directory
 from starcoder2_train.data.tokens import tokenization
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.data.windows.epochs import DataEpochs, in_worker_process
+from starcoder2_train.data.windows.mixture import MixtureDataset, MixtureSchedule, mixture_rows
 from starcoder2_train.data.windows.packing import PackedDataset
+
+__all__ = ["DataReport", "build_packed_dataset", "build_training_data", "load_token_rows", "tokenize_repositories"]
 
 logger = logging.getLogger(__name__)
 TOKEN_COLUMNS = ("input_ids", "num_tokens", "repo_name", "language", "num_files", "num_fim_psm", "num_fim_spm")
@@ -77,8 +84,8 @@ class ExampleTransform:
 @functools.cache
 def code_fingerprint() -> str:
     """A hash of the source of everything that turns a repository row into token ids."""
-    sources = [inspect.getsource(module) for module in (repo_examples, fim, tokenization, special_tokens)]
-    return _fingerprint(*sources, inspect.getsource(ExampleTransform))
+    modules = (repo_examples, fim, tokenization, special_tokens, documents)
+    return _fingerprint(*[inspect.getsource(module) for module in modules], inspect.getsource(ExampleTransform))
 
 
 def _fingerprint(*parts) -> str:
@@ -125,91 +132,29 @@ def tokenize_repositories(
     )
 
 
-@dataclass
-class DataReport:
-    """What the pipeline saw, made and skipped: printed by inspect_data and logged by training."""
+def tokenize_documents(rows: datasets.Dataset, tokenizer, data_args: DataArguments, tokenizer_name: str):
+    """A document source's token rows (data/sources/documents.py): the same for every epoch, cached by datasets."""
+    transform = DocumentTransform(PieceTokenizer(tokenizer, tokenizer_name), data_args.structure_tokens)
+    fingerprint = _fingerprint(
+        code_fingerprint(), rows._fingerprint, transform.tokenizer.backend.to_str(), transform.structure_tokens
+    )
+    return rows.map(
+        transform,
+        batched=True,
+        batch_size=64,
+        num_proc=data_args.num_proc,
+        remove_columns=rows.column_names,
+        new_fingerprint=fingerprint,
+        desc="documents → tokens",
+    )
 
-    repositories: int = 0
-    files: int = 0
-    files_fim_psm: int = 0
-    files_fim_spm: int = 0
-    tokens: int = 0
-    windows: int = 0
-    padding_tokens: int = 0
-    skipped: dict = field(default_factory=dict)  # SkipReport.as_dict(): skips and PII redactions by kind
-    # fim_level: window: WindowFimCounts (as a dict) of the first `fim_windows` training windows, and that number
-    window_fim: dict | None = None
-    fim_windows: int = 0
-    contaminated: list = field(default_factory=list)  # the files decontamination removed (not with prepared data)
 
-    @property
-    def packing_efficiency(self) -> float:
-        return self.tokens / max(1, self.tokens + self.padding_tokens)
-
-    @classmethod
-    def of(cls, token_rows: datasets.Dataset, packed: PackedDataset, skips: SkipReport) -> "DataReport":
-        columns = token_rows.select_columns(["num_files", "num_fim_psm", "num_fim_spm"]).to_pandas().sum()
-        return cls(
-            repositories=len(token_rows),
-            files=int(columns["num_files"]),
-            files_fim_psm=int(columns["num_fim_psm"]),
-            files_fim_spm=int(columns["num_fim_spm"]),
-            tokens=packed.total_tokens,
-            windows=len(packed),
-            padding_tokens=packed.padding_tokens,
-            skipped=skips.as_dict(),
-            contaminated=list(skips.contaminated),
-        )
-
-    @classmethod
-    def of_prepared(cls, directory: str, split: str, store, packed: PackedDataset) -> "DataReport":
-        """The report of a prepared store: its datatrove stats (epoch 0's FIM counts) and the packed windows."""
-        stats = prepared_stats(directory)  # every task's stats file, read once
-        return cls(
-            repositories=store.num_examples,
-            files=int(stats[f"{split} files"]),
-            files_fim_psm=int(stats[f"{split} files FIM PSM"]),
-            files_fim_spm=int(stats[f"{split} files FIM SPM"]),
-            tokens=packed.total_tokens,
-            windows=len(packed),
-            padding_tokens=packed.padding_tokens,
-            skipped=prepared_skips(directory, stats).as_dict(),
-        )
-
-    def with_window_fim(self, packed: PackedDataset, windows: int = 1000) -> "DataReport":
-        """The report with what window-level FIM does to the first `windows` windows (when the data has it)."""
-        if packed.fim is not None:
-            self.fim_windows = min(windows, len(packed))
-            self.window_fim = asdict(packed.sample_fim_counts(windows))
-        return self
-
-    def fim_line(self) -> str:
-        if self.window_fim is None:
-            return f"files FIM-transformed: {self.files_fim_psm:,} PSM, {self.files_fim_spm:,} SPM"
-        counts = self.window_fim
-        return (
-            f"FIM per window (fim_level: window), in the first {self.fim_windows:,} windows: {counts['psm']:,} PSM, "
-            f"{counts['spm']:,} SPM; left plain: {counts['no_room']:,} without room for the sentinels, "
-            f"{counts['split_character']:,} cut inside a character by the window's edge"
-        )
-
-    def summary_lines(self) -> list[str]:
-        lines = [
-            f"repositories: {self.repositories:,}",
-            f"files: {self.files:,}",
-            self.fim_line(),
-            f"tokens: {self.tokens:,} in {self.windows:,} windows",
-            f"packing efficiency: {100 * self.packing_efficiency:.3f}% real tokens "
-            f"({self.padding_tokens:,} padding, 0 dropped)",
-        ]
-        redacted = [
-            f"  {kind[12:]}: {n:,}" for kind, n in sorted(self.skipped.items()) if kind.startswith("redactions: ")
-        ]
-        skipped = [
-            f"  {reason}: {count:,}" for reason, count in sorted(self.skipped.items()) if reason[:12] != "redactions: "
-        ]
-        lines += ["skipped:"] + skipped if skipped else ["skipped: nothing"]
-        return lines + (["redacted (pii_redaction):"] + redacted if redacted else [])
+def load_split(data_args: DataArguments, split: str = "train"):
+    """(rows, SkipReport) of one split, read and filtered once: repositories (filters/splits.py), or a document
+    source's documents (all of them train: a document source has no held-out split; its eval split is None)."""
+    if data_args.dataset_kind != DOCUMENTS:
+        return load_split_repositories(data_args, split)
+    return load_documents(data_args) if split == "train" else (None, SkipReport())
 
 
 def load_token_rows(
@@ -222,10 +167,13 @@ def load_token_rows(
     """
     if data_args.prepared_data_dir is not None:
         raise RecipeError("prepared_data_dir: holds token stores, not token rows; read it with build_packed_dataset.")
-    repositories, skips = repositories or load_split_repositories(data_args, split)
+    repositories, skips = repositories or load_split(data_args, split)
     if repositories is None:
         return None, skips
     repositories = shard_repositories(repositories, data_args.num_shards, data_args.shard_index)
+    tokenizer_name = data_args.tokenizer_name_or_path or "the tokenizer"
+    if data_args.dataset_kind == DOCUMENTS:
+        return tokenize_documents(repositories, tokenizer, data_args, tokenizer_name), skips
     if split == "eval" and len(repositories) == 0:
         return None, skips
     if len(repositories) == 0:
@@ -233,7 +181,6 @@ def load_token_rows(
             f"dataset_name_or_path: no repository left for the {split} split after filtering "
             f"({'; '.join(skips.summary_lines())}). Loosen languages/license_types/max_file_bytes."
         )
-    tokenizer_name = data_args.tokenizer_name_or_path or "the tokenizer"
     return tokenize_repositories(repositories, tokenizer, data_args, seed, epoch, tokenizer_name), skips
 
 
@@ -301,26 +248,25 @@ class EpochMaker:
         )[0]
 
 
-def build_training_data(data_args: DataArguments, tokenizer, training_args):
-    """The training set over as many data epochs as the run needs, each with its own file order and FIM.
+def build_source_data(data_args: DataArguments, tokenizer, training_args, needed: int | None):
+    """One source's training windows over as many data epochs as the run needs, each with its own file order and
+    FIM; `data_args`: the source's (DataSource.data_args), `needed`: the windows the run reads of it (None: no
+    max_steps, one source).
 
-    With max_steps set: `DataEpochs` of exactly the windows the run reads. Before step 1 only epoch 0 is made
+    With `needed`: `DataEpochs` of exactly the windows the run reads. Before step 1 only epoch 0 is made
     (from the raw shards), or every prepared epoch's store is opened and counted, so that too few prepared
     epochs fail now rather than mid-run; later raw epochs are made when training reaches them (data/windows/epochs.py).
     Without max_steps: ceil(num_train_epochs) epochs made now, and num_train_epochs rescaled to the share of
     their concatenation that it asks for. Returns (dataset, DataReport of epoch 0).
     """
     seed = training_args.seed
-    if data_args.prepared_data_dir is None:  # a shard that differs from its download record: refused, not skipped
-        check_downloaded_shards(data_args)
+    if data_args.prepared_data_dir is None and data_args.dataset_kind != DOCUMENTS:
+        check_downloaded_shards(data_args)  # a shard that differs from its download record: refused, not skipped
     # Read and filter the shards once; each epoch only redraws order and FIM over the same repositories.
-    loaded = None if data_args.prepared_data_dir is not None else load_split_repositories(data_args, "train")
-    if loaded is not None and data_args.decontamination_report and getattr(training_args, "process_index", 0) == 0:
-        write_report(data_args.decontamination_report, loaded[1].contaminated)  # one writer of the one list
+    loaded = None if data_args.prepared_data_dir is not None else load_split(data_args, "train")
     first, report = build_packed_dataset(data_args, tokenizer, seed, epoch=0, repositories=loaded)
     make_epoch = EpochMaker(data_args, tokenizer, seed, loaded)
-    if training_args.max_steps > 0:
-        needed = training_args.max_steps * windows_per_step(training_args)
+    if needed is not None:
         if needed <= len(first):
             return first, report
         made = [first]
@@ -340,3 +286,60 @@ def build_training_data(data_args: DataArguments, tokenizer, training_args):
     training_args.num_train_epochs = training_args.num_train_epochs / num_epochs
     epochs = [first] + [make_epoch(e) for e in range(1, num_epochs)]
     return (epochs[0] if num_epochs == 1 else torch.utils.data.ConcatDataset(epochs)), report
+
+
+def build_training_data(data_args: DataArguments, tokenizer, training_args):
+    """The training windows of the recipe's sources (DataArguments.sources()), drawn by weight.
+
+    One source (dataset_name_or_path alone, or a one-entry dataset_mixture): `build_source_data`'s windows as they
+    are, the run's `max_steps × windows per step` (or num_train_epochs' epochs). Several: max_steps is needed (the
+    weights share a number of windows); data/windows/mixture.py's schedule gives each source the windows its
+    weight asks for (`windows_extent`), each source is a `build_source_data` of exactly those, and the result is a
+    MixtureDataset. Returns (dataset, DataReport): a mixture's report is its first source's with every source's
+    report and the mixture's rows (weights, shares, tokens, passes) beside it. The files decontamination removed,
+    of every source, are written once to decontamination_report.
+    """
+    sources = data_args.sources()
+    total = training_args.max_steps * windows_per_step(training_args) if training_args.max_steps > 0 else None
+    if total is None and len(sources) > 1:
+        raise RecipeError(
+            f"max_steps: a dataset_mixture of {len(sources)} sources needs max_steps > 0 (the weights share the "
+            "run's windows); set max_steps instead of num_train_epochs."
+        )
+    schedule = MixtureSchedule([source.weight for source in sources], training_args.seed)
+    extents = schedule.windows_extent(total) if total is not None else [None]
+    built = [build_source_data(s.data_args, tokenizer, training_args, n) for s, n in zip(sources, extents)]
+    for source, (_, report) in zip(sources, built):
+        report.kind = source.kind
+    contaminated = [item for _, report in built for item in report.contaminated]
+    if (
+        data_args.decontamination_report
+        and data_args.prepared_data_dir is None
+        and getattr(training_args, "process_index", 0) == 0
+    ):
+        write_report(data_args.decontamination_report, contaminated)  # one writer of the one list
+    if len(sources) == 1:
+        return built[0]
+    read = schedule.windows_read(total)
+    report = replace(built[0][1], contaminated=contaminated)
+    report.sources = {source.name: asdict(r) for source, (_, r) in zip(sources, built)}
+    report.mixture = mixture_rows(
+        [s.name for s in sources],
+        [s.kind for s in sources],
+        [s.weight for s in sources],
+        read,
+        [r.windows for _, r in built],
+        data_args.seq_length,
+    )
+    names = [source.name for source in sources]
+    return MixtureDataset([dataset for dataset, _ in built], names, schedule, total), report
+
+
+def evaluation_data_args(data_args: DataArguments) -> DataArguments:
+    """The DataArguments the held-out evaluation reads: the one source's, or a mixture's first repository
+    source's (a document source has no held-out split; evaluating each source would read and tokenize every
+    source's held-out part at start-up for a loss per source: not done). A mixture without a repository source:
+    its first source's, whose eval split is empty."""
+    sources = data_args.sources()
+    repositories = [source for source in sources if source.kind != DOCUMENTS]
+    return (repositories or sources)[0].data_args
