@@ -7,9 +7,15 @@
                                                    # by hand: machine I runs task I of 16
 
 Task r of --tasks reads only its own contiguous range of the input files and writes its own parts
-(data/prepare.py); the parts read in order are what one task would have written. A task that fails is rerun
-alone by running the same command again (datatrove keeps the completions in DIR/logs). Train with
-`--prepared_data_dir DIR`: training then only opens the stores. Any recipe key can be overridden as --key value.
+(data/prepare.py); the parts read in order are what one task would have written. DIR/manifest.json records what
+the folder holds (the tokenizer, the data keys that shaped the tokens, the tasks done per stage:
+data/store/manifest.py), written before the tasks start and when they end. The same command again resumes: only
+the tasks without a datatrove completion run. With file-level FIM (a copy per data epoch) a larger --epochs
+prepares only the new epochs, in a logging dir of their own (DIR/logs-epochs-<first>-<last>). A run with other
+settings into DIR is refused before any task, naming each key with both values; so is a DIR prepared before
+manifests. A recipe with dataset_mixture prepares each source into DIR/<name>/, one after the other (on slurm each
+stage's job waits for the one before). Train with `--prepared_data_dir DIR`: training checks the manifest against
+its recipe, then only opens the stores. Any recipe key can be overridden as --key value.
 On a terminal a bar counts the finished tasks with their rate and an ETA (--disable_tqdm: none).
 With `near_dedup: true` three MinHash runs come first (DIR/near_dedup/), each waiting for the one before; the files
 decontamination removed are listed in DIR/decontamination/ (docs/data_filters.md).
@@ -45,6 +51,7 @@ def main(argv=None):
     # Imported after the parse: a mistyped word is refused before the data libraries and transformers load.
     from starcoder2_train.configs import RecipeError
     from starcoder2_train.data.prepare import build_stages, make_executor, task_progress
+    from starcoder2_train.data.store.manifest import build_manifest, preparation_runs, stage_record, write_manifest
     from starcoder2_train.data.store.prepared import (
         DECONTAMINATION,
         LOGS,
@@ -57,6 +64,7 @@ def main(argv=None):
 
     model_args, data_args, training_args = RecipeParser().parse(recipe_argv)
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)  # refused here, before any task starts
+    seed = training_args.seed
     options = {}
     if own_args.executor == "local" and data_args.num_shards > 1:  # this machine runs one task of many
         options = {"local_tasks": 1, "local_rank_offset": data_args.shard_index}
@@ -74,46 +82,86 @@ def main(argv=None):
             "cpus_per_task": own_args.slurm_cpus_per_task,
             "mem_per_cpu_gb": own_args.slurm_mem_per_cpu_gb,
             "venv_path": own_args.slurm_venv_path,
-            "job_name": "prepare_data",
         }
-    executor, watched = None, []
-    for name, pipeline, tasks, logging_dir in build_stages(
-        data_args, own_args.output, training_args.seed, own_args.epochs, len(tokenizer)
-    ):
-        named = (
-            {**options, "job_name": f"prepare_data-{name.replace(' ', '-')}"}
-            if own_args.executor == "slurm"
-            else options
-        )
-        if tasks is not None and own_args.executor == "local":  # a stage of its own task count runs on this machine
-            named = {}
-        executor = make_executor(
-            own_args.executor,
-            pipeline,
-            tasks=tasks or own_args.tasks,
-            workers=own_args.workers,
-            logging_dir=logging_dir,
-            **({"depends": executor} if executor is not None else {}),
-            **named,
-        )
-        watched.append((logging_dir, tasks or own_args.tasks))
+    # A mixture: source NAME into OUTPUT/NAME/ (DataSource.subdirectory), one after the other; else OUTPUT itself.
+    mixture = getattr(data_args, "dataset_mixture", None) is not None
+    sources = data_args.sources() if mixture else [None]
+    targets = [
+        (os.path.join(own_args.output, source.subdirectory), source.data_args, source)
+        if source is not None
+        else (own_args.output, data_args, None)
+        for source in sources
+    ]
+    # Each folder's manifest against this command: a folder of other settings is refused here, before any task.
+    plans = [
+        preparation_runs(directory, args, tokenizer, epochs=own_args.epochs, tasks=own_args.tasks, seed=seed)
+        for directory, args, _ in targets
+    ]
+    executor, watched, records = None, [], []
+    for (directory, args, source), runs in zip(targets, plans):
+        stages, seen = [], set()
+        for first_epoch, epochs in runs:  # the runs prepared before (resumed) and the new epochs, if any
+            built = build_stages(args, directory, seed, epochs, len(tokenizer), first_epoch=first_epoch)
+            for index, (name, pipeline, tasks, logging_dir) in enumerate(built):
+                if logging_dir in seen:  # a near-dedup stage of an earlier run: done once
+                    continue
+                seen.add(logging_dir)
+                label = name if source is None else f"{source.name} {name}"
+                named = (
+                    {**options, "job_name": f"prepare_data-{label.replace(' ', '-')}"}
+                    if own_args.executor == "slurm"
+                    else options
+                )
+                if tasks is not None and own_args.executor == "local":  # a stage of its own task count: this machine
+                    named = {}
+                executor = make_executor(  # each stage waits for the one before: a mixture's sources in turn
+                    own_args.executor,
+                    pipeline,
+                    tasks=tasks or own_args.tasks,
+                    workers=own_args.workers,
+                    logging_dir=logging_dir,
+                    **({"depends": executor} if executor is not None else {}),
+                    **named,
+                )
+                watched.append((logging_dir, tasks or own_args.tasks))
+                epoch_range = (first_epoch, epochs) if index == len(built) - 1 else None  # the tokens stage
+                stages.append((name, logging_dir, tasks or own_args.tasks, epoch_range))
+        records.append((directory, args, source, max(end for _, end in runs), stages))
+
+    def write_manifests():  # what each folder holds, with the tasks datatrove has marked complete by now
+        for directory, args, source, epochs, stages in records:
+            stage_records = [stage_record(directory, *stage) for stage in stages]
+            manifest = build_manifest(
+                args, tokenizer, seed=seed, epochs=epochs, tasks=own_args.tasks, stages=stage_records, source=source
+            )
+            write_manifest(directory, manifest)
+
+    write_manifests()
     if own_args.executor == "slurm":  # submitted, not run here: squeue and DIR/logs show the progress
         executor.run()
-        print(f"submitted {own_args.tasks} tasks; logs and completions in {os.path.join(own_args.output, LOGS)}")
+        folders = ", ".join(os.path.join(directory, LOGS) for directory, *_ in records)
+        print(f"submitted {own_args.tasks} tasks a stage; logs and completions in {folders} (stages: manifest.json)")
         return None
-    with task_progress(watched, disable=True if own_args.disable_tqdm else None):
-        executor.run()  # the last stage; datatrove runs the stages it depends on first
-    stats = prepared_stats(own_args.output)
-    for split in ("train", "eval"):
+    try:
+        with task_progress(watched, disable=True if own_args.disable_tqdm else None):
+            executor.run()  # the last stage; datatrove runs the stages it depends on first
+    finally:
+        write_manifests()  # a failed task: the manifest says which stage lacks it, the rerun does only that
+    stats = None
+    for directory, _, source, _, _ in records:
+        stats = prepared_stats(directory)
+        prefix = "" if source is None else f"{source.name}: "
+        for split in ("train", "eval"):
+            print(
+                f"{prefix}{split}: {int(stats[f'{split} repositories']):,} repositories, "
+                f"{int(stats[f'{split} files']):,} files, {int(stats[f'{split} tokens']):,} tokens (epoch 0)"
+            )
+        print("\n".join(prefix + line for line in prepared_skips(directory).summary_lines()))
+        removed = decontamination_entries(directory)
         print(
-            f"{split}: {int(stats[f'{split} repositories']):,} repositories, {int(stats[f'{split} files']):,} files, "
-            f"{int(stats[f'{split} tokens']):,} tokens (epoch 0)"
+            f"{prefix}decontamination: {len(removed):,} files removed, listed in "
+            f"{os.path.join(directory, DECONTAMINATION)}"
         )
-    print("\n".join(prepared_skips(own_args.output).summary_lines()))
-    removed = decontamination_entries(own_args.output)
-    print(
-        f"decontamination: {len(removed):,} files removed, listed in {os.path.join(own_args.output, DECONTAMINATION)}"
-    )
     return stats
 
 
