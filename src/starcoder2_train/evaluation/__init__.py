@@ -3,11 +3,11 @@
 Holds the tasks and what runs them, in the order a reader needs them: `held_out.py` (the held-out files, and
 the rows and problems built from them, one definition for training and for scripts/evaluate.py), `loss.py`
 (loss and perplexity per language), `fim.py` (single-line infilling exact match), `generation.py` (batched
-generation), `humaneval.py` (pass@k), `execution.py` and `sandbox.py` (running model-written programs in a
-limited process), `metrics/code_eval/` (the offline code_eval metric), and `callback.py` (the cheap tasks
-at every Trainer evaluation). May import `configs` and `data/` (tokenization of the held-out text), never
-`training/`, `hub/` or `benchmarking/`. Task names: `configs.EVAL_TASKS` (all, scripts/evaluate.py) and
-`configs.TRAINING_EVAL_TASKS` (loss, fim).
+generation), `humaneval_settings.py` (the harness's HumanEval settings), `humaneval.py` (pass@k), `execution.py`
+and `sandbox.py` (running model-written programs in a limited process), `metrics/code_eval/` (the offline
+code_eval metric), and `callback.py` (the cheap tasks at every Trainer evaluation). May import `configs` and
+`data/` (tokenization of the held-out text), never `training/`, `hub/` or `benchmarking/`. Task names:
+`configs.EVAL_TASKS` (all, scripts/evaluate.py) and `configs.TRAINING_EVAL_TASKS` (loss, fim).
 """
 
 # What each task's figures measure, as the model card states it (hub/model_card.py).

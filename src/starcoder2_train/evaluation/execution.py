@@ -10,21 +10,32 @@ What one program gets, and what holds it (the child side is starcoder2_train/eva
 - memory: RLIMIT_AS (address space); disk: RLIMIT_FSIZE (largest file it may write; stdout and stderr go
   to files, so an endless print is bounded too); processes: RLIMIT_NPROC = 0 (no fork; the kernel does not
   apply this limit to root);
-- file writes outside the working directory:
+- files: writes only beneath the working directory; reads and folder listings only there and in the Python
+  installation and system library folders (`sandbox.readable_paths()`; sandbox.py's docstring lists them):
+  not HOME's Hub token or cloud credentials, not /etc/shadow, not /proc (another process's environment).
   * Landlock (Linux >= 5.13, unprivileged, kernel-enforced): the process and anything it starts may create,
-    write, truncate, rename or delete files only beneath its working directory (and write /dev/null).
-    This holds whatever the program does (ctypes, subprocesses, raw syscalls). With Landlock ABI >= 4 it may
-    not bind or connect TCP sockets; with ABI >= 6 it may not signal processes outside the sandbox.
-  * a Python guard: open/os/pathlib/shutil writes outside the working directory raise PermissionError,
-    and os.system, subprocess, fork, exec, kill and ctypes are disabled. It catches the ordinary ways,
-    gives clear errors, and is the only barrier where Landlock is missing; it is not a security boundary.
+    write, truncate, rename or delete files only beneath its working directory (and write /dev/null), read
+    only as above, and execute no file. This holds whatever the program does (ctypes, raw syscalls). With
+    Landlock ABI >= 4 it may not bind or connect TCP sockets; with ABI >= 6 it may not signal processes
+    outside the sandbox.
+  * a Python guard: open/os/pathlib/shutil writes outside the working directory and reads or listings outside
+    the readable paths raise PermissionError, and os.system, subprocess, fork, exec, kill and ctypes are
+    disabled. It catches the ordinary ways, gives clear errors, and is the only barrier where Landlock is
+    missing; it is not a security boundary.
 
-What is NOT contained: reads (a program can read every file the user can), UDP and Unix sockets,
-and anything on a kernel without Landlock beyond the Python guard. Run evaluations of untrusted models
-in a container or VM that holds no credentials.
+Without Landlock (`landlock="auto"`, the default) programs still run, under the Python guard alone, after one
+warning that says so; `landlock="require"` refuses instead. Why not refuse by default: the user has opted in
+(HF_ALLOW_CODE_EVAL=1, whose message asks for a container or VM without credentials), and the machines where
+Landlock is missing are mostly those containers (Docker's default seccomp profile) and older cluster kernels
+(RHEL 8's 4.18), where refusing would leave only `landlock="off"` or the harness's own unisolated `exec`.
+
+What is NOT contained: that a path exists and its size (stat and readlink are not Landlock rights), UDP and
+Unix sockets, and anything on a kernel without Landlock beyond the Python guard. Run evaluations of untrusted
+models in a container or VM that holds no credentials.
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -36,7 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from starcoder2_train.evaluation import sandbox
-from starcoder2_train.evaluation.sandbox import landlock_abi
+from starcoder2_train.evaluation.sandbox import landlock_abi, readable_paths
 from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -54,8 +65,9 @@ def require_code_execution_allowed() -> None:
     if os.environ.get(ALLOW_VARIABLE) != "1":
         raise CodeExecutionNotAllowed(
             f"Executing model-generated code is disabled. It runs programs a model wrote on this machine: "
-            f"they are sandboxed (see starcoder2_train/evaluation/execution.py for what is and is not contained) but "
-            f"can still read your files. Prefer a container or VM without credentials, then enable it with "
+            f"they are sandboxed (see starcoder2_train/evaluation/execution.py for what is and is not contained; "
+            f"without Landlock in the kernel they can read your files). Prefer a container or VM without "
+            f"credentials, then enable it with "
             f"`export {ALLOW_VARIABLE}=1`."
         )
 
@@ -129,11 +141,18 @@ def _use_landlock(limits: ExecutionLimits) -> bool:
         )
     if not _warned_without_landlock:
         logger.warning(
-            "This kernel has no Landlock: writes outside the sandbox's working directory are stopped "
-            "only by a Python-level guard, which a determined program can get around."
+            "This kernel has no Landlock: reads of your files (Hub tokens, credentials), writes outside the "
+            "sandbox's working directory and network connections by model-written programs are stopped only by a "
+            "Python-level guard, which a determined program can get around. Run in a container or VM without "
+            "credentials, or set ExecutionLimits(landlock='require') to refuse instead."
         )
         _warned_without_landlock = True
     return False
+
+
+@functools.cache
+def _readable_paths() -> list[str]:
+    return readable_paths()  # the same for every program: found once per process
 
 
 def run_program(
@@ -168,6 +187,7 @@ def run_program(
         }
         out_path, err_path = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
         command = [sys.executable, "-I", "-B", os.path.abspath(sandbox.__file__), *map(str, settings), "program.py"]
+        command += _readable_paths()
         start, timed_out = time.monotonic(), False
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             process = subprocess.Popen(
