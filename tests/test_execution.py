@@ -175,3 +175,22 @@ def test_a_broken_sandbox_raises_instead_of_failing_programs(sandboxes):
     limits = dataclasses.replace(LIMITS, memory_bytes=1 << 70)  # beyond what setrlimit accepts
     with pytest.raises(RuntimeError, match="sandbox set-up failed"):
         run_program("print(1)", limits, tmp_root=sandboxes)
+
+
+@needs_landlock
+def test_tcp_connect_and_fork_are_refused(sandboxes):
+    """Landlock ABI >= 4 refuses a TCP connect even to a listener on this machine; the guard refuses fork."""
+    import socket
+
+    if landlock_abi() < 4:
+        pytest.skip("this kernel's Landlock predates TCP rules (ABI 4)")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        connect = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        kernel = dataclasses.replace(LIMITS, python_guard=False, landlock="require")
+        result = run_program(connect, kernel, tmp_root=sandboxes)
+        assert not result.passed and "PermissionError" in result.result, result
+        open_door = run_program(connect, dataclasses.replace(LIMITS, landlock="off"), tmp_root=sandboxes)
+        assert open_door.passed, open_door.stderr  # the listener is real: without Landlock the connect succeeds
+    fork = run_program("import os\nos.fork()", LIMITS, tmp_root=sandboxes)
+    assert not fork.passed and "os.fork is disabled" in fork.result
