@@ -138,10 +138,16 @@ def test_training_refuses_a_mismatched_store_before_step_1(prepared, shards, tok
     path = recipe(tmp_path, shards, tokenizer_dir, languages=["Python"], max_steps=1, save_strategy="no")
     with pytest.raises(RecipeError, match=r'languages: the folder has unset, the recipe \["Python"\]'):
         run_pretrain.main([path, "--prepared_data_dir", str(prepared), "--use_cpu", "true"])
-    assert not (tmp_path / "run" / "trainer_state.json").exists() and not list(tmp_path.glob("run/checkpoint-*"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written, the run recipe included
     inspect_data = load_script("inspect_data")
     with pytest.raises(RecipeError, match="languages: the folder has unset"):
         inspect_data.main([path, "--prepared_data_dir", str(prepared), "--output", str(tmp_path / "s.jsonl")])
+    # The recipe it was prepared with trains on it (the seed and seq_length are read-time keys).
+    path = recipe(tmp_path, shards, tokenizer_dir, max_steps=1, save_strategy="no", seed=3)
+    trainer = run_pretrain.main(
+        [path, "--prepared_data_dir", str(prepared), "--use_cpu", "true", "--seq_length", "32"]
+    )
+    assert trainer.state.global_step == 1
 
 
 def test_a_folder_prepared_before_manifests_is_refused(prepared, shards, tokenizer, tokenizer_dir, tmp_path):

@@ -76,10 +76,13 @@ class Recipe:
     def prepare_data(self):
         """The run's data (run.py's RunData: packed training windows and their report, the held-out
         windows and evaluation inputs), built as training builds them and cached by datasets."""
+        from starcoder2_train.data.store.manifest import check_prepared_sources
         from starcoder2_train.run import build_data
 
         _, data_args, training_args, _ = self.arguments()
-        self._data = build_data(data_args, self.tokenizer(), training_args)
+        tokenizer = self.tokenizer()
+        check_prepared_sources(data_args, tokenizer)  # a prepared store of other settings: refused
+        self._data = build_data(data_args, tokenizer, training_args)
         return self._data
 
     def show_samples(self, data=None, count: int = 2, max_chars: int = 2000, scan: int = 500) -> list[str]:
