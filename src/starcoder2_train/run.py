@@ -30,6 +30,7 @@ from starcoder2_train.data.pipeline import (
     evaluation_data_args,
     load_split,
 )
+from starcoder2_train.data.store.manifest import check_prepared_sources
 from starcoder2_train.data.store.prepared import load_held_out_repositories
 from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import held_out
@@ -266,6 +267,9 @@ def run_training(model_args, data_args, training_args, recipe_values: dict, *, d
     if training_args.dry_run:
         print_dry_run(config, model_args, data_args, training_args, attn_implementation, bf16=dry_run_bf16)
         return None
+    # A prepared store whose manifest differs from the recipe (tokenizer, a data key): refused before anything is
+    # written to output_dir (data/store/manifest.py).
+    check_prepared_sources(data_args, tokenizer)
     layers = resolve_checkpointed_layers(config, model_args, data_args, training_args)
     if training_args.gradient_checkpointing:
         logger.info("activation checkpointing: %d of %d decoder layers", layers, config.num_hidden_layers)
