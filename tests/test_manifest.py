@@ -267,3 +267,31 @@ def test_a_mixture_prepares_each_source_into_its_own_folder(shards, tokenizer, t
     )
     with pytest.raises(RecipeError, match=f"{output / 'mine'} was prepared .* languages: the folder has"):
         check_prepared_sources(data_args, tokenizer)
+
+
+@pytest.mark.slow  # a subprocess: ~10 s of imports on this 2-core box
+def test_a_refusal_is_one_error_line_and_a_damaged_manifest_is_named(prepared, shards, tokenizer, tokenizer_dir,
+                                                                     tmp_path):  # fmt: skip
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import LAUNCH_ENV
+
+    path = recipe(tmp_path, shards, tokenizer_dir)
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "prepare_data.py")
+    process = subprocess.run(
+        [sys.executable, script, path, "--output", str(prepared), "--languages", "Python", *TWO_TASKS],
+        env=LAUNCH_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr[-2000:]
+    assert process.stderr.strip().splitlines()[-1].startswith(f"error: --output: {prepared} holds a preparation")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(prepared, damaged)
+    args = DataArguments(prepared_data_dir=str(damaged), eval_fraction=0.1)
+    (damaged / MANIFEST).write_text('{"format_version": 1, "tokeni')
+    with pytest.raises(RecipeError, match=r"manifest.json: not a readable manifest \(.*\); prepare the folder again"):
+        check_manifest(str(damaged), args, tokenizer)
+    (damaged / MANIFEST).write_text(json.dumps({**read_manifest(str(prepared)), "format_version": 2}))
+    with pytest.raises(RecipeError, match="format_version 2, and this version of starcoder2-train reads 1 at most"):
+        check_manifest(str(damaged), args, tokenizer)
