@@ -82,6 +82,14 @@ class DataArguments:
     max_file_bytes: int = field(
         default=1_000_000, metadata={"help": "Drop files larger than this many bytes of UTF-8 content."}
     )
+    max_repository_bytes: int = field(
+        default=32_000_000,
+        metadata={
+            "help": "prepare_data.py: a repository with more bytes of content is cut into parts of at most this "
+            "many (whole files, in path order), each its own example, counted as a pipeline stat; bounds a "
+            "task's memory (data/prepare.py says by how much)."
+        },
+    )
     max_repositories: int | None = field(
         default=None, metadata={"help": "Use only the first N repositories (quick runs, debugging)."}
     )

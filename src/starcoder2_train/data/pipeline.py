@@ -38,7 +38,7 @@ from starcoder2_train.data.sources import documents
 from starcoder2_train.data.sources.documents import DocumentTransform, load_documents
 from starcoder2_train.data.sources.download.verify import check_downloaded_shards
 from starcoder2_train.data.special_tokens import SpecialTokenIds
-from starcoder2_train.data.store.prepared import open_store, store_directory
+from starcoder2_train.data.store.prepared import open_store, store_directory, stored_once
 from starcoder2_train.data.tokens import tokenization
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.data.windows.epochs import DataEpochs, in_worker_process
@@ -201,7 +201,7 @@ def build_packed_dataset(
     epochs and the eval split do not read every task's stats, or sum the token rows, for a report nobody reads.
     """
     if data_args.prepared_data_dir is not None:
-        source = open_store(data_args.prepared_data_dir, split, epoch)
+        source = open_store(data_args.prepared_data_dir, split, epoch, data_args, seed)  # any epoch when stored once
     else:
         source, skips = load_token_rows(data_args, tokenizer, seed, epoch, split, repositories)
     if source is None:
@@ -270,7 +270,8 @@ def build_source_data(data_args: DataArguments, tokenizer, training_args, needed
         if needed <= len(first):
             return first, report
         made = [first]
-        if data_args.prepared_data_dir is not None:  # opening is cheap: count every prepared epoch now
+        if data_args.prepared_data_dir is not None and not stored_once(data_args.prepared_data_dir):
+            # per-epoch stores (file-level FIM): opening is cheap, count every prepared epoch now
             windows = len(first)
             while windows < needed and os.path.isdir(store_directory(data_args.prepared_data_dir, "train", len(made))):
                 made.append(make_epoch(len(made)))

@@ -49,6 +49,7 @@ from starcoder2_train.data.filters.near_dedup import (
 from starcoder2_train.data.filters.pii import PiiRedactor, redact_files
 from starcoder2_train.data.filters.splits import eval_share
 from starcoder2_train.data.pipeline import ExampleTransform
+from starcoder2_train.data.prepare_pieces import HELD_OUT_SCHEMA, PieceStoreWriter, RepositoryPieces
 from starcoder2_train.data.skips import UNREADABLE_PARQUET
 from starcoder2_train.data.sources.download.verify import check_downloaded_shards
 from starcoder2_train.data.sources.shards import (
@@ -59,10 +60,12 @@ from starcoder2_train.data.sources.shards import (
     python_rows,
     resolve_data_files,
 )
+from starcoder2_train.data.special_tokens import SpecialTokenIds
 from starcoder2_train.data.store.prepared import (
     DECONTAMINATION,
     LOGS,
     NEAR_DEDUP,
+    file_level_fim,
     held_out_part_path,
     near_dedup_logs,
     part_name,
@@ -74,12 +77,6 @@ from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)
-HELD_OUT_SCHEMA = pa.schema(
-    [
-        ("repo_name", pa.string()),
-        ("files", pa.list_(pa.struct([("path", pa.string()), ("content", pa.string()), ("language", pa.string())]))),
-    ]
-)
 
 
 def contiguous_part(items: list, rank: int, world_size: int) -> list:
@@ -138,6 +135,7 @@ class RepositoryReader(PipelineStep):
     ):
         super().__init__()
         self.plan, self.eval_fraction, self.report_dir = plan, data_args.eval_fraction, report_dir
+        self.max_repository_bytes = data_args.max_repository_bytes
         self.filters = file_filters(data_args) if filters is None else filters
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
@@ -172,7 +170,31 @@ class RepositoryReader(PipelineStep):
                 self.stat_update(f"repositories: {repo_skip}")
                 continue
             held_out = split == "eval" if split is not None else eval_share(name) < self.eval_fraction
-            yield Document(text="", id=name, metadata={"files": files, "split": "eval" if held_out else "train"})
+            parts = repository_parts(files, self.max_repository_bytes)
+            if len(parts) > 1:  # bounded memory downstream; counted, never dropped
+                self.stat_update(f"{'eval' if held_out else 'train'} repositories split over max_repository_bytes")
+            for number, part in enumerate(parts):
+                key = name if len(parts) == 1 else f"{name}\x00part {number}"  # the key of its per-epoch draws
+                metadata = {"files": part, "split": "eval" if held_out else "train", "key": key}
+                yield Document(text="", id=name, metadata=metadata)
+
+
+def repository_parts(files: list[dict], max_bytes: int) -> list[list[dict]]:
+    """The repository's files as one part, or, over `max_bytes` of content, as consecutive parts of at most
+    `max_bytes` each (whole files in (path, content) order; a file larger than the bound is a part alone).
+    Each part is then an example of its own: a window of 4k-16k tokens (13-50 KB of code) never spans the cut
+    between two parts of 32 MB, so only the files' neighbours across the cut change."""
+    sizes = [len(f["content"].encode("utf-8", "surrogatepass")) for f in files]
+    if sum(sizes) <= max_bytes:
+        return [files]
+    parts, size = [[]], 0
+    for size_of, f in sorted(zip(sizes, files), key=lambda pair: (pair[1]["path"], pair[1]["content"])):
+        if parts[-1] and size + size_of > max_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(f)
+        size += size_of
+    return parts
 
 
 class PiiRedaction(PipelineStep):
@@ -198,17 +220,18 @@ class ExampleTokenizer(PipelineStep):
 
     name, type = "repository examples + FIM + tokens", "🔢 - TOKENIZER"
 
-    def __init__(self, data_args: DataArguments, seed: int, epochs: int):
+    def __init__(self, data_args: DataArguments, seed: int, epochs: int, first_epoch: int = 0):
         super().__init__()
         self.tokenizer_name = data_args.tokenizer_name_or_path
         self.rates = prepared_rates(data_args)  # none with fim_level: window (FIM per window, in training)
         self.repo_metadata_rate, self.seed, self.epochs = data_args.repo_metadata_rate, seed, epochs
+        self.first_epoch = first_epoch  # > 0: more epochs of a prepared store (scripts/prepare_data.py)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         pieces = PieceTokenizer(load_tokenizer(self.tokenizer_name), self.tokenizer_name)
         transforms = [
             ExampleTransform(pieces, self.rates, self.repo_metadata_rate, self.seed, epoch)
-            for epoch in range(self.epochs)
+            for epoch in range(self.first_epoch, self.epochs)
         ]
         batch = []
         for document in data or ():
@@ -229,7 +252,7 @@ class ExampleTokenizer(PipelineStep):
                 out = transform(rows)
             for index, document in enumerate(documents):
                 document.metadata["input_ids"][transform.epoch] = out["input_ids"][index]
-                if transform.epoch == 0:
+                if transform.epoch == self.first_epoch:
                     split = document.metadata["split"]
                     self.stat_update(f"{split} repositories")  # here: after every step that drops repositories
                     self.stat_update(f"{split} files", value=out["num_files"][index])
@@ -244,13 +267,15 @@ class StoreWriter(PipelineStep):
 
     name, type = "token stores", "💽 - WRITER"
 
-    def __init__(self, output_dir: str, epochs: int, vocab_size: int):
+    def __init__(self, output_dir: str, epochs: int, vocab_size: int, first_epoch: int = 0):
         super().__init__()
         self.output_dir, self.epochs, self.vocab_size = output_dir, epochs, vocab_size
+        self.first_epoch = first_epoch  # > 0: train epochs [first_epoch, epochs) only; eval was written before
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         name = part_name(rank, world_size)
-        parts = [("train", epoch) for epoch in range(self.epochs)] + [("eval", 0)]
+        parts = [("train", epoch) for epoch in range(self.first_epoch, self.epochs)]
+        parts += [("eval", 0)] if self.first_epoch == 0 else []
         writers = {
             (split, epoch): TokenStoreWriter(store_directory(self.output_dir, split, epoch), name, self.vocab_size)
             for split, epoch in parts
@@ -258,28 +283,41 @@ class StoreWriter(PipelineStep):
         held_out_path = held_out_part_path(self.output_dir, rank, world_size)
         os.makedirs(os.path.dirname(held_out_path), exist_ok=True)
         partial = f"{held_out_path}.partial"
-        held_out = pq.ParquetWriter(partial, HELD_OUT_SCHEMA)
+        held_out = pq.ParquetWriter(partial, HELD_OUT_SCHEMA) if self.first_epoch == 0 else None
         for document in data or ():
             split = document.metadata["split"]
-            epochs = range(self.epochs) if split == "train" else (0,)
+            epochs = (
+                range(self.first_epoch, self.epochs) if split == "train" else (0,) if self.first_epoch == 0 else ()
+            )
             for epoch in epochs:
                 writers[split, epoch].add(document.metadata["input_ids"][epoch])
-            if split == "eval":
+            if split == "eval" and self.first_epoch == 0:
                 row = {"repo_name": document.id, "files": document.metadata["files"]}
                 held_out.write_table(pa.Table.from_pylist([row], schema=HELD_OUT_SCHEMA))
             yield document
-        held_out.close()
-        os.replace(partial, held_out_path)
+        if held_out is not None:
+            held_out.close()
+            os.replace(partial, held_out_path)
         for writer in writers.values():
             writer.close()
 
 
-def build_stages(data_args: DataArguments, output_dir: str, seed: int, epochs: int, vocab_size: int) -> list:
+def stores_once(data_args: DataArguments) -> bool:
+    """Whether the preparation writes the tokens once (a piece store): when they carry no file-level FIM."""
+    return not file_level_fim(data_args)
+
+
+def build_stages(
+    data_args: DataArguments, output_dir: str, seed: int, epochs: int, vocab_size: int, first_epoch: int = 0
+) -> list:
     """(name, pipeline, tasks, logging_dir) of each datatrove run, in order; tasks None: the --tasks of the call.
 
-    Without near_dedup one run; with it, three before the main one (each must finish before the next starts)."""
+    Without near_dedup one run; with it, three before the main one (each must finish before the next starts).
+    first_epoch > 0: the train epochs [first_epoch, epochs) of a store prepared before, in a logging dir of their
+    own (logs-epochs-<first>-<last>: the first run's completions must not mark them done), nothing else written."""
     plan, filters = input_plan(data_args), file_filters(data_args)  # read and built once, pickled into tasks
-    main = [RepositoryReader(plan, data_args, filters, report_dir=os.path.join(output_dir, DECONTAMINATION))]
+    report_dir = os.path.join(output_dir, DECONTAMINATION) if first_epoch == 0 else None
+    main = [RepositoryReader(plan, data_args, filters, report_dir=report_dir)]
     stages = []
     if data_args.near_dedup:
         folder, config = os.path.join(output_dir, NEAR_DEDUP), minhash_config(data_args)
@@ -296,8 +334,16 @@ def build_stages(data_args: DataArguments, output_dir: str, seed: int, epochs: i
         main.append(NearDuplicateFilter(f"{folder}/remove"))
     if data_args.pii_redaction:
         main.append(PiiRedaction(data_args.pii_model_path))
-    main += [ExampleTokenizer(data_args, seed, epochs), StoreWriter(output_dir, epochs, vocab_size)]
-    return stages + [("tokens", main, None, os.path.join(output_dir, LOGS))]
+    if stores_once(data_args):  # no file-level FIM: the tokens once, every epoch assembled while reading
+        special = SpecialTokenIds.from_tokenizer(load_tokenizer(data_args.tokenizer_name_or_path))
+        main += [RepositoryPieces(data_args.tokenizer_name_or_path), PieceStoreWriter(output_dir, vocab_size, special)]
+    else:
+        main += [
+            ExampleTokenizer(data_args, seed, epochs, first_epoch),
+            StoreWriter(output_dir, epochs, vocab_size, first_epoch),
+        ]
+    logs = LOGS if first_epoch == 0 else f"{LOGS}-epochs-{first_epoch}-{epochs - 1}"
+    return stages + [("tokens", main, None, os.path.join(output_dir, logs))]
 
 
 def make_executor(kind: str, pipeline: list, tasks: int, logging_dir: str, workers: int = -1, **options):

@@ -4,6 +4,10 @@ Layout of a prepared directory (data/prepare.py writes it, one part per datatrov
 
     train/epoch-<e>/part-<r>-of-<N>.{tokens,offsets,json}   token-store parts (data/store/token_store.py), epoch e
     eval/epoch-0/part-<r>-of-<N>.{tokens,offsets,json}      the held-out repositories' examples
+    {train,eval}/pieces/part-<r>-of-<N>.*, pieces.json      or, tokens stored once (no file-level FIM): piece
+                                                            stores (data/store/pieces.py), every epoch assembled
+                                                            while reading (data/windows/assembly.py), and
+    {train,eval}/pieces/epochs/                             the per-epoch indexes it builds (when writable)
     eval/repositories/part-<r>-of-<N>.parquet               the held-out repositories themselves (evaluation)
     decontamination/part-<r>-of-<N>.jsonl                   the files decontamination removed, one JSON a line
     near_dedup/{signatures,pairs,remove,logs-*}/            with near_dedup: the MinHash stages and their logs
@@ -12,6 +16,12 @@ Layout of a prepared directory (data/prepare.py writes it, one part per datatrov
 Training only opens it: a store is memory-mapped (nothing is copied or tokenized), and the counts of the
 preparation (skips with their reasons, files, FIM) are the datatrove stats of its tasks, summed here. A
 store with a part missing is refused, naming the part and the command that makes it.
+
+Which layout a preparation writes: per-epoch copies only where the prepared tokens carry file-level FIM
+(`fim_level: file` with fim_rate > 0: each epoch cuts other files at other places, so the text differs per
+epoch), one piece store otherwise. `prepared_epochs` opens either for training; of a piece store any epoch, and
+the read-time keys (fim_rate, fim_fragment_rate, fim_spm_rate, repo_metadata_rate, seed, the epochs) can change
+without preparing again.
 """
 
 import glob
@@ -19,6 +29,7 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 import datasets
 import pyarrow as pa
@@ -57,6 +68,23 @@ def store_directory(directory: str, split: str, epoch: int) -> str:
     return os.path.join(directory, split, f"epoch-{epoch}")
 
 
+def pieces_directory(directory: str, split: str) -> str:
+    return os.path.join(directory, split, "pieces")
+
+
+def file_level_fim(data_args) -> bool:
+    """Whether a recipe's prepared tokens carry file-level FIM (fim_level: file, fim_rate and fim_fragment_rate
+    above 0): then each epoch is other text, and the preparation writes per-epoch copies."""
+    return data_args.fim_level == "file" and data_args.fim_rate > 0 and data_args.fim_fragment_rate > 0
+
+
+def stored_once(directory: str) -> bool:
+    """Whether the prepared `directory` holds tokens stored once (a train piece store), not per-epoch stores."""
+    from starcoder2_train.data.store.pieces import is_piece_store
+
+    return is_piece_store(pieces_directory(directory, "train"))
+
+
 def held_out_part_path(directory: str, rank: int, world_size: int) -> str:
     return os.path.join(directory, HELD_OUT, f"{part_name(rank, world_size)}.parquet")
 
@@ -79,10 +107,14 @@ def check_complete(root: str, suffix: str) -> list[str]:
     return paths
 
 
-def open_store(directory: str, split: str, epoch: int):
-    """The TokenStore of one split and epoch, or None for an eval split that holds nothing."""
+def open_store(directory: str, split: str, epoch: int, data_args=None, seed: int | None = None):
+    """The token stream of one split and epoch: a TokenStore of a per-epoch store, or the EpochStream that
+    assembles epoch `epoch` of a piece store (which needs the recipe's `data_args` and `seed`: its draws);
+    None for an eval split that holds nothing."""
     from starcoder2_train.data.store.token_store import TokenStore
 
+    if stored_once(directory):
+        return _open_pieces(directory, split, epoch, data_args, seed)
     root = store_directory(directory, split, epoch)
     if not os.path.isdir(root):
         if split == "eval":
@@ -93,6 +125,30 @@ def open_store(directory: str, split: str, epoch: int):
     check_complete(root, ".json")
     store = TokenStore(root)
     return None if split == "eval" and store.num_examples == 0 else store
+
+
+def _open_pieces(directory: str, split: str, epoch: int, data_args, seed: int | None):
+    from starcoder2_train.data.store.pieces import PieceStore
+    from starcoder2_train.data.windows.assembly import EpochStream
+
+    if data_args is None or seed is None:
+        raise ValueError(f"open_store: {directory} stores its tokens once; an epoch needs data_args and seed")
+    if file_level_fim(data_args):
+        raise RecipeError(
+            f"fim_level: file at fim_rate {data_args.fim_rate} cuts files before packing, and prepared_data_dir "
+            f"{directory} holds tokens stored once, without file-level FIM; set fim_level: window (FIM on each "
+            "window, read-time) or prepare again with this recipe (per-epoch copies)."
+        )
+    root = pieces_directory(directory, split)
+    if split == "eval" and not os.path.isdir(root):
+        return None
+    check_complete(root, ".json")
+    pieces = PieceStore(root)
+    if pieces.num_records == 0:
+        if split == "eval":
+            return None
+        raise RecipeError(f"prepared_data_dir: {root} holds no repository; prepare it again with data in it.")
+    return EpochStream(pieces, epoch, seed, data_args.repo_metadata_rate)
 
 
 def load_held_out_repositories(directory: str) -> datasets.Dataset | None:
@@ -122,3 +178,50 @@ def prepared_skips(directory: str, stats: Counter | None = None) -> SkipReport:
     units = ("files: ", "repositories: ", "parquet files: ", "directories: ", "redactions: ")
     stats = prepared_stats(directory) if stats is None else stats
     return SkipReport.from_dict({name: int(count) for name, count in stats.items() if name.startswith(units)})
+
+
+@dataclass
+class PreparedEpochs:
+    """make_epoch(e) -> the PackedDataset of data epoch e of prepared `directory`'s train split, as training reads
+    it: windows shuffled per epoch (shuffle_seed = seed * 1_000_003 + epoch) and window-level FIM at the recipe's
+    rates. Of a piece store any e >= 0, nothing prepared; of per-epoch stores those prepared. Picklable (a
+    data-loader worker makes the epochs it reaches; the index is built once per machine, data/windows/assembly.py)."""
+
+    directory: str
+    data_args: object
+    tokenizer: object
+    seed: int
+
+    def __call__(self, epoch: int):
+        from starcoder2_train.data.examples.fim import window_fim
+        from starcoder2_train.data.special_tokens import SpecialTokenIds
+        from starcoder2_train.data.windows.packing import PackedDataset
+
+        return PackedDataset(
+            open_store(self.directory, "train", epoch, self.data_args, self.seed),
+            self.data_args.seq_length,
+            SpecialTokenIds.from_tokenizer(self.tokenizer),
+            cross_document_attention=self.data_args.cross_document_attention,
+            shuffle_seed=self.seed * 1_000_003 + epoch,
+            fim=window_fim(self.data_args, self.tokenizer, self.seed, epoch),
+        )
+
+
+def prepared_epochs(directory: str, data_args, tokenizer, seed: int):
+    """(make_epoch, epoch 0's PackedDataset, the fields of its DataReport) of prepared `directory`'s train split:
+    make_epoch is a PreparedEpochs; the report fields are data/pipeline.py DataReport's (repositories, files,
+    files_fim_psm, files_fim_spm, tokens, windows, padding_tokens, skipped), from the preparation's stats."""
+    make_epoch = PreparedEpochs(directory, data_args, tokenizer, seed)
+    first = make_epoch(0)
+    stats = prepared_stats(directory)
+    report = {
+        "repositories": first.stream.num_examples,
+        "files": int(stats["train files"]),
+        "files_fim_psm": int(stats["train files FIM PSM"]),
+        "files_fim_spm": int(stats["train files FIM SPM"]),
+        "tokens": first.total_tokens,
+        "windows": len(first),
+        "padding_tokens": first.padding_tokens,
+        "skipped": prepared_skips(directory, stats).as_dict(),
+    }
+    return make_epoch, first, report

@@ -10,12 +10,20 @@ In every process. `tokenizers.Tokenizer` forgets `encode_special_tokens` when it
 deep-copied (checked with tokenizers 0.23), and `datasets.map` pickles the function it runs, with num_proc 1
 as with more. So a PieceTokenizer travels as the tokenizer's JSON and sets the flag again wherever it is
 unpickled or copied, and `encode_texts` refuses to encode if the flag is off anyway.
+
+`encode_arrays` is the bounded-memory form for the preparation (data/prepare.py): texts are encoded a batch of at
+most ARRAY_BATCH_CHARACTERS characters at a time and each result becomes an int32 numpy array at once, so a
+repository's tokens cost 4 bytes each (not a Python list's ~36: an 8-byte pointer and a 28-byte int), and the
+tokenizer's own Encoding objects exist for one batch only.
 """
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from starcoder2_train.data.examples.repo_examples import Piece
 from starcoder2_train.data.special_tokens import STARCODER2_SPECIAL_TOKENS, SpecialTokenIds
+
+ARRAY_BATCH_CHARACTERS = 1 << 20  # text encoded at a time by encode_arrays: its Encodings are tens of MB
 
 
 class PieceTokenizer:
@@ -60,6 +68,19 @@ class PieceTokenizer:
                 "outside PieceTokenizer); source text could inject control tokens, so nothing is encoded."
             )
         return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text as an int32 array; memory beyond the results: one batch of Encodings."""
+        results, batch, size = [], [], 0
+        for text in texts:
+            if batch and size + len(text) > ARRAY_BATCH_CHARACTERS:
+                results += [np.array(ids, dtype=np.int32) for ids in self.encode_texts(batch)]
+                batch, size = [], 0
+            batch.append(text)
+            size += len(text)
+        if batch:
+            results += [np.array(ids, dtype=np.int32) for ids in self.encode_texts(batch)]
+        return results
 
     def encode(self, examples: list[list[Piece]]) -> list[list[int]]:
         """Token ids of each example; source text and structure tokens never mix."""
