@@ -14,9 +14,11 @@ from conftest import random_repositories
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data import skips
+from starcoder2_train.data.filters import files as files_module
+from starcoder2_train.data.filters.files import decode_content
 from starcoder2_train.data.filters.splits import eval_share, repository_split, shard_repositories
 from starcoder2_train.data.skips import SkipReport
-from starcoder2_train.data.sources.shards import decode_content, load_repositories
+from starcoder2_train.data.sources.shards import load_repositories
 
 
 @pytest.fixture(autouse=True)
@@ -157,6 +159,25 @@ def test_decode_content_measures_utf8_bytes():
     assert decode_content(text, None, 899) == (None, skips.TOO_LARGE)
     assert decode_content("a" * 10, None, 10) == ("a" * 10, None)
     assert decode_content(b"", "UTF-8", 10) == (None, skips.EMPTY)
+
+
+@pytest.mark.parametrize("edited", files_module.ROW_MODULES)
+def test_the_filters_fingerprint_follows_every_module_that_shapes_the_rows(edited, monkeypatch):
+    """The reader (sources/shards.py) and the filters live in two modules: an edit of either, or of the languages,
+    opt-outs or decontamination, must still give the datasets cache a new fingerprint."""
+    import importlib
+    import inspect
+
+    module, real = importlib.import_module(edited), inspect.getsource
+    original = files_module.filters_code()
+    monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("\n# edited" if obj is module else ""))
+    files_module.filters_code.cache_clear()
+    try:
+        assert files_module.filters_code() != original
+    finally:
+        monkeypatch.undo()
+        files_module.filters_code.cache_clear()
+    assert files_module.filters_code() == original
 
 
 def test_corrupted_parquet_files_are_counted_and_the_good_ones_read(tmp_path, caplog):

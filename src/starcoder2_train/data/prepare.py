@@ -39,6 +39,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data.examples.fim import prepared_rates
+from starcoder2_train.data.filters.files import file_filters, filter_repository_rows
 from starcoder2_train.data.filters.near_dedup import (
     FileSignatures,
     KeepFirstOfCluster,
@@ -54,8 +55,6 @@ from starcoder2_train.data.skips import UNREADABLE_PARQUET
 from starcoder2_train.data.sources.download.verify import check_downloaded_shards
 from starcoder2_train.data.sources.shards import (
     REPOSITORIES_PER_BATCH,
-    file_filters,
-    filter_repository_rows,
     parquet_layout,
     python_rows,
     resolve_data_files,

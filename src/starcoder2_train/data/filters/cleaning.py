@@ -1,7 +1,7 @@
 """The steps after the filters, over the repository rows of the in-process pipeline: near-deduplication, then PII.
 
-data/sources/shards.py has read the shards, removed opted-out repositories and contaminated files and applied
-the filters; `clean_repositories` then runs, in this order:
+data/sources/shards.py has read the shards and data/filters/files.py removed opted-out repositories and
+contaminated files and applied the filters; `clean_repositories` then runs, in this order:
 - near-deduplication (`near_dedup`): the blocks of data/filters/near_dedup.py run here in one process (rank 0 of 1,
   in a temporary folder), then one `datasets.map` drops the removed files. In one process: for data a machine tokenizes
   in process; at scale scripts/prepare_data.py runs the same blocks as datatrove tasks;

@@ -2,9 +2,8 @@
 
 The list is a file of `owner/name` lines (blank lines and `#` comments ignored; a GitHub URL is read as its
 owner/name) or a Hub dataset with a `repo_name` (or `repository`, `name`) column. Names are compared without
-case, as GitHub compares them. data/sources/shards.py removes an opted-out repository before any other check, so none
-of
-its files is read, decoded or counted under another reason: the repository is counted once, as opted out.
+case, as GitHub compares them. data/filters/files.py removes an opted-out repository before any other check, so
+none of its files is read, decoded or counted under another reason: the repository is counted once, as opted out.
 
 Cost per worker: one Python set of the names, about 100 bytes a name (a list of 100,000 repositories: 10 MB),
 built once when the list is read and again once in each worker that unpickles it, never per batch.

@@ -8,27 +8,22 @@ Two layouts are accepted, recognised per parquet file by its columns:
 Optional file fields, used when present: `language` (else derived from the path), `license_type`,
 `is_vendor`, `is_generated`, `src_encoding` (to decode contents stored as bytes; default UTF-8).
 
-Before any check, a repository named in `exclude_repositories` is removed (data/filters/opt_outs.py); after a file's
-checks, a file holding a benchmark text is removed (data/filters/decontamination.py, `decontamination_benchmarks`) and
-named in the SkipReport's `contaminated` list. Both are steps of `filter_repository_rows`, which the in-process
-pipeline and data/prepare.py's datatrove reader both call.
+This module reads: it finds the files (`resolve_data_files`), recognises their layout (`parquet_layout`), reads
+them in Arrow batches (`python_rows`) and groups per-file rows by repository. What is kept is decided by
+data/filters/files.py (opt-outs, the file filters, decontamination), which `load_repositories` applies to each
+batch as it reads and data/prepare.py's datatrove reader applies too.
 
 Output rows: `repo_name: str`, `files: list of {path: str, content: str, language: str}`, in an
 order that depends on the input only (not on num_proc). Whatever is left out is counted in a SkipReport
 (skips.py). `parquet_layout` is the one test of a shard's layout (tokenizer training uses it too).
 """
 
-import functools
 import glob
-import hashlib
-import inspect
 import logging
 import os
-import sys
 from collections import Counter
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -36,30 +31,20 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from datasets.exceptions import DatasetGenerationError
 
 from starcoder2_train.configs import DataArguments, RecipeError, hub_hint, is_hub_id
-from starcoder2_train.data.filters import decontamination, opt_outs
-from starcoder2_train.data.filters.decontamination import Match, load_benchmark_index
-from starcoder2_train.data.filters.opt_outs import load_opt_outs
+from starcoder2_train.data.filters.files import (
+    CONTAMINATED_FEATURES,
+    contaminated_files,
+    file_filters,
+    filter_file_rows,
+    filter_repository_rows,
+)
 from starcoder2_train.data.skips import (
     BEYOND_MAX_REPOSITORIES,
-    BINARY,
-    EMPTY,
-    GENERATED,
-    LANGUAGE_NOT_SELECTED,
-    LICENSE_NOT_SELECTED,
-    MISSING_CONTENT,
-    MISSING_PATH,
-    MISSING_REPO_NAME,
     NO_FILE_LEFT,
     OPTED_OUT,
-    TOO_LARGE,
-    UNDECODABLE,
-    UNKNOWN_LANGUAGE,
     UNREADABLE_PARQUET,
-    VENDOR,
     SkipReport,
-    contamination_reason,
 )
-from starcoder2_train.data.sources.languages import language_of
 
 logger = logging.getLogger(__name__)
 DEFAULT_DATA_FILES = "**/*.parquet"
@@ -67,107 +52,6 @@ REPOSITORIES_PER_BATCH = 64
 OPTIONAL_FILE_COLUMNS = ("language", "license_type", "is_vendor", "is_generated", "src_encoding")
 FILE_FEATURES = {"path": Value("string"), "content": Value("string"), "language": Value("string")}
 REPOSITORY_FEATURES = Features({"repo_name": Value("string"), "files": List(FILE_FEATURES)})
-# A file decontamination removed, as the report names it (repo_name is added where the repository is known).
-CONTAMINATED_FEATURES = {"path": Value("string"), "benchmark": Value("string"), "text": Value("string")}
-
-
-def decode_content(content, src_encoding: str | None, max_file_bytes: int) -> tuple[str | None, str | None]:
-    """(text, None) for usable file contents, (None, reason) otherwise; bytes are decoded as src_encoding."""
-    if content is None:
-        return None, MISSING_CONTENT
-    if len(content) == 0:
-        return None, EMPTY
-    if isinstance(content, bytes):
-        try:
-            content = content.decode(src_encoding or "utf-8")
-        except LookupError:  # an encoding name Python does not know: UTF-8 is the best guess
-            return decode_content(content, "utf-8", max_file_bytes)
-        except UnicodeDecodeError:
-            return None, BINARY if b"\x00" in content else UNDECODABLE
-    # A character takes 1 to 4 bytes in UTF-8: encode only when the length alone cannot decide.
-    if len(content) > max_file_bytes or (
-        4 * len(content) > max_file_bytes and len(content.encode("utf-8", "surrogatepass")) > max_file_bytes
-    ):
-        return None, TOO_LARGE
-    if "\x00" in content:
-        return None, BINARY
-    return content, None
-
-
-def _check_file(file: dict, filters: dict) -> tuple[dict | None, str | None, Match | None]:
-    """(file as {path, content, language}, None, None) when kept, else (None, the reason it is left out, and
-    when decontamination removed it, the benchmark text it holds)."""
-    path = file.get("path")
-    if not path:
-        return None, MISSING_PATH, None
-    if filters["exclude_vendor"] and file.get("is_vendor"):
-        return None, VENDOR, None
-    if filters["exclude_generated"] and file.get("is_generated"):
-        return None, GENERATED, None
-    if (
-        filters["license_types"] is not None
-        and (file.get("license_type") or "").lower() not in filters["license_types"]
-    ):
-        return None, LICENSE_NOT_SELECTED, None
-    language = file.get("language") or language_of(path)
-    if language is None:
-        return None, UNKNOWN_LANGUAGE, None
-    if filters["languages"] is not None and language.lower() not in filters["languages"]:
-        return None, LANGUAGE_NOT_SELECTED, None
-    text, reason = decode_content(file.get("content"), file.get("src_encoding"), filters["max_file_bytes"])
-    if reason is not None:
-        return None, reason, None
-    match = filters["decontamination"].find(text) if filters["decontamination"] is not None else None
-    if match is not None:
-        return None, contamination_reason(match.benchmark), match
-    return {"path": path, "content": text, "language": language}, None, None
-
-
-def _opted_out(name: str | None, filters: dict) -> bool:
-    return bool(name) and filters["opt_outs"] is not None and name in filters["opt_outs"]
-
-
-def filter_repository_rows(batch: dict, filters: dict) -> dict:
-    """Per-repository layout: keep each repository's usable files; list the reasons of the others and the files
-    decontamination removed. An opted-out repository is left out whole, before any of its files is looked at."""
-    out = {"repo_name": [], "files": [], "skipped": [], "repo_skip": [], "contaminated": []}
-    for name, files in zip(batch["repo_name"], batch["files"]):
-        kept, skipped, contaminated = [], [], []
-        for file in [] if _opted_out(name, filters) else files or []:
-            checked, reason, match = _check_file(file, filters)
-            if reason is None:
-                kept.append(checked)
-            else:
-                skipped.append(reason)
-                if match is not None:
-                    contaminated.append({"path": file["path"], "benchmark": match.benchmark, "text": match.name})
-        out["repo_name"].append(name or "")
-        out["files"].append(kept if name else [])
-        out["skipped"].append(skipped if name else [])
-        out["contaminated"].append(contaminated if name else [])
-        skip = OPTED_OUT if _opted_out(name, filters) else "" if kept else NO_FILE_LEFT
-        out["repo_skip"].append(MISSING_REPO_NAME if not name else skip)
-    return out
-
-
-def _filter_file_rows(batch: dict, filters: dict) -> dict:
-    """Per-file layout: one output row per input row, its `skip` reason empty when the file is kept."""
-    out = {"repo_name": [], "path": [], "content": [], "language": [], "skip": [], "benchmark": [], "text": []}
-    for values in zip(*batch.values()):
-        row = dict(zip(batch, values))
-        if not row["repo_name"]:
-            checked, reason, match = None, MISSING_REPO_NAME, None
-        elif _opted_out(row["repo_name"], filters):  # counted once per repository by _group_by_repository
-            checked, reason, match = None, OPTED_OUT, None
-        else:
-            checked, reason, match = _check_file(row, filters)
-        for key, value in (checked or {"path": row.get("path") or "", "content": "", "language": ""}).items():
-            out[key].append(value)
-        out["repo_name"].append(row["repo_name"] or "")
-        out["skip"].append(reason or "")
-        out["benchmark"].append(match.benchmark if match else "")
-        out["text"].append(match.name if match else "")
-    return out
 
 
 def _generate_repositories(rows: Dataset, bounds: tuple):
@@ -305,8 +189,9 @@ def _is_text(type_: pa.DataType, binary: bool = False) -> bool:
 
 def python_rows(batch: pa.Table | pa.RecordBatch) -> dict:
     """An Arrow batch as Python lists. A string `content` holding bytes that are not UTF-8 (a writer that did not
-    validate them) is given as those bytes with src_encoding utf-8, so that decode_content counts that file as
-    undecodable instead of the whole parquet file failing; the other files of the batch are read as usual."""
+    validate them) is given as those bytes with src_encoding utf-8, so that data/filters/files.py's decode_content
+    counts that file as undecodable instead of the whole parquet file failing; the other files of the batch are
+    read as usual."""
     try:
         return batch.to_pydict()
     except UnicodeDecodeError:
@@ -393,7 +278,7 @@ def _read_file(path: str, filters: dict, num_proc: int | None, report: SkipRepor
             }
         )
     else:
-        function, batch_size = _filter_file_rows, 1000
+        function, batch_size = filter_file_rows, 1000
         features = Features(
             {"repo_name": Value("string"), **FILE_FEATURES, "skip": Value("string"), **CONTAMINATED_FEATURES}
         )
@@ -426,49 +311,17 @@ def _count(dataset: Dataset, column: str, counter: Counter, flatten: bool = Fals
             counter[item["values"]] += item["counts"]
 
 
-def _lowered(values: list[str] | None) -> list[str] | None:
-    return None if values is None else sorted({value.lower() for value in values})
-
-
-def _contaminated_files(rows: Dataset) -> list[dict]:
-    """{repo_name, path, benchmark, text} of each file decontamination removed (a few per million files)."""
-    if "contaminated" in rows.column_names:  # per-repository rows: a list per repository
-        found = pc.list_value_length(rows.data.column("contaminated")).to_numpy(zero_copy_only=False) > 0
-        found = rows.select(np.flatnonzero(found)).select_columns(["repo_name", "contaminated"])
-        return [{"repo_name": row["repo_name"], **entry} for row in found for entry in row["contaminated"]]
-    found = pc.not_equal(rows.data.column("text"), "").to_numpy(zero_copy_only=False)
-    found = rows.select(np.flatnonzero(found)).select_columns(["repo_name", *CONTAMINATED_FEATURES])
-    return found.to_list()
-
-
 def _kept(repo_skips: list[str]) -> list[bool]:
     return [not skip for skip in repo_skips]
 
 
-@functools.cache
-def filters_code() -> str:
-    """A hash of the source of the filters, so that editing them makes a new datasets cache."""
-    modules = (sys.modules[__name__], decontamination, opt_outs)
-    return hashlib.sha256("".join(inspect.getsource(module) for module in modules).encode()).hexdigest()[:32]
-
-
-def file_filters(data_args: DataArguments) -> dict:
-    """The recipe's file filters, as `filter_repository_rows` takes them: opt-outs and the benchmark index are
-    read and built here, once (each pickles compactly into num_proc workers and datatrove tasks)."""
-    return {  # plain, sorted values and picklable objects: datasets hashes them into the cache fingerprint
-        "languages": _lowered(data_args.languages),
-        "license_types": _lowered(data_args.license_types),
-        "exclude_vendor": data_args.exclude_vendor,
-        "exclude_generated": data_args.exclude_generated,
-        "max_file_bytes": data_args.max_file_bytes,
-        "opt_outs": load_opt_outs(data_args.exclude_repositories),
-        "decontamination": load_benchmark_index(data_args),
-        "code": filters_code(),
-    }
-
-
 def load_repositories(data_args: DataArguments, data_files: list[str] | None = None) -> tuple[Dataset, SkipReport]:
-    """Read, check and filter Stack v2-format shards; `data_files` (e.g. eval files) overrides data_args'."""
+    """Read, check and filter Stack v2-format shards; `data_files` (e.g. eval files) overrides data_args'.
+
+    Reading and filtering together, and here, with the reader: the filters (data/filters/files.py) run inside the
+    read's `datasets.map`, one batch at a time (a per-repository row can hold thousands of files), so only the
+    filtered rows are ever written to the datasets cache, and the per-file layout can be grouped by repository
+    only after its rows are filtered. The filters know nothing of parquet files or of how they are read."""
     filters = file_filters(data_args)
     paths, report = resolve_data_files(data_args, data_files), SkipReport()
     parts = {}
@@ -488,13 +341,13 @@ def load_repositories(data_args: DataArguments, data_files: list[str] | None = N
     if layout == "repository":
         _count(rows, "skipped", report.files, flatten=True)
         _count(rows, "repo_skip", report.repositories)
-        report.contaminated += _contaminated_files(rows)
+        report.contaminated += contaminated_files(rows)
         rows = rows.filter(_kept, input_columns=["repo_skip"], batched=True, num_proc=data_args.num_proc)
         rows = rows.select_columns(["repo_name", "files"])
     else:
         _count(rows, "skip", report.files)
         report.files.pop(OPTED_OUT, None)  # an opted-out repository is counted once, not per file
-        report.contaminated += _contaminated_files(rows)
+        report.contaminated += contaminated_files(rows)
         rows = _group_by_repository(rows, report)
     if data_args.max_repositories is not None and len(rows) > data_args.max_repositories:
         report.repositories[BEYOND_MAX_REPOSITORIES] += len(rows) - data_args.max_repositories

@@ -2,7 +2,7 @@
 
 `download(ids, output_dir, options)` plans the chunks (ids.py), takes this machine's part, and for each chunk
 not done yet fetches its distinct blobs concurrently (fetch.py), decodes each file as its src_encoding says
-(data/shards.decode_content: an unknown encoding is read as UTF-8, undecodable bytes are counted), and writes
+(data/filters/files.decode_content: an unknown encoding is read as UTF-8, undecodable bytes are counted), and writes
 the repositories with `content` added to each file struct, every other field kept (`num_files` is set to the
 files kept). What gets no content is counted by reason in a SkipReport: missing or denied blobs, blobs that
 are not gzip, undecodable, binary or empty files, and repositories with no file left.
@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from starcoder2_train.configs import RecipeError, check_shard
+from starcoder2_train.data.filters.files import decode_content
 from starcoder2_train.data.skips import DENIED_BLOB, MISSING_BLOB_ID, MISSING_REPO_NAME, NO_FILE_FETCHED, SkipReport
 from starcoder2_train.data.sources.download.fetch import BlobFetcher, S3Options
 from starcoder2_train.data.sources.download.ids import Chunk, DownloadError, IdsReader, plan_chunks, resolve_ids_files
@@ -48,7 +49,6 @@ from starcoder2_train.data.sources.download.verify import (
     shard_facts,
     shard_problem,
 )
-from starcoder2_train.data.sources.shards import decode_content
 from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from starcoder2_train.data.filters.files import decode_content
 from starcoder2_train.data.skips import EMPTY, NO_FILE_LEFT, TOO_LARGE, UNKNOWN_LANGUAGE, SkipReport
 from starcoder2_train.data.sources.languages import language_of
 from starcoder2_train.data.sources.local.metadata import detect_licenses, repository_name
-from starcoder2_train.data.sources.shards import decode_content
 from starcoder2_train.progress import progress
 
 SYMBOLIC_LINK = "symbolic link"
