@@ -3,10 +3,11 @@
     sources/  → filters/ → examples/ → tokens/ → store/ → windows/ → batches/
 
 - `sources/`: where repositories come from: Stack v2-format parquet shards (`shards`: find, recognise the layout,
-  read, group by repository), `languages` (a file's language from its path), `download/` (file contents from
-  Software Heritage), `local/` (folders on disk → shards).
-- `filters/`: what is kept: `opt_outs`, `decontamination`, `cleaning` (then `near_dedup`, MinHash over files, and
-  `pii`, PII redaction), `splits` (held-out repositories, one machine's part).
+  read, filter each batch as it is read with filters/files, group by repository), `languages` (a file's language
+  from its path), `download/` (file contents from Software Heritage), `local/` (folders on disk → shards).
+- `filters/`: what is kept: `files` (per repository and file: opt-outs, languages, licenses, vendor, generated,
+  size, encoding, then `decontamination`; `opt_outs` reads the list), `cleaning` (then `near_dedup`, MinHash over
+  files, and `pii`, PII redaction), `splits` (held-out repositories, one machine's part).
 - `examples/`: a repository as one example (`repo_examples`) and file-level Fill-in-the-Middle (`fim`, with the
   window-level FIM that windows/ applies).
 - `tokens/`: `tokenizer` (train and load it), `tokenization` (pieces → ids with special-token parsing off).
