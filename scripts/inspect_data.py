@@ -2,12 +2,13 @@
 
     python scripts/inspect_data.py recipes/tiny/pretrain.yaml --num_samples 4 --output samples.jsonl
 
-One JSON object a line: input_ids, labels, position_ids and text (decoded, special tokens shown).
-Then a summary: repositories, files, files FIM-transformed as PSM and SPM, tokens, packing
-efficiency, what was skipped, why (opted-out repositories, files holding benchmark text, near-duplicates
-among them), and what PII redaction replaced. The files decontamination removed are listed in
-`decontamination_report` (default: beside --output, samples.decontamination.jsonl). Any recipe key can be
-overridden as `--key value`.
+One JSON object a line: source (the dataset_mixture entry the window came from), input_ids, labels,
+position_ids and text (decoded, special tokens shown). Then a summary, per source for a mixture, followed by each
+source's weight beside its realised share of the run's windows, its tokens and passes: repositories, files, files
+FIM-transformed as PSM and SPM, tokens, packing efficiency, what was skipped, why (opted-out repositories, files
+holding benchmark text, near-duplicates among them), and what PII redaction replaced. The files decontamination
+removed are listed in `decontamination_report` (default: beside --output, samples.decontamination.jsonl). Any
+recipe key can be overridden as `--key value`.
 """
 
 import json
@@ -39,13 +40,17 @@ def main(argv=None):
     dataset, report = build_training_data(data_args, tokenizer, training_args)
 
     count = min(own_args.num_samples, len(dataset))
+    one_source = data_args.sources()[0].name
+    source_of = getattr(dataset, "source_of", lambda index: one_source)  # a mixture names each window's source
     with open(own_args.output, "w") as handle:
         for index in range(count):
             sample = dataset[index]
-            record = {key: sample[key].tolist() for key in ("input_ids", "labels", "position_ids")}
+            record = {"source": source_of(index)}
+            record.update((key, sample[key].tolist()) for key in ("input_ids", "labels", "position_ids"))
             record["text"] = tokenizer.decode(record["input_ids"], skip_special_tokens=False)
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     print(f"wrote {count} packed samples of {data_args.seq_length} tokens to {own_args.output}")
+    print("sources of the samples: " + " ".join(source_of(index) for index in range(count)))
     for line in report.summary_lines():
         print(line)
     if data_args.decontamination_report:

@@ -8,6 +8,7 @@ and a FIM usage example. `update_model_card_results` replaces the results after 
 `scripts/evaluate.py` run.
 """
 
+import json
 import os
 
 import yaml
@@ -70,6 +71,32 @@ def data_steps(recipe: dict) -> list[str]:
         f"- PII redaction: {pii}",
         f"- Near-deduplication: {near_dedup}",
     ]
+
+
+def mixture_entries(recipe: dict) -> list[dict]:
+    """The recipe's dataset_mixture entries as mappings (JSON text from the command line read back), each with its
+    weight divided by the weights' sum; [] without a mixture."""
+    entries = [json.loads(e) if isinstance(e, str) else dict(e) for e in recipe.get("dataset_mixture") or []]
+    total = sum(float(entry.get("weight", 0)) for entry in entries) or 1.0
+    return [{**entry, "weight": float(entry.get("weight", 0)) / total} for entry in entries]
+
+
+def mixture_table(entries: list[dict]) -> str:
+    """The mixture as a Markdown table: name, dataset (and data_dir), share of the training windows, kind, and
+    the keys the entry sets for itself."""
+    if not entries:
+        return ""
+    rows = ["", "Mixture (each source's share of the training windows; a source repeats when it runs out):", ""]
+    rows += ["| source | dataset | share of training windows | own settings |", "|---|---|---|---|"]
+    for entry in entries:
+        dataset = entry.get("dataset_name_or_path") + (f" ({entry['data_dir']})" if entry.get("data_dir") else "")
+        own = ", ".join(
+            f"{key}: {value}"
+            for key, value in entry.items()
+            if key not in ("name", "weight", "dataset_name_or_path", "data_dir")
+        )
+        rows.append(f"| {entry.get('name', '')} | `{dataset}` | {100 * entry['weight']:.2f}% | {own or '-'} |")
+    return "\n".join(rows)
 
 
 def model_index(results: dict[str, dict]) -> list[EvalResult]:
@@ -190,11 +217,15 @@ def write_model_card(
     name = model_name or hub_model_id or os.path.basename(os.path.abspath(output_dir))
     base, architecture = recipe.get("model_name_or_path"), recipe.get("model_config")
     dataset = recipe.get("dataset_name_or_path")
+    mixture = mixture_entries(recipe)
+    source_line = f"`{dataset or recipe.get('prepared_data_dir', 'not recorded')}`"
+    source_line = f"a mixture of {len(mixture)} sources (below)" if mixture else source_line
+    hub_datasets = [d for d in [dataset] + [e.get("dataset_name_or_path") for e in mixture] if is_hub_id(d)]
     card_data = ModelCardData(
         model_name=name,
         base_model=base if is_hub_id(base) else None,
         license=license,
-        datasets=[dataset] if is_hub_id(dataset) else None,
+        datasets=list(dict.fromkeys(hub_datasets)) or None,
         language=["code"],
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -213,11 +244,12 @@ A StarCoder2 code model, {origin}, with the starcoder2-train recipe below.
 
 ## Training data
 
-- Dataset: `{dataset or recipe.get("prepared_data_dir", "not recorded")}`
+- Dataset: {source_line}
 - Languages: {languages}
 - Tokens seen: {tokens}
 - Sequence length: {recipe.get("seq_length", DataArguments.__dataclass_fields__["seq_length"].default)} tokens
 {chr(10).join(data_steps(recipe))}
+{mixture_table(mixture)}
 
 ## Fill-in-the-middle
 
