@@ -19,6 +19,9 @@ shuffled windows read; its last line is the figures as JSON (starcoder2_train.be
 benchmark instead: training saves a checkpoint every FIRST steps up to SECOND, then restarts from checkpoints
 FIRST and SECOND are timed from the command's start to the first new step, this project's run_pretrain.py beside
 the plain Trainer resuming a streamed dataset (starcoder2_train.benchmarking.resume).
+`--mixture N [--weights 0.6,0.3,0.1]` runs the mixture benchmark instead: N windows of a weighted mixture of
+synthetic sources, realised shares beside the weights, each rank's windows disjoint, the same windows for 1, 2 and
+4 ranks x 0-2 loader workers (starcoder2_train.benchmarking.mixture).
 Set RAYON_NUM_THREADS=1 so that the Rust tokenizer uses one core, as the per-core figures assume.
 `--json PATH` writes the figures there, with the commit, date and command that produced them.
 The measurements are in starcoder2_train.benchmarking.data_pipeline.
@@ -44,6 +47,8 @@ def parse_args(argv):
     parser.add_argument("--model_config", default="test", help="Model preset (restart benchmark).")
     parser.add_argument("--batch_size", type=int, default=8, help="Windows per step (restart benchmark).")
     parser.add_argument("--repeats", type=int, default=3, help="Restarts per point and side (restart benchmark).")
+    parser.add_argument("--mixture", type=int, default=None, metavar="N", help="Benchmark a mixture of N windows.")
+    parser.add_argument("--weights", default="0.6,0.3,0.1", help="The sources' weights (mixture benchmark).")
     return parser.parse_args(argv)
 
 
@@ -62,6 +67,18 @@ def main(argv=None):
         record = run_record(argv, __file__, packages=("boto3", "moto"))
         figures = {**record, "download": download_throughput(args.download, args.output)}
         print_download(figures["download"])
+        if args.json:
+            write_json(args.json, figures)
+        return figures
+    if args.mixture is not None:
+        from starcoder2_train.benchmarking.mixture import mixture_benchmark, print_mixture
+
+        weights = [float(word) for word in args.weights.split(",")]
+        figures = {
+            **run_record(argv, __file__, packages=("torch", "accelerate")),
+            **mixture_benchmark(args.mixture, weights),
+        }
+        print_mixture(figures)
         if args.json:
             write_json(args.json, figures)
         return figures
