@@ -106,7 +106,7 @@ def stored_fim_level(data_args) -> str:
 def tokenizer_identity(tokenizer) -> dict:
     """name_or_path, size and a sha256 over what maps text to ids: the vocabulary (id and token, in id order), the
     added tokens (id, content, special) and, for a BPE, its merges (the same vocabulary merged in another order
-    tokenizes text otherwise), joined with \x00 (never in a byte-level BPE token). Read from transformers 5.25 /
+    tokenizes text otherwise), joined with NUL (never in a byte-level BPE token). Read from transformers 5.25 /
     tokenizers 0.23 (get_vocab, added_tokens_decoder, the backend's JSON, whose merges are "a b" strings or [a, b]
     pairs by version: both hash alike). Cost, for a synthetic byte-level BPE of StarCoder2's 49,152 tokens on this
     2-core box shared with other jobs (load 5): 0.64-1.34 s, median 0.86 s of 7; once per training start and
