@@ -30,6 +30,7 @@ def main(argv=None):
     own_args, recipe_argv = parse_args(argv)
     # Imported after the parse: a mistyped word is refused before the data libraries and transformers load.
     from starcoder2_train.data.pipeline import build_training_data
+    from starcoder2_train.data.store.manifest import check_prepared_sources
     from starcoder2_train.data.tokens.tokenizer import load_tokenizer
     from starcoder2_train.recipe import RecipeParser
 
@@ -37,6 +38,7 @@ def main(argv=None):
     if data_args.decontamination_report is None and data_args.prepared_data_dir is None:
         data_args.decontamination_report = f"{os.path.splitext(own_args.output)[0]}.decontamination.jsonl"
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
+    check_prepared_sources(data_args, tokenizer)  # a store of other settings than the recipe's: refused
     dataset, report = build_training_data(data_args, tokenizer, training_args)
 
     count = min(own_args.num_samples, len(dataset))
