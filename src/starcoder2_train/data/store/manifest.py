@@ -48,6 +48,7 @@ and how this machine works (num_proc, shards, checksums, report paths).
 import hashlib
 import json
 import os
+import socket
 
 from starcoder2_train.configs import RecipeError
 from starcoder2_train.data.store.prepared import LOGS, file_level_fim
@@ -177,7 +178,7 @@ def write_manifest(directory: str, manifest: dict) -> str:
     """manifest.json in `directory`, written whole or not at all (a temporary file renamed over the old one)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, MANIFEST)
-    partial = f"{path}.{os.getpid()}.partial"  # several machines (--num_shards) may write at once
+    partial = f"{path}.{socket.gethostname()}-{os.getpid()}.partial"  # machines of --num_shards may write at once
     with open(partial, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
