@@ -202,6 +202,21 @@ def test_prepared_stores_lie_under_the_source_names():
     assert DataArguments(prepared_data_dir="/p").sources()[0].data_args.prepared_data_dir == "/p"
 
 
+def test_the_starcoder2_recipes_name_their_mixture_and_the_command_line_can_replace_it():
+    from starcoder2_train.recipe import RecipeParser
+
+    recipe = str(ROOT / "recipes/starcoder2-3b/pretrain.yaml")
+    _, data, _ = RecipeParser().parse([recipe, "--dry_run", "true"])
+    sources = {source.name: source for source in data.sources()}
+    assert sources["stack"].kind == "repositories" and sources["stack"].weight == pytest.approx(525.5 / 643.71)
+    assert sources["issues"].kind == "documents" and "<issue_start>" in sources["issues"].data_args.structure_tokens
+    assert sources["issues"].data_args.data_dir == "issues" and sum(
+        s.weight for s in sources.values()
+    ) == pytest.approx(1)
+    _, one, _ = RecipeParser().parse([recipe, "--dry_run", "true", "--dataset_name_or_path", "data/mine"])
+    assert one.dataset_mixture is None and [s.name for s in one.sources()] == ["mine"]
+
+
 # Document sources.
 
 

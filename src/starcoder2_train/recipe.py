@@ -82,6 +82,14 @@ class RecipeParser(HfArgumentParser):
             raise CommandLineError(f"command line: {error}") from None
         for key, value in overrides.items():
             values[key], where[key] = value, "the command line"
+        # Data named on the command line replaces the recipe file's: --dataset_name_or_path drops the file's
+        # dataset_mixture (a quick run of a mixture recipe on one folder), --dataset_mixture its dataset_name_or_path.
+        for given, dropped in (
+            ("dataset_name_or_path", "dataset_mixture"),
+            ("dataset_mixture", "dataset_name_or_path"),
+        ):
+            if where.get(given) == "the command line" and where.get(dropped, "").startswith("recipe"):
+                del values[dropped], where[dropped]
         self.where = where
         for key, value in values.items():
             if key not in self.known_keys:
