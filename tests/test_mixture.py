@@ -255,6 +255,26 @@ def test_a_literal_file_sep_stays_text_and_declared_structure_tokens_are_tokens(
     assert pieces == [(False, "a<pr>b"), (True, "<issue_start>"), (True, "<|endoftext|>")]
 
 
+def test_a_document_sources_filters_decontamination_near_dedup_and_pii(tmp_path, tokenizer_dir):
+    from starcoder2_train.data.filters.decontamination import humaneval_texts
+    from starcoder2_train.data.sources.documents import load_documents
+
+    benchmark_text = max((text for _, text in humaneval_texts()), key=len)
+    rng = np.random.default_rng(0)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo"]
+    texts = [" ".join(rng.choice(words, size=60)) for _ in range(6)]
+    texts += [texts[0], "a solution we copied:\n" + benchmark_text, "write to jane.doe@acme-widgets.org for access"]
+    lines = "".join(json.dumps({"content": text}) + "\n" for text in texts)
+    (tmp_path / "docs.jsonl").write_text(lines)
+    data = args(tokenizer_dir, dataset_name_or_path=str(tmp_path), near_dedup=True, pii_redaction=True)
+    kept, report = load_documents(data.sources()[0].data_args)
+    contents = kept["content"]
+    assert len(contents) == 7 and not any(benchmark_text in text for text in contents)  # the copy and the solution
+    assert "write to <EMAIL> for access" in contents
+    assert report.contaminated[0]["path"] == "document 7" and report.redactions
+    assert sum(n for reason, n in report.files.items() if "humaneval" in reason) == 1
+
+
 def test_bad_document_files_are_refused_naming_file_and_column(tmp_path):
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "no_content.parquet")
     pq.write_table(pa.table({"content": [1, 2]}), tmp_path / "numbers.parquet")

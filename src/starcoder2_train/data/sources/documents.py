@@ -212,9 +212,62 @@ def load_documents(data_args):
 
         report.repositories[BEYOND_MAX_REPOSITORIES] += len(kept) - data_args.max_repositories
         kept = kept.select(range(data_args.max_repositories))
+    kept = clean_documents(kept, data_args, report)
     if len(kept) == 0:
-        raise RecipeError(f"dataset_name_or_path: {data_args.dataset_name_or_path} holds no non-empty document.")
+        raise RecipeError(
+            f"dataset_name_or_path: {data_args.dataset_name_or_path} holds no document left to train on."
+        )
     return kept, report
+
+
+def _find_benchmarks(batch: dict, index) -> dict:
+    matches = [index.find(text) for text in batch[CONTENT]]
+    return {"benchmark": [m.benchmark if m else "" for m in matches], "text": [m.name if m else "" for m in matches]}
+
+
+def _as_repositories(batch: dict, indices: list[int]) -> dict:
+    languages = batch.get("language") or [""] * len(indices)
+    names = [f"document {index}" for index in indices]
+    files = [[{"path": name, "content": text, "language": language or ""}] for name, text, language in
+             zip(names, batch[CONTENT], languages)]  # fmt: skip
+    return {"repo_name": names, "files": files}
+
+
+def _from_repositories(batch: dict) -> dict:
+    return {
+        CONTENT: [files[0]["content"] for files in batch["files"]],
+        "language": [files[0]["language"] for files in batch["files"]],
+    }
+
+
+def clean_documents(rows, data_args, report: SkipReport):
+    """The source's filters on its documents, as on a repository's files: decontamination (a document holding a
+    benchmark's text is dropped, counted and listed in report.contaminated as `document N`), then near-deduplication
+    and PII redaction (data/filters/cleaning.py, each document as a repository of one file). Languages, licenses,
+    vendor and generated flags describe files of repositories: a document table has none, they do not apply."""
+    from starcoder2_train.data.filters.decontamination import load_benchmark_index
+    from starcoder2_train.data.skips import contamination_reason
+
+    index = load_benchmark_index(data_args)
+    if index is not None and len(rows):
+        found = rows.map(_find_benchmarks, batched=True, fn_kwargs={"index": index}, num_proc=data_args.num_proc,
+                         desc="decontamination (documents)")  # fmt: skip
+        hits = [i for i, benchmark in enumerate(found["benchmark"]) if benchmark]
+        for i in hits:
+            benchmark = found[i]["benchmark"]
+            report.files[contamination_reason(benchmark)] += 1
+            path = f"document {i}"
+            report.contaminated.append(
+                {"repo_name": "", "path": path, "benchmark": benchmark, "text": found[i]["text"]}
+            )
+        rows = rows.select(sorted(set(range(len(rows))) - set(hits))) if hits else rows
+    if (data_args.near_dedup or data_args.pii_redaction) and len(rows):
+        from starcoder2_train.data.filters.cleaning import clean_repositories
+
+        repositories = rows.map(_as_repositories, batched=True, with_indices=True, remove_columns=rows.column_names)
+        repositories = clean_repositories(repositories, data_args, report)
+        rows = repositories.map(_from_repositories, batched=True, remove_columns=repositories.column_names)
+    return rows
 
 
 def read_contents(path: str):
