@@ -21,6 +21,7 @@ from test_preemption import losses, one_process, run, setup  # noqa: F401 (setup
 
 ROOT = Path(__file__).parents[1]
 STEPS = 60
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 pytestmark = pytest.mark.skipif(slurm_cluster.skip_reason() is not None, reason=str(slurm_cluster.skip_reason()))
 
 
@@ -38,6 +39,25 @@ def submit(env: dict, recipe: Path, *overrides: str) -> str:
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
+
+
+def watch(env: dict, job: str, until, timeout: float, history: list, log: Path) -> dict:
+    """Poll the job until `until(fields)`, recording each change of its state in `history`; TimeoutError with the
+    history, the job's log and the controller's log otherwise."""
+
+    def reached():
+        fields = slurm_cluster.job_fields(env, job)
+        seen = tuple(fields.get(key) for key in ("JobState", "Restarts", "ExitCode", "Reason"))
+        if not history or history[-1] != seen:
+            history.append(seen)
+        return fields if until(fields) else None
+
+    try:
+        return slurm_cluster.wait_for(reached, timeout, f"job {job}", interval=0.2)
+    except TimeoutError as error:
+        controller = Path(env["SLURM_CONF"]).with_name("slurmctld.log").read_text()[-3000:]
+        job_log = log.read_text()[-3000:] if log.exists() else "(no log)"
+        raise TimeoutError(f"{error}; states {history}\n{job_log}\n--- slurmctld.log\n{controller}") from None
 
 
 @pytest.mark.slow
@@ -64,14 +84,15 @@ def test_readme_sbatch_command_is_preempted_requeued_and_resumes_like_the_run_le
         # Step 3 is logged: signal the job's steps as SLURM does before the time limit.
         slurm_cluster.wait_for(lambda: log.exists() and log.read_text().count("'loss'") >= 3, 240, f"step 3 in {log}")
         subprocess.run(["scancel", "--signal", "USR1", job], env=env, check=True, timeout=30)
-        requeued = lambda: int(slurm_cluster.job_fields(env, job).get("Restarts", 0)) >= 1  # noqa: E731
-        slurm_cluster.wait_for(requeued, 120, f"job {job} to requeue itself ({tmp_path / log.name})")
+        history = []  # each change of (JobState, Restarts, ExitCode, Reason) seen, for the failure message
+        pending = lambda fields: fields.get("JobState") == "PENDING" and int(fields.get("Restarts", 0)) >= 1  # noqa: E731
+        watch(env, job, pending, 120, history, log)
+        # SLURM holds a requeued job before it may start again; the test does not wait for that.
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
-        finished = lambda: slurm_cluster.job_fields(env, job).get("JobState") in ("COMPLETED", "FAILED")  # noqa: E731
-        slurm_cluster.wait_for(finished, 300, f"job {job} to finish ({log})")
+        watch(env, job, lambda fields: fields.get("JobState") in ENDED, 300, history, log)
         output = log.read_text()
         fields = slurm_cluster.job_fields(env, job)
-        assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", output[-5000:]
+        assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (history, output[-5000:])
         assert "preempted with a complete checkpoint" in output and "requeueing" in output, output[-5000:]
         assert "job " + job + " restart 1" in output and "resuming from" in output, output[-5000:]
         checkpoint_step = json.loads(output.split("preempted with a complete checkpoint (")[1].split(")")[0])["step"]
