@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM
 from starcoder2_train.cli import ScriptParser, run_script
 from starcoder2_train.configs import EVAL_TASKS, TORCH_DTYPES, DataArguments, RecipeError, torch_dtype
 from starcoder2_train.data.filters.splits import load_split_repositories, repository_split
+from starcoder2_train.data.pipeline import evaluation_data_args
 from starcoder2_train.data.sources.shards import load_repositories
 from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.evaluation import held_out
@@ -151,7 +152,8 @@ def held_out_repositories(args):
     if args.recipe:
         overrides = ["--languages", *args.languages] if args.languages else []
         _, data_args, training_args = RecipeParser().parse([args.recipe, *args.recipe_overrides, *overrides])
-        repositories, _ = load_split_repositories(data_args, "eval")
+        # a mixture's held-out repositories: its first repository source's, as training evaluates
+        repositories, _ = load_split_repositories(evaluation_data_args(data_args), "eval")
         if repositories is None:
             raise RecipeError(f"--recipe {args.recipe}: holds nothing out; set eval_fraction or eval_data_files.")
         return repositories, data_args, training_args
