@@ -121,14 +121,8 @@ def tokenize_repositories(
         seed,
         epoch,
     )
-    return repositories.map(
-        transform,
-        batched=True,
-        batch_size=64,
-        num_proc=data_args.num_proc,
-        remove_columns=repositories.column_names,
-        new_fingerprint=fingerprint,
-        desc=f"examples + FIM + tokens (epoch {epoch})",
+    return _token_rows(
+        repositories, transform, fingerprint, data_args.num_proc, f"examples + FIM + tokens (epoch {epoch})"
     )
 
 
@@ -138,14 +132,19 @@ def tokenize_documents(rows: datasets.Dataset, tokenizer, data_args: DataArgumen
     fingerprint = _fingerprint(
         code_fingerprint(), rows._fingerprint, transform.tokenizer.backend.to_str(), transform.structure_tokens
     )
+    return _token_rows(rows, transform, fingerprint, data_args.num_proc, "documents → tokens")
+
+
+def _token_rows(rows: datasets.Dataset, transform, fingerprint: str, num_proc: int | None, desc: str):
+    """rows → token rows (TOKEN_COLUMNS) by `transform`, one batched datasets.map cached under `fingerprint`."""
     return rows.map(
         transform,
         batched=True,
         batch_size=64,
-        num_proc=data_args.num_proc,
+        num_proc=num_proc,
         remove_columns=rows.column_names,
         new_fingerprint=fingerprint,
-        desc="documents → tokens",
+        desc=desc,
     )
 
 
