@@ -5,10 +5,12 @@ machine, num_shards/shard_index across machines), cached under a fingerprint of 
 the code that makes the rows included (`code_fingerprint`: a change to repo_examples, fim, tokenization,
 special_tokens or ExampleTransform makes a new cache, with no version number to bump by hand).
 `load_token_rows` gives one split's token rows from the raw shards (prepared data is opened as a token store);
-`build_packed_dataset` packs them; `build_training_data` makes as many data epochs as the run needs, each
-with its own file order and FIM draws. `DataReport` gathers what each step counted, skipped rows included, and
-what decontamination, opt-outs, near-deduplication and PII redaction removed or rewrote (docs/data_filters.md);
-`decontamination_report` names the removed files.
+`build_packed_dataset` packs them; `build_source_data` makes as many data epochs of one source as the run needs,
+each with its own file order and FIM draws, and `build_training_data` joins the recipe's sources by weight
+(data/windows/mixture.py; a document source's rows come from data/sources/documents.py; a mixture's held-out
+evaluation reads its first repository source: `evaluation_data_args`). `DataReport` (data/report.py) gathers what
+each step counted, skipped rows included, and what decontamination, opt-outs, near-deduplication and PII redaction
+removed or rewrote (docs/data_filters.md); `decontamination_report` names the removed files.
 """
 
 import functools
