@@ -162,7 +162,7 @@ def test_per_source_overrides_apply_to_that_source_only(code_shards, second_shar
 @pytest.mark.parametrize(
     "entry,message",
     [
-        ({"dataset_name_or_path": "a/b", "weight": 1, "fim_rat": 0.1}, "unknown key 'fim_rat'"),
+        ({"dataset_name_or_path": "a/b", "weight": 1, "fim_rat": 0.1}, "'fim_rat'. Did you mean 'fim_rate'?"),
         ({"dataset_name_or_path": "a/b", "weight": 0}, "weight: must be a positive number"),
         ({"dataset_name_or_path": "a/b", "weight": "lots"}, "weight: must be a positive number"),
         ({"dataset_name_or_path": "a/b", "weight": 1, "seq_length": 128}, "seq_length is not per source"),

@@ -18,6 +18,7 @@ The standard library only at import time; the schema test of `dataset_kind: auto
 is imported when a source is resolved.
 """
 
+import difflib
 import math
 import os
 import re
@@ -88,8 +89,10 @@ def _check_entry(index: int, entry, allowed: tuple[str, ...]) -> tuple[str, floa
                 "recipe's top level."
             )
         if key not in ENTRY_KEYS and key not in allowed:
+            close = difflib.get_close_matches(str(key), ENTRY_KEYS + allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise RecipeError(
-                f"{where}: unknown key {key!r}; an entry takes name, weight and the per-source data keys "
+                f"{where}: unknown key {key!r}.{hint} An entry takes name, weight and the per-source data keys "
                 f"({', '.join(allowed)})."
             )
     if not entry.get("dataset_name_or_path"):
