@@ -198,15 +198,27 @@ def main(argv=None):
     repositories, data_args, training_args = held_out_repositories(args) if scored else (None, None, None)
     args.seq_length = args.seq_length or (data_args.seq_length if data_args else 4096)
     args.seed = args.seed if args.seed is not None else (training_args.seed if training_args else 0)
-    loss_rows, fim_problems = held_out.task_inputs(
-        repositories,
-        tokenizer,
-        args.tasks,
-        seed=args.seed,
-        max_fim_problems=training_args.fim_eval_problems if training_args else None,
-        fim_lines_per_file=args.fim_lines_per_file or (training_args.fim_eval_lines_per_file if training_args else 1),
-        limit=args.limit,
-    )
+    fim_lines_per_file = args.fim_lines_per_file or (training_args.fim_eval_lines_per_file if training_args else 1)
+    if training_args is not None:  # --recipe: the held-out set training scored (built once, under its cache folder)
+        loss_rows, fim_problems = held_out.bounded_task_inputs(
+            repositories,
+            tokenizer,
+            args.tasks,
+            cache_dir=held_out.cache_dir(training_args),
+            seed=args.seed,
+            tokens_per_language=training_args.eval_tokens_per_language,
+            max_fim_problems=training_args.fim_eval_problems,
+            fim_lines_per_file=fim_lines_per_file,
+        )
+    else:
+        loss_rows, fim_problems = held_out.task_inputs(
+            repositories,
+            tokenizer,
+            args.tasks,
+            seed=args.seed,
+            fim_lines_per_file=fim_lines_per_file,
+            limit=args.limit,
+        )
 
     # Tasks, each timed.
     results, seconds = {}, {}

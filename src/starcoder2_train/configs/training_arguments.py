@@ -38,7 +38,37 @@ class PretrainingArguments(TrainingArguments):
         },
     )
     fim_eval_problems: int = field(
-        default=200, metadata={"help": "Single-line FIM problems built from held-out files for each evaluation."}
+        default=200,
+        metadata={
+            "help": "Single-line FIM problems of each evaluation, drawn by seed a language at a time (round robin) "
+            "and, within a language, from a different repository each file while there is one "
+            "(evaluation/held_out_set.py)."
+        },
+    )
+    eval_tokens_per_language: int = field(
+        default=2_000_000,
+        metadata={
+            "help": "Held-out tokens per language scored by the loss task: files drawn by seed across the held-out "
+            "repositories (one per repository first), the last one cut at the bound; 0 scores every held-out "
+            "file. 2M: 17 languages x 2M = 34M tokens forward, 0.2% of the training time between two "
+            "evaluations of the 3B recipe, and ~1,000 files of ~2k tokens a language, whose per-file spread "
+            "(~0.5 nats, UNVERIFIED) gives a standard error of ~0.016 nats on a language's loss."
+        },
+    )
+    eval_loss_windows: int = field(
+        default=0,
+        metadata={
+            "help": "Packed held-out windows of the Trainer's own eval_loss, drawn by seed from the held-out split "
+            "(0: all of them, eval_fraction of the corpus: ~150k windows of 4k, 1.5% of the 3B recipe's training "
+            "time, before this bound)."
+        },
+    )
+    eval_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the held-out set, built once per machine and memory-mapped by every rank "
+            "(evaluation/held_out_set.py). Unset: OUTPUT_DIR/held_out."
+        },
     )
     fim_eval_lines_per_file: int = field(
         default=1,
@@ -177,6 +207,11 @@ class PretrainingArguments(TrainingArguments):
             raise RecipeError(f"loss_kernel: {self.loss_kernel!r} is not one of {', '.join(LOSS_KERNELS)}.")
         if self.fim_eval_mode not in FIM_EVAL_MODES:
             raise RecipeError(f"fim_eval_mode: {self.fim_eval_mode!r} is not one of {', '.join(FIM_EVAL_MODES)}.")
+        if self.eval_tokens_per_language < 0 or self.eval_loss_windows < 0:
+            raise RecipeError(
+                f"eval_tokens_per_language and eval_loss_windows: must be 0 (no bound) or positive, got "
+                f"{self.eval_tokens_per_language} and {self.eval_loss_windows}."
+            )
         if self.fim_eval_lines_per_file < 1:
             raise RecipeError(f"fim_eval_lines_per_file: must be at least 1, got {self.fim_eval_lines_per_file}.")
         if self.dry_run_world_size is not None and self.dry_run_world_size < 1:

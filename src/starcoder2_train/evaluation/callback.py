@@ -21,8 +21,10 @@ class EvaluationCallback(TrainerCallback):
         trainer.add_callback(EvaluationCallback(trainer, tokenizer, loss_dataset=rows, fim_problems=problems,
                                                 seq_length=data_args.seq_length))
 
-    Every process runs the same work (a ZeRO-3 model needs all ranks in each forward); only the main process
-    logs. `latest_results` keeps the last results, nested by task, for the model card.
+    Each process scores its share of the loss windows and FIM problems (`args.process_index` of
+    `args.world_size`; every rank makes the same number of model calls, which a ZeRO-3 model needs) and the sums
+    are reduced across ranks (evaluation/ranks.py); only the main process logs.
+    `latest_results` keeps the last results, nested by task, for the model card.
     """
 
     def __init__(
@@ -55,6 +57,8 @@ class EvaluationCallback(TrainerCallback):
             batch_size=self.batch_size or args.per_device_eval_batch_size,
             max_new_tokens=self.max_new_tokens,
             fim_mode=self.fim_mode,
+            rank=args.process_index,
+            world_size=args.world_size,
         )
         self.latest_results = results
         self.trainer.log(flatten_results(results))

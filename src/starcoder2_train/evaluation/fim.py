@@ -34,6 +34,7 @@ from collections import defaultdict
 from starcoder2_train.configs import FIM_EVAL_MODES
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.generation import generate_batched
+from starcoder2_train.evaluation.ranks import share, sum_across_ranks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,8 @@ def evaluate_fim(
     max_prompt_tokens: int | None = None,
     return_predictions: bool = False,
     mode: str = "psm",
+    rank: int = 0,
+    world_size: int = 1,
 ):
     """Exact match of greedy single-line infills, overall and per language.
 
@@ -151,9 +154,16 @@ def evaluate_fim(
     model went on writing the line before instead.
     max_prompt_tokens defaults to the model's max_position_embeddings less max_new_tokens. `mode`: "psm" or "spm"
     (the prompt's order, module docstring).
+    Across ranks: every rank passes the same problems and infills problem i where i % world_size == rank (the
+    shares padded to one length, evaluation/ranks.py); the hits and counts per language are summed over the ranks,
+    and `return_predictions` gives this rank's own.
     """
     if not problems:
         raise ValueError("evaluate_fim: no problems; the held-out files have no line to mask.")
+    languages = sorted({problem.language for problem in problems})
+    mine = share(len(problems), rank, world_size)
+    everything = problems
+    problems = [problems[0 if index is None else index] for index in mine]  # None: a discarded padding item
     piece_tokenizer = PieceTokenizer(tokenizer)
     if max_prompt_tokens is None:
         max_prompt_tokens = model.config.max_position_embeddings - max_new_tokens
@@ -173,11 +183,18 @@ def evaluate_fim(
     )
     lines = [infilled_line(text, problem.prefix) for text, problem in zip(tokenizer.batch_decode(generated), problems)]
     hits, counts = defaultdict(int), defaultdict(int)
-    for problem, line in zip(problems, lines):
-        counts[problem.language] += 1
-        hits[problem.language] += is_exact_match(line, problem.middle)
-    metrics = {"exact_match": sum(hits.values()) / len(problems), "problems": len(problems)}
-    for language in sorted(counts):
+    for index, problem, line in zip(mine, problems, lines):
+        if index is not None:
+            counts[problem.language] += 1
+            hits[problem.language] += is_exact_match(line, problem.middle)
+    reduced = sum_across_ranks(
+        [hits[key] for key in languages] + [counts[key] for key in languages], model.device, world_size
+    )
+    hits = dict(zip(languages, (round(value) for value in reduced[: len(languages)])))
+    counts = dict(zip(languages, (round(value) for value in reduced[len(languages) :])))
+    metrics = {"exact_match": sum(hits.values()) / len(everything), "problems": len(everything)}
+    for language in languages:
         metrics[f"exact_match/{language}"] = hits[language] / counts[language]
         metrics[f"problems/{language}"] = counts[language]
-    return (metrics, list(zip(problems, lines))) if return_predictions else metrics
+    own = [(problem, line) for index, problem, line in zip(mine, problems, lines) if index is not None]
+    return (metrics, own) if return_predictions else metrics

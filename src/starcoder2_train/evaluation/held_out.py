@@ -3,25 +3,31 @@
 Training-time evaluation (`EvaluationCallback`) and `scripts/evaluate.py --recipe` take the same held-out
 repositories (`data.splits.load_split_repositories(data_args, "eval")`: `eval_data_files`, or the
 `eval_fraction` hold-out of the recipe's data after the recipe's filters) and turn them into the same rows
-here, so that a loss logged during training and the loss the script prints are the same measurement under
-the same names:
+and problems, so that a loss logged during training and the loss the script prints are the same measurement
+under the same names:
 
-- `held_out_files`: every file of those repositories, `path` as `repo_name/path` (the FIM line choice is
-  seeded by it), in the repositories' order; optionally at most `limit` files per language.
-- `loss_rows`: each file scored alone, as StarCoder2 trains a one-file repository without metadata:
+- `bounded_task_inputs` (training and `evaluate.py --recipe`): the held-out set of evaluation/held_out_set.py,
+  `eval_tokens_per_language` tokens of files drawn by seed across repositories and `fim_eval_problems` problems
+  drawn across languages and repositories, built once per machine and memory-mapped by every rank.
+- `task_inputs` (`evaluate.py --data`, one process): every file, or at most `limit` per language in the
+  repositories' order, as Python rows.
+- Loss rows: each file scored alone, as StarCoder2 trains a one-file repository without metadata:
   `<file_sep>code<|endoftext|>`, no FIM; the loss is per token of the file (evaluation/loss.py).
-- `fim_problems`: `lines_per_file` masked lines per file (evaluation/fim.py), at most `max_problems`.
+- FIM problems: `lines_per_file` masked lines per file (evaluation/fim.py).
 
 These are not the Trainer's own `eval_loss`, which is computed on packed windows of held-out repository
 examples with repository context and FIM, as in training (`scripts/run_pretrain.py` logs both).
-Cost: the held-out files' text in memory on every rank, eval_fraction × the corpus (0.03 of 1 TB of code is
-30 GB): at scale give small `eval_data_files`, or cap the files with `limit`.
 """
 
+import os
+import random
 from collections import defaultdict
+
+import torch
 
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.evaluation.fim import FimProblem, build_fim_problems, evaluate_fim
+from starcoder2_train.evaluation.held_out_set import ensure_held_out_set
 from starcoder2_train.evaluation.loss import evaluate_loss
 
 
@@ -73,6 +79,46 @@ def task_inputs(
     return rows, problems
 
 
+def cache_dir(training_args) -> str:
+    """Where the held-out set is built: eval_cache_dir, else OUTPUT_DIR/held_out."""
+    return training_args.eval_cache_dir or os.path.join(training_args.output_dir, "held_out")
+
+
+def drawn_windows(eval_dataset, count: int, seed: int):
+    """The Trainer's packed held-out windows (its eval_loss), at most `count` of them drawn by `seed` and kept in
+    their order (a torch Subset); all of them when `count` is 0 or not below their number."""
+    if eval_dataset is None or not count or len(eval_dataset) <= count:
+        return eval_dataset
+    return torch.utils.data.Subset(eval_dataset, sorted(random.Random(seed).sample(range(len(eval_dataset)), count)))
+
+
+def bounded_task_inputs(
+    repositories,
+    tokenizer,
+    tasks,
+    *,
+    cache_dir: str,
+    seed: int,
+    tokens_per_language: int,
+    max_fim_problems: int,
+    fim_lines_per_file: int = 1,
+):
+    """(loss rows or None, FIM problems) of the held-out set of `repositories` (None or empty: (None, [])), built
+    under `cache_dir` by one process per machine (held_out_set.ensure_held_out_set); the rows memory-mapped."""
+    if repositories is None or len(repositories) == 0 or not ({"loss", "fim"} & set(tasks)):
+        return None, []
+    built = ensure_held_out_set(
+        repositories,
+        tokenizer,
+        cache_dir,
+        seed=seed,
+        tokens_per_language=tokens_per_language if "loss" in tasks else 1,
+        fim_problems=max_fim_problems if "fim" in tasks else 0,
+        fim_lines_per_file=fim_lines_per_file,
+    )
+    return (built.loss_rows if "loss" in tasks else None), (built.fim_problems() if "fim" in tasks else [])
+
+
 def score_tasks(
     model,
     tokenizer,
@@ -83,12 +129,17 @@ def score_tasks(
     batch_size: int,
     max_new_tokens: int,
     fim_mode: str = "psm",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, dict]:
     """{"loss": ..., "fim": ...} of a model on the held-out task inputs (`loss_rows` None or `fim_problems` empty:
-    that task is not run), nested by task; what training's EvaluationCallback logs and the notebook API returns."""
+    that task is not run), nested by task; what training's EvaluationCallback logs and the notebook API returns.
+    With `world_size` ranks, each scores its share and the sums are reduced (evaluation/ranks.py)."""
     results = {}
     if loss_rows is not None:
-        results["loss"] = evaluate_loss(model, loss_rows, seq_length=seq_length, batch_size=batch_size)
+        results["loss"] = evaluate_loss(
+            model, loss_rows, seq_length=seq_length, batch_size=batch_size, rank=rank, world_size=world_size
+        )
     if fim_problems:
         results["fim"] = evaluate_fim(
             model,
@@ -98,5 +149,7 @@ def score_tasks(
             max_new_tokens=max_new_tokens,
             max_prompt_tokens=seq_length - max_new_tokens,
             mode=fim_mode,
+            rank=rank,
+            world_size=world_size,
         )
     return results
