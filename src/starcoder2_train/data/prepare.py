@@ -358,10 +358,10 @@ def make_executor(kind: str, pipeline: list, tasks: int, logging_dir: str, worke
         from datatrove.executor import SlurmPipelineExecutor
 
         return SlurmPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, **options)
-    if kind == "ray":
-        from datatrove.executor import RayPipelineExecutor
+    if kind == "ray":  # connects, chains the stages and fails loudly: data/ray_executor.py
+        from starcoder2_train.data.ray_executor import RayStage
 
-        return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, **options)
+        return RayStage(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, **options)
     raise RecipeError(f"--executor: {kind!r} is not local, slurm or ray.")
 
 
