@@ -10,7 +10,8 @@ Task r of --tasks reads only its own contiguous range of the input files and wri
 (data/prepare.py); the parts read in order are what one task would have written. DIR/manifest.json records what
 the folder holds (the tokenizer, the data keys that shaped the tokens, the tasks done per stage:
 data/store/manifest.py), written before the tasks start and when they end. The same command again resumes: only
-the tasks without a datatrove completion run. With file-level FIM (a copy per data epoch) a larger --epochs
+the tasks without a datatrove completion run (on slurm: once the arrays have left squeue; that run also writes the
+manifest's counts of them, data/slurm_executor.py). With file-level FIM (a copy per data epoch) a larger --epochs
 prepares only the new epochs, in a logging dir of their own (DIR/logs-epochs-<first>-<last>). A run with other
 settings into DIR is refused before any task, naming each key with both values; so is a DIR prepared before
 manifests. A recipe with dataset_mixture prepares each source into DIR/<name>/, one after the other (on slurm each
@@ -48,7 +49,10 @@ def parse_args(argv=None):
         "task peaked at 1.0 GB with tokens stored once, 3.0 GB (1 epoch) and 3.3 GB (3 epochs) with file-level FIM "
         "(docs/benchmarks.md).",
     )
-    parser.add_argument("--slurm_venv_path", help="slurm: virtual environment the tasks activate.")
+    parser.add_argument(
+        "--slurm_venv_path",
+        help="slurm: the venv the tasks activate (folder or bin/activate; default: this Python's).",
+    )
     parser.add_flag("--disable_tqdm", help="No progress bar (it is off anyway when stderr is not a terminal).")
     return parser.parse_with_overrides(argv, recipe_first=True)
 
@@ -82,14 +86,11 @@ def main(argv=None):
                 "near_dedup: every task's MinHash signatures must exist before any task filters, which machines run "
                 "by hand (--num_shards) cannot wait for; use --executor slurm or ray, or run the tasks on one machine."
             )
-    elif own_args.executor == "slurm":
-        options = {
-            "partition": own_args.slurm_partition,
-            "time": own_args.slurm_time,
-            "cpus_per_task": own_args.slurm_cpus_per_task,
-            "mem_per_cpu_gb": own_args.slurm_mem_per_cpu_gb,
-            "venv_path": own_args.slurm_venv_path,
-        }
+    elif own_args.executor == "slurm":  # the tasks' environment, the partition, failed stages: data/slurm_executor.py
+        from starcoder2_train.data.slurm_executor import slurm_options
+
+        slurm = ("partition", "time", "cpus_per_task", "mem_per_cpu_gb", "venv_path")
+        options = slurm_options(**{key: getattr(own_args, f"slurm_{key}") for key in slurm})
     # A mixture: source NAME into OUTPUT/NAME/ (DataSource.subdirectory), one after the other; else OUTPUT itself.
     mixture = getattr(data_args, "dataset_mixture", None) is not None
     sources = data_args.sources() if mixture else [None]
@@ -145,9 +146,13 @@ def main(argv=None):
 
     write_manifests()
     if own_args.executor == "slurm":  # submitted, not run here: squeue and DIR/logs show the progress
-        executor.run()
+        from starcoder2_train.data.slurm_executor import submit
+
         folders = ", ".join(os.path.join(directory, LOGS) for directory, *_ in records)
-        print(f"submitted {own_args.tasks} tasks a stage; logs and completions in {folders} (stages: manifest.json)")
+        if not submit(executor):  # the same command once the arrays ended: the manifest counts their completions
+            print(f"every task is complete: nothing submitted; manifest.json records them ({folders})")
+            return None
+        print(f"submitted the tasks without a completion; logs and completions in {folders} (stages: manifest.json)")
         return None
     try:
         with task_progress(watched, disable=True if own_args.disable_tqdm else None):
