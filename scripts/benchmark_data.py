@@ -15,6 +15,11 @@ starcoder2_train.benchmarking.download).
 `--scale_tokens N [--seq_length S] [--vocab_size V] [--num_windows W]` runs the token-store benchmark instead:
 N synthetic tokens written to DIR/token_store with the project's writer, opened as training opens them, W
 shuffled windows read; its last line is the figures as JSON (starcoder2_train.benchmarking.token_store).
+`--assembly N [--index_records R] [--seq_length S] [--num_windows W]` runs the stored-once benchmark instead: N
+synthetic repositories as a piece store against five per-epoch copies (bytes a token), the per-epoch index of R
+records (seconds, bytes, at 20M repositories), shuffled windows a second read-time against a TokenStore;
+`--prepare_memory MB` the peak memory of a prepare task on a MB repository, today's path and stored once
+(starcoder2_train.benchmarking.assembly).
 `--restarts FIRST,SECOND [--model_config test] [--seq_length S] [--batch_size B] [--repeats R]` runs the restart
 benchmark instead: training saves a checkpoint every FIRST steps up to SECOND, then restarts from checkpoints
 FIRST and SECOND are timed from the command's start to the first new step, this project's run_pretrain.py beside
@@ -27,6 +32,7 @@ Set RAYON_NUM_THREADS=1 so that the Rust tokenizer uses one core, as the per-cor
 The measurements are in starcoder2_train.benchmarking.data_pipeline.
 """
 
+import json
 import os
 import sys
 import tempfile
@@ -43,6 +49,11 @@ def parse_args(argv):
     parser.add_argument("--scale_tokens", type=int, default=None, metavar="N", help="Benchmark the token store.")
     parser.add_argument("--seq_length", type=int, default=4096, help="Window length (token-store benchmark).")
     parser.add_argument("--num_windows", type=int, default=2000, help="Windows read (token-store benchmark).")
+    parser.add_argument(
+        "--assembly", type=int, default=None, metavar="N", help="Benchmark tokens stored once (N repositories)."
+    )
+    parser.add_argument("--index_records", type=int, default=2_000_000, help="Records of the index benchmark.")
+    parser.add_argument("--prepare_memory", type=int, default=None, metavar="MB", help="Prepare a MB repository.")
     parser.add_argument("--restarts", default=None, metavar="FIRST,SECOND", help="Benchmark restarts at 2 steps.")
     parser.add_argument("--model_config", default="test", help="Model preset (restart benchmark).")
     parser.add_argument("--batch_size", type=int, default=8, help="Windows per step (restart benchmark).")
@@ -79,6 +90,24 @@ def main(argv=None):
             **mixture_benchmark(args.mixture, weights),
         }
         print_mixture(figures)
+        if args.json:
+            write_json(args.json, figures)
+        return figures
+    if args.assembly is not None or args.prepare_memory is not None:
+        from starcoder2_train.benchmarking import assembly
+
+        record = run_record(argv, __file__, packages=("numpy", "tokenizers", "datatrove"))
+        if args.assembly is not None:
+            figures = {
+                **record,
+                **assembly.assembly_benchmark(
+                    args.output, args.assembly, args.index_records, args.seq_length, args.num_windows
+                ),
+            }
+            assembly.print_assembly(figures)
+        else:
+            figures = {**record, **assembly.prepare_memory(args.output, args.prepare_memory)}
+            print(json.dumps(figures))
         if args.json:
             write_json(args.json, figures)
         return figures

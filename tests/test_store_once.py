@@ -172,3 +172,22 @@ def test_file_level_fim_keeps_per_epoch_copies(shards, tokenizer_dir, tmp_path):
     prepare_data.main([path, "--output", str(tmp_path / "p"), "--epochs", "2", "--disable_tqdm"])
     assert not stored_once(str(tmp_path / "p"))
     assert all(os.path.isdir(tmp_path / "p" / "train" / f"epoch-{e}") for e in (0, 1))
+
+
+@pytest.mark.slow
+def test_a_50_mb_repository_prepares_under_a_memory_limit(tokenizer_dir, tmp_path):
+    """One task on a repository of 50 MB of code, its address space capped (RLIMIT_AS) at what its imports hold
+    plus 1.2 GB. Measured on the 2-core CPU machine (ru_maxrss): 458 MB for small repositories alone; with the
+    50 MB one 1,052 MB stored once, 2,865 MB on the per-epoch path (fim_level: file: the repository as pieces of
+    text and lists of ids), which under this same limit never finished (it hung in tokenization)."""
+    from starcoder2_train.benchmarking.assembly import run_prepare_task, write_big_repository_shards
+    from starcoder2_train.data.store.prepared import prepared_stats
+
+    shards = write_big_repository_shards(str(tmp_path / "shards"), 50_000_000)
+    figures = run_prepare_task(shards, tokenizer_dir, str(tmp_path / "p"), "window", budget_mb=1200, timeout=900)
+    assert isinstance(figures, dict), figures.stderr[-3000:]
+    pieces = PieceStore(pieces_directory(str(tmp_path / "p"), "train"))
+    assert pieces.num_records == 5 + 2  # five small repositories, the big one cut in two parts of <= 32 MB
+    assert prepared_stats(str(tmp_path / "p"))["train repositories split over max_repository_bytes"] == 1
+    stream = EpochStream(pieces, 0, 42, 0.5)
+    assert stream.num_tokens > 10_000_000 and len(stream.tokens(stream.num_tokens - 4096, stream.num_tokens)) == 4096
