@@ -15,6 +15,13 @@ The pipeline is datatrove blocks, each usable alone, in the order of data/filter
   ExampleTransform (datatrove's tokenizer parses special tokens in the text, which must never happen here).
 - `StoreWriter`: one token-store part per (split, epoch) and task, `part-<r>-of-<N>`, and the held-out
   repositories themselves as parquet for the evaluation tasks.
+Those two only where the prepared tokens carry file-level FIM (`fim_level: file`, fim_rate > 0: every epoch is
+other text). Otherwise the tokens are stored once (data/prepare_pieces.py): `RepositoryPieces` tokenizes each
+repository file by file into arrays and `PieceStoreWriter` writes piece stores (data/store/pieces.py), from which
+training assembles any data epoch while reading (data/windows/assembly.py); --epochs then prepares nothing more.
+The reader cuts a repository over `max_repository_bytes` (32 MB) into parts of whole files, each an example of
+its own, counted as "<split> repositories split over max_repository_bytes": what one task holds of a repository
+is bounded by it (a 50 MB repository: 1.05 GB peak stored once, 2.9 GB per-epoch; tests/test_store_once.py).
 Because a task's files are a contiguous range and parts are named by rank, the parts in name order are the
 stream one task would write: N tasks give the store one task gives. datatrove records each finished task in
 `logging_dir`; running the same command again runs only the tasks that failed or never ran.
