@@ -3,6 +3,8 @@
     python scripts/prepare_data.py recipes/starcoder2-3b/pretrain.yaml --output DIR --tasks 64 --workers 8
     python scripts/prepare_data.py RECIPE.yaml --output DIR --tasks 1000 --executor slurm \
         --slurm_partition cpu --slurm_time 04:00:00 --slurm_venv_path .venv        # an sbatch array
+    python scripts/prepare_data.py RECIPE.yaml --output DIR --tasks 1000 --executor ray
+                                 # RAY_ADDRESS's cluster, or a local Ray instance (data/ray_executor.py)
     python scripts/prepare_data.py RECIPE.yaml --output DIR --tasks 16 --num_shards 16 --shard_index $I
                                                    # by hand: machine I runs task I of 16
 
@@ -36,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--tasks", type=int, default=1, help="datatrove tasks; each reads a contiguous part of the files."
     )
-    parser.add_argument("--workers", type=int, default=-1, help="Tasks run at once (local executor; -1: all).")
+    parser.add_argument("--workers", type=int, default=-1, help="Tasks run at once (local, ray; -1: all).")
     parser.add_argument("--executor", default="local", choices=("local", "slurm", "ray"), help="Where tasks run.")
     parser.add_argument("--slurm_partition", help="slurm: partition.")
     parser.add_argument("--slurm_time", default="04:00:00", help="slurm: time limit per task.")
