@@ -25,7 +25,7 @@ is bounded by it (a 50 MB repository: 1.05 GB peak stored once, 2.9 GB per-epoch
 Because a task's files are a contiguous range and parts are named by rank, the parts in name order are the
 stream one task would write: N tasks give the store one task gives. datatrove records each finished task in
 `logging_dir`; running the same command again runs only the tasks that failed or never ran.
-Executors: `local` (processes on this machine), `slurm` (an sbatch array), `ray`.
+Executors: `local` (processes on this machine), `slurm` (an sbatch array), `ray` (data/ray_executor.py).
 
 Cost per task: one batch of repositories (64 rows) in memory, one open writer per (split, epoch); the index of
 the input files (a list of paths), the opt-out set and the benchmark index (data/filters/opt_outs.py,
