@@ -176,3 +176,14 @@ def test_a_stage_stops_at_once_when_the_stage_before_failed(local_ray, tmp_path)
     with pytest.raises(RecipeError, match=r"1 of 1 tasks of .*before failed"):
         after.run()
     assert not os.path.exists(ran) and time.monotonic() - start < 60
+
+
+def test_a_task_no_node_can_hold_is_refused_before_it_waits_forever(local_ray, tmp_path):
+    """A placement group no node can hold waits forever in datatrove; here the error names both sizes."""
+    stage = make_executor("ray", [lambda data, rank, world_size: data], tasks=1, logging_dir=str(tmp_path / "logs"))
+    stage.cpus_per_task = 64  # the module's instance has 2 CPUs
+    with pytest.raises(
+        RecipeError, match=r"a task reserves 64 CPU\(s\) and 128 GB of Ray memory, and the largest node"
+    ):
+        stage.run()
+    assert not os.path.exists(tmp_path / "logs" / "completions")
