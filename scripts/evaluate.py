@@ -207,6 +207,7 @@ def main(argv=None):
             cache_dir=held_out.cache_dir(training_args),
             seed=args.seed,
             tokens_per_language=training_args.eval_tokens_per_language,
+            languages=training_args.eval_languages,
             max_fim_problems=training_args.fim_eval_problems,
             fim_lines_per_file=fim_lines_per_file,
         )

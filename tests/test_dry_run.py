@@ -1,6 +1,7 @@
 """The memory estimate against measured GPU peaks, and `--dry_run true` under every accelerate config."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,7 @@ def test_dry_run_of_the_3b_recipe_under_accelerate_launch_with_every_config(conf
     assert f"precision {expected}" in plan, plan
     assert "checkpointed layers" in plan and "(auto)" in plan
     assert ("fits: peak" in out) != ("does not fit" in out)
+    assert "of the training time between two evaluations (goal <= 2%)" in out  # run.py gives the FIM budget
     assert not (tmp_path / "o").exists()
 
 
@@ -213,3 +215,27 @@ def test_a_muon_dry_run_plans_one_moment_for_the_layers_matrices(tmp_path, capsy
     saved = planned["false"]["optimizer_states"] - planned["true"]["optimizer_states"]
     assert saved == pytest.approx(4 * 30 * layer / 1e9)
     assert planned["true"]["total"] < planned["false"]["total"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "world_size", "expected"),
+    [("starcoder2-3b/pretrain.yaml", 160, 0.0016), ("starcoder2-15b/pretrain.yaml", 512, 0.0016)],
+)
+def test_the_dry_run_prints_the_evaluations_share_of_training_time(recipe, world_size, expected, tmp_path, capsys):
+    """Forward tokens of the evaluation per rank over 3 x the training tokens per rank between two evaluations
+    (training/evaluation_cost.py), as each StarCoder2 recipe's comment states it; at most 2%."""
+    from starcoder2_train.training.dry_run import print_dry_run
+
+    words = [str(ROOT / "recipes" / recipe), "--dry_run", "true", "--dry_run_world_size", str(world_size)]
+    words += ["--output_dir", str(tmp_path), "--dataset_name_or_path", "x", "--loss_kernel", "chunked"]
+    parser = RecipeParser()
+    model_args, data_args, training_args = parser.parse(words)
+    config = build_config(model_args, 49152)
+    result = print_dry_run(config, model_args, data_args, training_args, "sdpa", parser.dry_run_bf16, fim_budget=64)
+    languages = len(data_args.languages or ()) or training_args.eval_languages  # 17, or 32 of the 15B's many
+    problems = training_args.fim_eval_problems
+    forward = (2_000_000 * languages + 4096 * 4096 + problems * (4096 - 64)) / world_size
+    forward += math.ceil(math.ceil(problems / world_size) / training_args.per_device_eval_batch_size) * 64 * 128
+    by_hand = forward / (3 * 5000 * result["tokens_per_step"] / world_size)
+    assert result["evaluation_share"] == pytest.approx(by_hand) and round(by_hand, 4) == expected
+    assert f"= {by_hand:.2%} of the training time between two evaluations (goal <= 2%)" in capsys.readouterr().out

@@ -105,6 +105,7 @@ def build_data(data_args, tokenizer, training_args) -> RunData:
             cache_dir=held_out.cache_dir(training_args),
             seed=training_args.seed,
             tokens_per_language=training_args.eval_tokens_per_language,
+            languages=training_args.eval_languages,
             max_fim_problems=training_args.fim_eval_problems,
             fim_lines_per_file=training_args.fim_eval_lines_per_file,
         )
@@ -268,7 +269,8 @@ def run_training(model_args, data_args, training_args, recipe_values: dict, *, d
         check_targets_for_config(config, model_args.lora_target_modules)
     attn_implementation = choose_attention(model_args.attn_implementation)
     if training_args.dry_run:
-        print_dry_run(config, model_args, data_args, training_args, attn_implementation, bf16=dry_run_bf16)
+        budget = fim_generation_budget(data_args.seq_length)  # the evaluation's share of training time, printed
+        print_dry_run(config, model_args, data_args, training_args, attn_implementation, dry_run_bf16, budget)
         return None
     # A prepared store whose manifest differs from the recipe (tokenizer, a data key): refused before anything is
     # written to output_dir (data/store/manifest.py).

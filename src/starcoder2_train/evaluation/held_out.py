@@ -102,6 +102,7 @@ def bounded_task_inputs(
     tokens_per_language: int,
     max_fim_problems: int,
     fim_lines_per_file: int = 1,
+    languages: int = 0,
 ):
     """(loss rows or None, FIM problems) of the held-out set of `repositories` (None or empty: (None, [])), built
     under `cache_dir` by one process per machine (held_out_set.ensure_held_out_set); the rows memory-mapped."""
@@ -115,6 +116,7 @@ def bounded_task_inputs(
         tokens_per_language=tokens_per_language if "loss" in tasks else 1,
         fim_problems=max_fim_problems if "fim" in tasks else 0,
         fim_lines_per_file=fim_lines_per_file,
+        languages=languages,
     )
     return (built.loss_rows if "loss" in tasks else None), (built.fim_problems() if "fim" in tasks else [])
 

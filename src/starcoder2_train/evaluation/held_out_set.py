@@ -4,10 +4,11 @@ in place by every rank.
 What is drawn. Every held-out file gets a key (its rank among its repository's files of the same language, then
 a 64-bit blake2b of `seed/repo_name/path`); each language's files are taken in key order, so the first files of a
 language come from as many different repositories as hold that language, chosen by the seed, not by the
-repositories' order. Loss rows (`<file_sep>code<|endoftext|>`, evaluation/held_out.py) are taken until the
-language holds `eval_tokens_per_language` tokens; the last row is cut there (the loss of a file's beginning is
-still a loss per token). FIM problems (`fim_eval_lines_per_file` seeded lines per file, evaluation/fim.py) are
-taken from the same key order a language at a time, round robin over the languages, until `fim_eval_problems`.
+repositories' order. At most `eval_languages` languages are kept, those with the most held-out files. Loss rows
+(`<file_sep>code<|endoftext|>`, evaluation/held_out.py) are taken until the language holds
+`eval_tokens_per_language` tokens; the last row is cut there (the loss of a file's beginning is still a loss per
+token). FIM problems (`fim_eval_lines_per_file` seeded lines per file, evaluation/fim.py) are taken from the same
+key order a language at a time, round robin over the languages, until `fim_eval_problems`.
 
 Where it lives. `ensure_held_out_set` writes `<cache_dir>/held_out-<fingerprint>/`: `loss/` a token store
 (data/store/token_store.py; one part per language, `NNN` in `held_out.json`'s language order), `fim.jsonl`
@@ -124,6 +125,9 @@ def fingerprint(repositories, tokenizer, settings: dict) -> str:
 def build_held_out_set(repositories, tokenizer, directory: str, settings: dict) -> None:
     """Write the set (module docstring) into `directory`, which must not exist yet."""
     ranked = ranked_files(repositories, settings["seed"])
+    if settings["languages"]:  # the languages with the most held-out files, ties by name
+        kept = sorted(ranked, key=lambda language: (-len(ranked[language]), language))[: settings["languages"]]
+        ranked = {language: ranked[language] for language in sorted(kept)}
     pieces = PieceTokenizer(tokenizer)
     special = pieces.special
     os.makedirs(os.path.join(directory, "loss"))
@@ -184,14 +188,17 @@ def ensure_held_out_set(
     tokens_per_language: int,
     fim_problems: int,
     fim_lines_per_file: int = 1,
+    languages: int = 0,
 ) -> "HeldOutSet":
     """The set of these repositories and bounds under `cache_dir`, built by the first process of the machine to
-    get the lock (the others wait, then open it). `tokens_per_language` 0: every held-out file, whole."""
+    get the lock (the others wait, then open it). `tokens_per_language` 0: every held-out file, whole;
+    `languages`: at most this many languages, those with the most held-out files (0: all)."""
     settings = {
         "seed": seed,
         "tokens_per_language": tokens_per_language,
         "fim_problems": fim_problems,
         "fim_lines_per_file": fim_lines_per_file,
+        "languages": languages,
     }
     final = os.path.join(cache_dir, f"held_out-{fingerprint(repositories, tokenizer, settings)}")
     os.makedirs(cache_dir, exist_ok=True)

@@ -5,7 +5,8 @@ The plan is read from where the run takes it: the ZeRO stage and offload from th
 `deepspeed` key, or the `deepspeed_config_file` of an accelerate config, which accelerate passes on without
 setting ACCELERATE_DEEPSPEED_ZERO_STAGE), FSDP from accelerate's environment, the precision from `bf16` and
 `torch_dtype`, the attention, loss kernel, micro batch, accumulation and checkpointed layers from the recipe.
-The memory model itself is model/memory.py. The dry run models the GPU the recipe is for even when it runs on a
+The memory model itself is model/memory.py; the evaluation's share of the training time,
+training/evaluation_cost.py. The dry run models the GPU the recipe is for even when it runs on a
 login node without one: `attn_implementation: auto` is planned as CUDA's flash kernel, `loss_kernel: auto` as
 the fused kernel installed here (else the chunked or plain loss).
 """
@@ -17,6 +18,7 @@ import os
 from starcoder2_train.configs import RecipeError, tokens_per_step
 from starcoder2_train.model.factory import count_parameters
 from starcoder2_train.model.memory import checkpointed_layers_to_fit, estimate_memory_per_gpu, layer_matrix_parameters
+from starcoder2_train.training.evaluation_cost import evaluation_cost
 from starcoder2_train.training.loss import resolve_loss_kernel
 
 AUTO_MEMORY_SHARE = 0.92  # `auto` plans to this share of gpu_memory_gb: the estimate's error and fragmentation
@@ -189,8 +191,12 @@ def lora_memory(config, num_params: int, model_args, memory: dict) -> dict:
     }
 
 
-def print_dry_run(config, model_args, data_args, training_args, attn_implementation: str, bf16=None) -> dict:
-    """Print the model, tokens per optimizer step and the per-GPU memory estimate; return them as a dict.
+def print_dry_run(
+    config, model_args, data_args, training_args, attn_implementation: str, bf16=None, fim_budget: int | None = None
+) -> dict:
+    """Print the model, tokens per optimizer step, the per-GPU memory estimate and, given the FIM generation budget
+    (evaluation/fim.py's fim_generation_budget, which run.py passes), the evaluation's share of the training time
+    (training/evaluation_cost.py); return them as a dict.
     `bf16`: the recipe's value where the parser had to drop it (a dry run on a machine without a GPU)."""
     with without_zero3_init():
         num_params = count_parameters(config)
@@ -247,7 +253,15 @@ def print_dry_run(config, model_args, data_args, training_args, attn_implementat
             else "a smaller micro batch, more GPUs or a higher ZeRO stage"
         )
         print(f"does not fit: peak {memory['total']:.1f} GB > gpu_memory_gb {budget:g}; try {hint}")
+    evaluation = {"share": None}
+    if fim_budget is not None:
+        evaluation = evaluation_cost(
+            config, data_args, training_args, world_size=world_size, tokens_per_step=step_tokens, fim_budget=fim_budget
+        )
+        for line in evaluation["lines"]:
+            print(line)
     return {
+        "evaluation_share": evaluation["share"],
         "parameters": num_params,
         "tokens_per_step": step_tokens,
         "zero_stage": plan["zero_stage"],
