@@ -88,7 +88,7 @@ def stored_once_against_copies(work: str, num_records: int, seq_length: int, num
     for epoch in range(EPOCHS):
         stream = EpochStream(pieces, epoch, seed=42, repo_metadata_rate=0.5)
         with TokenStoreWriter(os.path.join(work, f"epoch-{epoch}"), "part-00000-of-00001", vocab) as writer:
-            block = 20_000
+            block = 2_000  # ~16M tokens, 128 MB as int64
             for start in range(0, stream.num_examples, block):
                 stop = min(start + block, stream.num_examples)
                 begin, end = int(stream.offsets[start]), int(stream.offsets[stop])
