@@ -15,7 +15,7 @@ from starcoder2_train.data.examples.repo_examples import RepoExample
 from starcoder2_train.data.prepare import repository_parts
 from starcoder2_train.data.prepare_pieces import canonical_files
 from starcoder2_train.data.store.pieces import PieceStore, PieceWriter, name_hash
-from starcoder2_train.data.store.prepared import open_store, pieces_directory, stored_once
+from starcoder2_train.data.store.prepared import open_store, pieces_directory, prepared_epochs, stored_once
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.data.windows.assembly import EpochStream, file_order, with_metadata
 from starcoder2_train.data.windows.packing import PackedDataset
@@ -159,6 +159,12 @@ def test_two_tasks_store_what_one_does_and_training_reads_any_epoch(shards, toke
     assert epoch >= 5 and not os.path.exists(tmp_path / "two" / "train" / f"epoch-{epoch}")
     made = build_packed_dataset(two, tokenizer, 42, epoch)[0]
     assert made.fim is not None and np.array_equal(last, made[needed - 1 - dataset.starts[epoch]]["input_ids"])
+    # B's contract: prepared_epochs gives a picklable make_epoch for any epoch, and epoch 0 with its report.
+    make_epoch, epoch0, fields = prepared_epochs(str(tmp_path / "two"), two, tokenizer, 42)
+    assert windows(epoch0) == windows(first) and fields["windows"] == len(first) and fields["repositories"] == 37
+    assert windows(pickle.loads(pickle.dumps(make_epoch))(9)) == windows(
+        build_packed_dataset(two, tokenizer, 42, 9)[0]
+    )
     # The read-time keys change nothing on disk; a recipe that wants file-level FIM from this store is refused.
     file_level = DataArguments(prepared_data_dir=str(tmp_path / "two"), seq_length=64, fim_level="file")
     with pytest.raises(RecipeError, match="fim_level: file at fim_rate 0.5 .* holds tokens stored once"):
