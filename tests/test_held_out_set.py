@@ -173,3 +173,31 @@ def test_two_ranks_give_the_figures_of_one(tmp_path, tokenizer, tokenizer_dir):
         assert two["loss"].keys() == one["loss"].keys() and two["fim"] == one["fim"]
         for key, value in one["loss"].items():
             assert two["loss"][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_eval_languages_keeps_the_languages_with_the_most_files(tmp_path, tokenizer):
+    counts = Counter(file["language"] for repo in REPOSITORIES for file in repo["files"])
+    built = held_out_set.ensure_held_out_set(
+        REPOSITORIES, tokenizer, str(tmp_path), seed=1, tokens_per_language=100, fim_problems=8, languages=2
+    )
+    most = sorted(sorted(counts, key=lambda language: (-counts[language], language))[:2])
+    assert built.languages == most
+    assert {problem.language for problem in built.fim_problems()} == set(most)
+
+
+def test_the_trainers_eval_windows_drawn_by_seed():
+    from starcoder2_train.evaluation.held_out import drawn_windows
+
+    windows = list(range(100))
+    assert drawn_windows(windows, 0, seed=1) is windows and drawn_windows(windows, 100, seed=1) is windows
+    drawn = drawn_windows(windows, 10, seed=1)
+    assert len(drawn) == 10 and list(drawn) == sorted(drawn) and list(drawn) != list(range(10))
+    assert list(drawn) == list(drawn_windows(windows, 10, seed=1)) != list(drawn_windows(windows, 10, seed=2))
+
+
+@pytest.mark.parametrize("key", ["eval_tokens_per_language", "eval_languages", "eval_loss_windows"])
+def test_a_negative_bound_is_refused_by_name(key, tmp_path):
+    from starcoder2_train.configs import PretrainingArguments, RecipeError
+
+    with pytest.raises(RecipeError, match=f"^{key}: must be 0"):
+        PretrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{key: -1})
