@@ -48,6 +48,7 @@ from starcoder2_train.training.distributed import close_process_group
 from starcoder2_train.training.dry_run import print_dry_run, resolve_checkpointed_layers
 from starcoder2_train.training.loss_curve import LOSS_CURVE, LossCurveCallback
 from starcoder2_train.training.preemption import PreemptionCallback
+from starcoder2_train.training.spikes import SpikeMonitor
 from starcoder2_train.training.trainer import PretrainingTrainer
 
 logger = logging.getLogger(__name__)
@@ -251,7 +252,8 @@ def save_evaluate_publish(trainer, tokenizer, data: RunData, evaluation, model_a
 
 def run_training(model_args, data_args, training_args, recipe_values: dict, *, dry_run_bf16=None, cpu_fallback=None):
     """Train as the recipe says; returns the trainer (None after a dry run). On SIGTERM/SIGUSR1: a complete
-    checkpoint, then exit 75 for the requeue (training/preemption.py). `cpu_fallback`: what the parser changed for
+    checkpoint, then exit 75 for the requeue (training/preemption.py); on a spike (spike_detection), exit 76 for a
+    rollback (training/spikes.py). `cpu_fallback`: what the parser changed for
     a machine without CUDA (RecipeParser.cpu_fallback, training/cpu_fallback.py), logged here in one line."""
     configure_logging(training_args)
     if cpu_fallback is not None:
@@ -291,9 +293,12 @@ def run_training(model_args, data_args, training_args, recipe_values: dict, *, d
             model, tokenizer, data, attn_implementation, data_args, training_args, recipe, recipe_values
         )
         trainer.add_callback(preemption)
+        spikes = SpikeMonitor.attach(trainer)  # spike_detection: added last, its veto of a save comes last
         result = trainer.train(resume_from_checkpoint=resume)
     finally:
         preemption.uninstall()
+    if spikes is not None and spikes.spike is not None:  # before any save: back to the newest complete checkpoint
+        spikes.exit_for_rollback(trainer, close_process_group)
     if preemption.requested:  # a complete checkpoint at the step every rank stopped at: exit for the requeue
         preemption.exit_for_requeue(trainer, close_process_group)
     metrics = dict(result.metrics, train_tokens=data.report.tokens, packing_efficiency=data.report.packing_efficiency)

@@ -201,6 +201,38 @@ class PretrainingArguments(TrainingArguments):
         },
     )
 
+    spike_detection: bool = field(
+        default=False,
+        metadata={
+            "help": "Judge every optimizer step (training/spikes.py): a non-finite loss or gradient norm on any "
+            "rank, or a mean loss above spike_factor x the median of the last spike_window steps, stops the run "
+            "without saving; the windows of the last spike_skip_steps steps are added to "
+            "OUTPUT_DIR/skipped_windows.json and the run exits with status 76; the same command resumes from the "
+            "newest complete checkpoint, which is from before the spike. No host wait: each step is read a step "
+            "late, and at once before a save."
+        },
+    )
+    spike_factor: float = field(
+        default=2.0,
+        metadata={"help": "With spike_detection: a step whose loss exceeds this many times the recent median is a "
+                  "spike (> 1)."},
+    )  # fmt: skip
+    spike_window: int = field(
+        default=100,
+        metadata={"help": "With spike_detection: the median is over this many accepted steps (>= 1); no step is "
+                  "judged by it before the window is full, after the start or a resume without one."},
+    )  # fmt: skip
+    spike_skip_steps: int = field(
+        default=1,
+        metadata={"help": "With spike_detection: the windows of this many steps, ending with the spike, are skipped "
+                  "after the rollback (>= 1; PaLM skipped 200-500 batches; never before the checkpoint resumed)."},
+    )  # fmt: skip
+    max_rollbacks: int = field(
+        default=3,
+        metadata={"help": "With spike_detection: a spike after this many rollbacks of the output_dir stops the run "
+                  "with an error naming each rolled-back step (>= 0; 0: the first spike stops it)."},
+    )  # fmt: skip
+
     def __post_init__(self):
         if self.accelerator_config is None:  # batches copied to the GPU without blocking the host (pinned memory)
             self.accelerator_config = {"non_blocking": True}
@@ -247,3 +279,17 @@ class PretrainingArguments(TrainingArguments):
             )
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise RecipeError(f"peak_flops: must be positive (FLOP/s, e.g. 989e12), got {self.peak_flops}.")
+        check_spike_keys(self)
+
+
+def check_spike_keys(args) -> None:
+    """Each spike key in its range, refused by name (checked whether or not spike_detection is on)."""
+    rules = (
+        ("spike_factor", args.spike_factor > 1, "a number above 1 (2.0: twice the recent median)"),
+        ("spike_window", args.spike_window >= 1, "a number of steps, at least 1"),
+        ("spike_skip_steps", args.spike_skip_steps >= 1, "a number of steps, at least 1"),
+        ("max_rollbacks", args.max_rollbacks >= 0, "0 or more"),
+    )
+    for key, good, what in rules:
+        if not good:
+            raise RecipeError(f"{key}: must be {what}, got {getattr(args, key)!r}.")

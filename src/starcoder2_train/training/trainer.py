@@ -17,6 +17,8 @@
   until a log step reads it, and `logging_nan_inf_filter` is off by default (configs/). Left, inside libraries:
   loss_kernel liger (2 per micro batch) and cut_cross_entropy (1; training/loss.py), and DeepSpeed's optimizer
   step (1 to 4 per step: the overflow test kept on, and its gradient norm; accelerate_configs/deepspeed/README.md).
+- `spike_detection`: each micro batch's loss and each step's gradient norm go to training/spikes.py's monitor
+  on the device; it judges each step a step later (no host wait) and stops the run for a rollback.
 - Checkpoints are written under a temporary name, verified, marked complete and renamed, and rotated only then
   (training/checkpoints.py); `run_recipe` (checkpoints.run_recipe) is saved into each one.
 The keys are read from `PretrainingArguments`; plain `TrainingArguments` give transformers' behaviour.
@@ -141,6 +143,8 @@ class PretrainingTrainer(AtomicCheckpoints, Trainer):
     """transformers.Trainer that reports throughput and precision and applies float8, loss_kernel,
     gradient_checkpointing_layers and compile_layers (see the module's docstring)."""
 
+    spike_monitor = None  # training/spikes.py SpikeMonitor.attach sets it (spike_detection: true)
+
     def __init__(self, model=None, args=None, *more, run_recipe: dict | None = None, **kwargs):
         if args is not None and model is not None:
             prepare_model(model, args)
@@ -178,10 +182,20 @@ class PretrainingTrainer(AtomicCheckpoints, Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The gradient norm as a tensor when there is one: the Trainer reads it (`.item()`, a device sync) only
-        on the steps it logs, instead of after every optimizer step as it does under DeepSpeed."""
-        if grad_norm is not None and torch.is_tensor(grad_norm):
-            return grad_norm
-        return super()._get_grad_norm(model, grad_norm)
+        on the steps it logs, instead of after every optimizer step as it does under DeepSpeed. The spike
+        monitor (training/spikes.py), when there is one, gets it too."""
+        if grad_norm is None or not torch.is_tensor(grad_norm):
+            grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.spike_monitor is not None:
+            self.spike_monitor.set_grad_norm(grad_norm)
+        return grad_norm
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """transformers' step; its loss also goes to the spike monitor, on the device (no host read)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.spike_monitor is not None:
+            self.spike_monitor.add_loss(loss)
+        return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         start = time.perf_counter()
