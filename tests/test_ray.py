@@ -77,6 +77,15 @@ def recipe(tmp_path, shards, tokenizer_dir, **keys) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def window_recipe(tmp_path_factory, shards, tokenizer_dir) -> tuple[str, Path]:
+    """A recipe whose tokens are stored once (fim_level window), and the local executor's folder of it (2 tasks)."""
+    folder = tmp_path_factory.mktemp("window")
+    path = recipe(folder, shards, tokenizer_dir, fim_level="window")
+    prepare_data.main([path, "--tasks", "2", "--disable_tqdm", "--output", str(folder / "local")])
+    return path, folder / "local"
+
+
 def prepared_files(folder) -> list[str]:
     """Every file of a prepared folder but datatrove's logging dirs (logs*/, near_dedup/logs-*/: its logs, timings
     and executor.json differ by nature: times, and the executor's class and options)."""
@@ -96,14 +105,13 @@ def assert_same_files(local, ray_run) -> None:
     assert [name for name in files if not filecmp.cmp(local / name, ray_run / name, shallow=False)] == []
 
 
-def test_the_command_starts_ray_and_writes_the_local_executors_folder_byte_for_byte(shards, tokenizer_dir, tmp_path):
+def test_the_command_starts_ray_and_writes_the_local_executors_folder_byte_for_byte(window_recipe, tmp_path):
     """`python scripts/prepare_data.py ... --executor ray` as a user runs it, with no Ray running: the script
     starts a local instance (its temporary folder one of the test's, so no other Ray on this machine is found),
     runs the 2 tasks there, shuts it down, and the folder is the local executor's. Tokens stored once (fim_level
     window)."""
-    path = recipe(tmp_path, shards, tokenizer_dir, fim_level="window")
+    path, local = window_recipe
     common = [path, "--tasks", "2", "--disable_tqdm"]
-    prepare_data.main([*common, "--output", str(tmp_path / "local")])
     env = {name: value for name, value in LAUNCH_ENV.items() if name != "RAY_ADDRESS"}
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:  # short: socket paths <= 107 bytes
         env.update(RAY_TMPDIR=temp_dir, RAY_USAGE_STATS_ENABLED="0")
@@ -114,7 +122,7 @@ def test_the_command_starts_ray_and_writes_the_local_executors_folder_byte_for_b
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Started a local Ray instance" in result.stderr + result.stdout
     assert "train: 37 repositories" in result.stdout
-    assert_same_files(tmp_path / "local", tmp_path / "ray")
+    assert_same_files(local, tmp_path / "ray")
 
 
 def test_ray_runs_the_near_dedup_stages_in_turn_and_writes_the_local_executors_folder(
@@ -136,13 +144,12 @@ def test_ray_runs_the_near_dedup_stages_in_turn_and_writes_the_local_executors_f
     ]
 
 
-def test_a_failed_ray_task_is_named_and_the_rerun_runs_it_alone(local_ray, shards, tokenizer_dir, tmp_path):
+def test_a_failed_ray_task_is_named_and_the_rerun_runs_it_alone(local_ray, window_recipe, tmp_path):
     """Task 1's held-out parquet cannot be written (a folder where its file goes): the command ends with one line
     naming the stage and the task's log; with the folder gone, the same command runs task 1 alone, and the folder
     is the one the local executor writes in one go."""
-    path, output = recipe(tmp_path, shards, tokenizer_dir, fim_level="window"), tmp_path / "ray"
-    command = [path, "--tasks", "2", "--disable_tqdm"]
-    ray_command = [*command, "--output", str(output), "--executor", "ray"]
+    (path, local), output = window_recipe, tmp_path / "ray"
+    ray_command = [path, "--tasks", "2", "--disable_tqdm", "--output", str(output), "--executor", "ray"]
     blocked = f"{held_out_part_path(str(output), 1, 2)}.partial"
     os.makedirs(blocked)
     with pytest.raises(RecipeError, match=r"1 of 2 tasks of .*logs failed .*task_00001\.log\); the same command"):
@@ -155,8 +162,7 @@ def test_a_failed_ray_task_is_named_and_the_rerun_runs_it_alone(local_ray, shard
     prepare_data.main(ray_command)
     assert os.stat(done).st_mtime_ns == written  # task 0 was not run again
     assert sorted(os.listdir(output / "logs" / "completions")) == ["00000", "00001"]
-    prepare_data.main([*command, "--output", str(tmp_path / "local")])
-    assert_same_files(tmp_path / "local", output)
+    assert_same_files(local, output)
 
 
 def test_a_stage_stops_at_once_when_the_stage_before_failed(local_ray, tmp_path):

@@ -19,10 +19,12 @@ What it leaves to the caller, done by `RayStage`:
   runs only those.
 - a cluster too small for one task: a placement group that no node can hold waits forever. Refused first, naming
   the largest node's CPUs and memory against one task's reservation.
+- the task's log, written first under a fixed temporary path named by rank only: here a folder of the task's own.
 """
 
 import contextlib
 import os
+import tempfile
 
 from datatrove.executor import RayPipelineExecutor
 
@@ -80,6 +82,19 @@ class RayStage(RayPipelineExecutor):
                 f"--executor ray: {len(failed)} of {self.world_size} tasks of {folder} failed (their logs: "
                 f"{logs}{more}); the same command again runs only the tasks that did not complete."
             )
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        """datatrove's task, with its log first written in a folder of this task's own, removed after: datatrove
+        writes it to `<tempfile.gettempdir()>/ray_logs/logs/task_<rank>.log` (opened "w", named by rank only:
+        two preparations on one machine would truncate each other's) and copies it to the logging dir at the
+        end. The task runs in a child process of its own, so setting `tempfile.tempdir` there touches nothing
+        else."""
+        with tempfile.TemporaryDirectory(prefix=f"prepare-ray-task-{rank:05d}-") as folder:
+            previous, tempfile.tempdir = tempfile.tempdir, folder
+            try:
+                return super()._run_for_rank(rank, local_rank, node_rank)
+            finally:
+                tempfile.tempdir = previous
 
     def check_nodes(self) -> None:
         """Refuse a cluster where no live node has one task's CPUs and memory (its placement group would wait
