@@ -193,3 +193,11 @@ def test_a_task_no_node_can_hold_is_refused_before_it_waits_forever(local_ray, t
     ):
         stage.run()
     assert not os.path.exists(tmp_path / "logs" / "completions")
+
+
+def test_without_ray_the_command_says_what_to_install(window_recipe, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as where it is not installed
+    path, _ = window_recipe
+    with pytest.raises(RecipeError, match=r"--executor ray needs Ray: pip install -e '\.\[ray\]'"):
+        prepare_data.main([path, "--tasks", "2", "--output", str(tmp_path / "ray"), "--executor", "ray"])
+    assert not os.path.exists(tmp_path / "ray" / "logs" / "completions")
