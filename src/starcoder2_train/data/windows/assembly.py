@@ -23,7 +23,8 @@ counts, no token read) in chunks of 4M records, once per machine under a file lo
 memory-mapped by every process (page cache shared). It lives beside the store (PIECES/epochs/) when that is
 writable, else in ~/.cache/starcoder2-train/epoch-indexes/ (XDG_CACHE_HOME), named by the store's fingerprint,
 epoch, seed and repo_metadata_rate: changing those builds another, nothing else is prepared again. Build time is
-linear in records (scripts/benchmark_data.py --assembly measures it: ~1 s a million records on one core).
+linear in records (scripts/benchmark_data.py --assembly: 0.27 s for 2M records on one core of the shared CPU
+machine, so ~2.7 s at 20M plus reading their 880 MB of tables; docs/benchmarks.md).
 
 `EpochStream` is a TokenStream (data/store/token_store.py), so PackedDataset, and WindowFim on its windows, read
 it as they read a TokenStore. A window of stream tokens [begin, end) finds its records by binary search in the
