@@ -7,7 +7,8 @@ disk, therefore leaves a `checkpoint-N` that a restart picks and fails on, and w
 last good checkpoint is already gone. Here instead (`save_atomically`, called by PretrainingTrainer):
 
 1. every rank writes the Trainer's normal checkpoint into `OUTPUT_DIR/.incomplete/checkpoint-N` (same
-   filesystem, so the final rename is atomic); a copy of `run_recipe.json` goes with it;
+   filesystem, so the final rename is atomic); a copy of `run_recipe.json` goes with it, and the trainer's
+   `checkpoint_records()` (`data_position.json`: training/data_position.py);
 2. the ranks agree that all of them wrote without error (gloo all-reduce, which is also the barrier);
 3. rank 0 verifies it (`verify_checkpoint`: the files the Trainer writes are there and non-empty, every
    safetensors header parses and matches its file size, every torch.save file's zip directory is readable,
@@ -39,7 +40,7 @@ import struct
 import time
 import zipfile
 
-from starcoder2_train.configs import RecipeError
+from starcoder2_train.configs import RecipeError, windows_per_step
 from starcoder2_train.training.preemption import all_ranks_max
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,15 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 UNMARKED = frozenset({"README.md"})  # rewritten after the marker (the model card); not needed to resume
 # Recipe keys of the model and data that do not change what is trained: how fast, not what.
 NOT_DEFINING = frozenset({"num_proc", "attn_implementation", "flash_attention_impl", "trust_remote_code"})
+# Training keys that define the optimization, compared at a resume when both recipes record them (written since
+# issue 25). Not among them, by design: per_device_train_batch_size, gradient_accumulation_steps and the number of
+# processes, which a resume on another number of GPUs must change; their product, the global batch
+# (`windows_per_step`), is compared (training/data_position.py says why a changed one is refused). Not either:
+# max_steps (a run may be lengthened), output, logging, saving, evaluation and loader keys.
+TRAINING_DEFINING = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args",
+)  # fmt: skip
 
 
 class CheckpointError(RuntimeError):
@@ -245,6 +255,9 @@ def save_atomically(trainer, write, run_dir: str) -> str:
         write(staging_parent)
         if main and recipe is not None:
             _write_json(os.path.join(staging, RUN_RECIPE), recipe)
+        records = getattr(trainer, "checkpoint_records", None)  # data_position.json (PretrainingTrainer)
+        for name, record in (records() if main and records else {}).items():
+            _write_json(os.path.join(staging, name), record)
     except Exception as caught:  # noqa: BLE001 - reported below, on every rank, with the folder named
         error = caught
     failed = all_ranks_max(int(error is not None))
@@ -300,7 +313,9 @@ def run_recipe(model_args, data_args, training_args, recipe_values: dict) -> dic
         defining.update({k: v for k, v in vars(arguments).items() if k not in NOT_DEFINING})
         defaults.update({k: v for k, v in _field_defaults(arguments).items() if k not in NOT_DEFINING})
     defining["seed"] = training_args.seed
-    record = {"defining": defining, "defaults": defaults, "recipe_values": recipe_values}
+    training = {key: getattr(training_args, key, None) for key in TRAINING_DEFINING}
+    training["windows_per_step"] = windows_per_step(training_args)
+    record = {"defining": defining, "defaults": defaults, "training": training, "recipe_values": recipe_values}
     return json.loads(json.dumps(record, default=str))
 
 
@@ -316,7 +331,9 @@ def recipe_differences(saved: dict | None, current: dict) -> list[str]:
     def value(side: dict, key: str):
         return side[key] if key in side else defaults.get(key, absent)
 
-    return sorted(key for key in set(old) | set(new) if value(old, key) != value(new, key))
+    differing = sorted(key for key in set(old) | set(new) if value(old, key) != value(new, key))
+    trained, training = saved.get("training", {}), current.get("training", {})  # compared where both record them
+    return differing + sorted(key for key in set(trained) & set(training) if trained[key] != training[key])
 
 
 def _read_recipe(folder: str) -> dict | None:
@@ -335,13 +352,21 @@ def _write_json(path: str, value: dict) -> None:
     os.replace(f"{path}.tmp", path)
 
 
+def _recorded(record: dict, key: str):
+    return record["defining"][key] if key in record.get("defining", {}) else record.get("training", {}).get(key)
+
+
 def _mismatch(what: str, saved: dict, recipe: dict, differing: list[str]) -> RecipeError:
-    details = ", ".join(
-        f"{k}: {saved['defining'].get(k)!r} there, {recipe['defining'].get(k)!r} now" for k in differing
+    details = ", ".join(f"{k}: {_recorded(saved, k)!r} there, {_recorded(recipe, k)!r} now" for k in differing)
+    batch = (
+        " windows_per_step is the global batch, per_device_train_batch_size × gradient_accumulation_steps × "
+        "processes: on another number of processes, change the first two so that it stays the same."
+        if "windows_per_step" in differing
+        else ""
     )
     return RecipeError(
         f"{what} was made by another recipe ({details}). Use a new output_dir for this recipe, or "
-        "--resume_from_checkpoint a checkpoint of this recipe, or restore that run's values."
+        f"--resume_from_checkpoint a checkpoint of this recipe, or restore that run's values.{batch}"
     )
 
 

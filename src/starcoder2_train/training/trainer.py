@@ -21,6 +21,11 @@
   on the device; it judges each step a step later (no host wait) and stops the run for a rollback.
 - Checkpoints are written under a temporary name, verified, marked complete and renamed, and rotated only then
   (training/checkpoints.py); `run_recipe` (checkpoints.run_recipe) is saved into each one.
+- The training windows are handed out by training/data_position.py's `WindowSampler` (with the default
+  `train_sampling_strategy: sequential`): each checkpoint records the data position (`data_position.json`), and a
+  resume starts the sampler there, on any number of processes, instead of the Trainer walking past the trained
+  batches; a checkpoint of another world size is made loadable first (training/reshard.py: DeepSpeed's universal
+  checkpoint, converted once by one process).
 The keys are read from `PretrainingArguments`; plain `TrainingArguments` give transformers' behaviour.
 """
 
@@ -33,10 +38,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from starcoder2_train.configs import RecipeError
 from starcoder2_train.training.checkpoints import save_atomically
+from starcoder2_train.training.data_position import DATA_POSITION, DataPosition, read_skipped_windows
 from starcoder2_train.training.float8 import enable_float8
 from starcoder2_train.training.loss import check_loss_kernel, enable_training_loss, resolve_loss_kernel
 from starcoder2_train.training.optimizer import muon_with_adamw
 from starcoder2_train.training.precision import PrecisionReport
+from starcoder2_train.training.reshard import prepare_resharded_load
 from starcoder2_train.training.throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
@@ -150,6 +157,8 @@ class PretrainingTrainer(AtomicCheckpoints, Trainer):
             prepare_model(model, args)
         self.run_recipe = run_recipe  # written into every checkpoint as run_recipe.json
         super().__init__(model, args, *more, **kwargs)
+        self.data_position = DataPosition(self.args, read_skipped_windows(self.args.output_dir))
+        self._window_sampler = None
         # First among the callbacks (a given one is moved there), so that the others see its figures.
         callbacks = self.callback_handler.callbacks
         given = [callback for callback in callbacks if isinstance(callback, ThroughputCallback)]
@@ -172,6 +181,36 @@ class PretrainingTrainer(AtomicCheckpoints, Trainer):
                 "optimizer flattened shards of the parameters and Muon needs whole matrices. Set muon: false, or "
                 "train without ZeRO/FSDP (plain DDP: accelerate_configs/ddp.yaml)."
             )
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """transformers' train(), with the data position of `resume_from_checkpoint` (a path) read first and a
+        checkpoint of another world size made loadable (training/reshard.py) before the engine is built."""
+        if isinstance(resume_from_checkpoint, str):
+            self.data_position.resume(resume_from_checkpoint)
+            prepare_resharded_load(self, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With `train_sampling_strategy: sequential`: the windows in order from the data position
+        (training/data_position.py WindowSampler); other strategies: transformers' sampler."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "sequential" or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        self._window_sampler = self.data_position.sampler(len(dataset))
+        return self._window_sampler
+
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        """The dataloader as it is when the WindowSampler already starts at the data position (no walk over
+        `num_batches`); transformers' skipping otherwise."""
+        if self._window_sampler is not None:
+            return dataloader
+        return super().get_resumed_dataloader(dataloader, num_batches)
+
+    def checkpoint_records(self) -> dict:
+        """JSON files written into every checkpoint besides the Trainer's (training/checkpoints.py)."""
+        if self._window_sampler is None:
+            return {}
+        return {DATA_POSITION: self.data_position.record(self.state.global_step, self.train_dataset)}
 
     def create_optimizer(self, model=None):
         """transformers' optimizer, or with `muon: true` Muon + AdamW (training/optimizer.py)."""
