@@ -12,8 +12,7 @@ from conftest import load_script, random_repositories, write_repository_shards
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data.examples.fim import FimRates, apply_fim
 from starcoder2_train.data.examples.repo_examples import RepoExample
-from starcoder2_train.data.prepare import repository_parts
-from starcoder2_train.data.prepare_pieces import canonical_files
+from starcoder2_train.data.prepare_pieces import canonical_files, repository_parts
 from starcoder2_train.data.store.pieces import PieceStore, PieceWriter, name_hash
 from starcoder2_train.data.store.prepared import open_store, pieces_directory, prepared_epochs, stored_once
 from starcoder2_train.data.tokens.tokenization import PieceTokenizer

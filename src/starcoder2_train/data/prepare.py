@@ -57,7 +57,7 @@ from starcoder2_train.data.filters.near_dedup import (
 from starcoder2_train.data.filters.pii import PiiRedactor, redact_files
 from starcoder2_train.data.filters.splits import eval_share
 from starcoder2_train.data.pipeline import ExampleTransform
-from starcoder2_train.data.prepare_pieces import HELD_OUT_SCHEMA, PieceStoreWriter, RepositoryPieces
+from starcoder2_train.data.prepare_pieces import HELD_OUT_SCHEMA, PieceStoreWriter, RepositoryPieces, repository_parts
 from starcoder2_train.data.skips import UNREADABLE_PARQUET
 from starcoder2_train.data.sources.download.verify import check_downloaded_shards
 from starcoder2_train.data.sources.shards import (
@@ -183,24 +183,6 @@ class RepositoryReader(PipelineStep):
                 key = name if len(parts) == 1 else f"{name}\x00part {number}"  # the key of its per-epoch draws
                 metadata = {"files": part, "split": "eval" if held_out else "train", "key": key}
                 yield Document(text="", id=name, metadata=metadata)
-
-
-def repository_parts(files: list[dict], max_bytes: int) -> list[list[dict]]:
-    """The repository's files as one part, or, over `max_bytes` of content, as consecutive parts of at most
-    `max_bytes` each (whole files in (path, content) order; a file larger than the bound is a part alone).
-    Each part is then an example of its own: a window of 4k-16k tokens (13-50 KB of code) never spans the cut
-    between two parts of 32 MB, so only the files' neighbours across the cut change."""
-    sizes = [len(f["content"].encode("utf-8", "surrogatepass")) for f in files]
-    if sum(sizes) <= max_bytes:
-        return [files]
-    parts, size = [[]], 0
-    for size_of, f in sorted(zip(sizes, files), key=lambda pair: (pair[1]["path"], pair[1]["content"])):
-        if parts[-1] and size + size_of > max_bytes:
-            parts.append([])
-            size = 0
-        parts[-1].append(f)
-        size += size_of
-    return parts
 
 
 class PiiRedaction(PipelineStep):

@@ -41,6 +41,24 @@ def canonical_files(files: list[dict]) -> list[tuple[str, str]]:
     return sorted((f["path"], f["content"]) for f in files)
 
 
+def repository_parts(files: list[dict], max_bytes: int) -> list[list[dict]]:
+    """The repository's files as one part, or, over `max_bytes` of content, as consecutive parts of at most
+    `max_bytes` each (whole files in (path, content) order; a file larger than the bound is a part alone).
+    Each part is then an example of its own: a window of 4k-16k tokens (13-50 KB of code) never spans the cut
+    between two parts of 32 MB, so only the files' neighbours across the cut change."""
+    sizes = [len(f["content"].encode("utf-8", "surrogatepass")) for f in files]
+    if sum(sizes) <= max_bytes:
+        return [files]
+    parts, size = [[]], 0
+    for size_of, f in sorted(zip(sizes, files), key=lambda pair: (pair[1]["path"], pair[1]["content"])):
+        if parts[-1] and size + size_of > max_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(f)
+        size += size_of
+    return parts
+
+
 class RepositoryPieces(PipelineStep):
     """Documents → the same, with metadata["pieces"] = (name ids, [(path\\n ids, content ids) per file])."""
 
