@@ -20,16 +20,17 @@ from starcoder2_train.training.spikes import ROLLBACK_EXIT_CODE, ROLLBACKS_FILE,
 
 ROOT = Path(__file__).parents[1]
 
-# With SPIKE_STEP=N, the loss of every micro batch of optimizer step N becomes NaN (the backward then writes NaN into
-# the weights, as a real overflow would) and the identities (sha1 of input_ids) of that step's windows go to
-# BAD_WINDOWS; any later run that meets one of those windows spikes again on it. With WINDOW_LOG, every window
-# trained is appended with its step.
+# With SPIKE_STEP=N, the loss of every micro batch of optimizer step N (on SPIKE_RANK alone, when set) becomes
+# NaN (the backward then writes NaN into the weights, as a real overflow would) and the identities (sha1 of
+# input_ids) of those windows go to BAD_WINDOWS; any later run that meets one of them spikes again on it. With
+# WINDOW_LOG, every window trained is appended with its step to WINDOW_LOG.<rank>.
 DRIVER = """
 import hashlib, importlib.util, json, os, sys
 import starcoder2_train.training.trainer as trainer_module
 from starcoder2_train.cli import run_script
 
 SPIKE_STEP, BAD = os.environ.get("SPIKE_STEP"), os.environ["BAD_WINDOWS"]
+SPIKE_RANK = os.environ.get("SPIKE_RANK")  # only this rank's loss becomes NaN (unset: every rank's)
 WINDOW_LOG = os.environ.get("WINDOW_LOG")
 
 compute_loss = trainer_module.PretrainingTrainer.compute_loss
@@ -38,10 +39,10 @@ def spiking_compute_loss(self, model, inputs, *args, **kwargs):
     step = self.state.global_step + 1
     bad = set(json.load(open(BAD))) if os.path.exists(BAD) else set()
     if WINDOW_LOG:
-        with open(WINDOW_LOG, "a") as handle:
+        with open(f"{WINDOW_LOG}.{self.args.process_index}", "a") as handle:
             handle.write(json.dumps({"step": step, "windows": rows}) + "\\n")
     loss = compute_loss(self, model, inputs, *args, **kwargs)
-    if SPIKE_STEP and step == int(SPIKE_STEP):
+    if SPIKE_STEP and step == int(SPIKE_STEP) and SPIKE_RANK in (None, str(self.args.process_index)):
         json.dump(sorted(bad | set(rows)), open(BAD, "w"))
         return loss * float("nan")
     return loss * float("nan") if bad & set(rows) else loss
@@ -151,20 +152,28 @@ def setup(tmp_path_factory, tokenizer_dir):
     return root, recipe, driver
 
 
-def launch(setup, out: Path, *extra, **env) -> subprocess.CompletedProcess:
+def launch(setup, out: Path, *extra, processes: int = 1, **env) -> subprocess.CompletedProcess:
+    """One process (4 windows a step), or `processes` under ZeRO-2 (2 windows each a step)."""
     root, recipe, driver = setup
-    command = [sys.executable, str(driver), str(recipe), "--per_device_train_batch_size", "4", "--use_cpu", "true"]
+    if processes == 1:
+        command = [sys.executable, str(driver), str(recipe), "--per_device_train_batch_size", "4", "--use_cpu", "true"]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        command += ["accelerate_configs/deepspeed_zero2.yaml", "--num_processes", str(processes)]
+        command += ["--main_process_port", "0", str(driver), str(recipe), "--per_device_train_batch_size", "2"]
     command += ["--output_dir", str(out), *extra]
     env = dict(LAUNCH_ENV, BAD_WINDOWS=str(out.parent / f"{out.name}-bad.json"), **env)
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def windows(log: Path) -> dict[int, list[str]]:
+    """Step -> the identities of the windows every rank trained at that step (sorted)."""
     by_step: dict[int, list[str]] = {}
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
-        by_step.setdefault(record["step"], []).extend(record["windows"])
-    return by_step
+    for path in sorted(log.parent.glob(f"{log.name}.*")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            by_step.setdefault(record["step"], []).extend(record["windows"])
+    return {step: sorted(rows) for step, rows in by_step.items()}
 
 
 @pytest.mark.slow
@@ -210,3 +219,27 @@ def test_stop_after_max_rollbacks(setup):
     assert "Traceback" not in result.stderr
     (event,) = json.loads((out / ROLLBACKS_FILE).read_text())["rollbacks"]
     assert event["step"] == 3 and event["stopped"] and not (out / "skipped_windows.json").exists()
+
+
+@pytest.mark.slow
+def test_spike_on_one_rank_rolled_back_by_both_under_zero2(setup):
+    """2 processes, ZeRO-2: rank 1 alone sees a NaN at step 3; both stop at the same step, and the launcher's exit
+    status (torchrun reports 1) is backed by the requeue file that scripts/slurm/train.sbatch checks."""
+    root = setup[0]
+    out, requeue = root / "zero2", root / "zero2-requeue.json"
+    env = dict(SPIKE_STEP="3", SPIKE_RANK="1", STARCODER2_REQUEUE_FILE=str(requeue))
+    first = launch(setup, out, processes=2, WINDOW_LOG=str(root / "zero2-first.jsonl"), **env)
+    output = first.stdout + first.stderr
+    assert first.returncode != 0 and "spike: step 3: a non-finite loss or gradient norm" in output, output[-3000:]
+    assert "rollback 1 of at most 1: step 3" in output  # the gradient norm is inf on both ranks (DeepSpeed's)
+    assert json.loads(requeue.read_text())["reason"] == "spike rollback"
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    (event,) = json.loads((out / ROLLBACKS_FILE).read_text())["rollbacks"]
+    assert event["step"] == 3 and event["windows"] == [[8, 12]]  # 2 ranks x 2 windows a step: step 3 is 8..11
+    spiked = set(windows(root / "zero2-first.jsonl")[3])
+
+    second = launch(setup, out, processes=2, WINDOW_LOG=str(root / "zero2-second.jsonl"))
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    resumed = windows(root / "zero2-second.jsonl")
+    assert sorted(resumed) == [3, 4, 5, 6, 7, 8] and all(len(rows) == 4 for rows in resumed.values())
+    assert len(spiked) == 4 and not spiked & {row for rows in resumed.values() for row in rows}

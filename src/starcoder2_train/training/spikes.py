@@ -205,7 +205,7 @@ class SpikeMonitor(TrainerCallback, ExportableState):
             self.history.append(mean)
             return
         median = statistics.median(self.history) if self.history else None
-        self.spike = {"step": staged.step, "reason": reason, "loss": mean if not nonfinite_ranks else loss,
+        self.spike = {"step": staged.step, "reason": reason, "loss": None if nonfinite_ranks else mean,
                       "grad_norm": grad_norm, "median": median, "nonfinite_ranks": int(nonfinite_ranks)}  # fmt: skip
         earlier = read_rollbacks(args.output_dir)
         self.stop = len(earlier) >= self.max_rollbacks
