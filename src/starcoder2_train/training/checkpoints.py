@@ -307,15 +307,18 @@ def _field_defaults(arguments) -> dict:
 def run_recipe(model_args, data_args, training_args, recipe_values: dict) -> dict:
     """What defines a run, for run_recipe.json: every model and data value (but the speed-only NOT_DEFINING) and
     the seed, with the recipe as given (recipe_values) for people to read, and each key's default (so that a key
-    added by a newer version of this project, at its default, does not make an older checkpoint another run's)."""
+    added by a newer version of this project, at its default, does not make an older checkpoint another run's);
+    and under "training" the optimization's keys (TRAINING_DEFINING) with the global batch `windows_per_step`,
+    compared only where both records have them (run_recipe.json files written before they existed have not)."""
     defining, defaults = {}, {}
     for arguments in (model_args, data_args):
         defining.update({k: v for k, v in vars(arguments).items() if k not in NOT_DEFINING})
         defaults.update({k: v for k, v in _field_defaults(arguments).items() if k not in NOT_DEFINING})
     defining["seed"] = training_args.seed
-    training = {key: getattr(training_args, key, None) for key in TRAINING_DEFINING}
-    training["windows_per_step"] = windows_per_step(training_args)
-    record = {"defining": defining, "defaults": defaults, "training": training, "recipe_values": recipe_values}
+    record = {"defining": defining, "defaults": defaults, "recipe_values": recipe_values}
+    if hasattr(training_args, "per_device_train_batch_size"):  # TrainingArguments (not a bare seed holder)
+        record["training"] = {key: getattr(training_args, key, None) for key in TRAINING_DEFINING}
+        record["training"]["windows_per_step"] = windows_per_step(training_args)
     return json.loads(json.dumps(record, default=str))
 
 
