@@ -8,7 +8,6 @@ and leaves running. Skipped where Ray is not installed (the `ray` extra). About 
 each Ray task is an actor process that imports the package."""
 
 import filecmp
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LAUNCH_ENV, load_script, random_repositories, write_repository_shards
+from test_manifest import recipe  # the tiny preparation recipe, with --key overrides
 
 from starcoder2_train.configs import RecipeError
 from starcoder2_train.data.prepare import make_executor
@@ -60,21 +60,6 @@ def local_ray():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_repository_shards(tmp_path_factory.mktemp("ray") / "shards", random_repositories(40, seed=9), 4)
-
-
-def recipe(tmp_path, shards, tokenizer_dir, **keys) -> str:
-    values = dict(
-        model_config="test",
-        dataset_name_or_path=shards,
-        tokenizer_name_or_path=tokenizer_dir,
-        seq_length=64,
-        eval_fraction=0.1,
-        output_dir=str(tmp_path / "o"),
-        **keys,
-    )
-    path = tmp_path / "recipe.yaml"
-    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
