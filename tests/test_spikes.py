@@ -112,6 +112,40 @@ def test_grad_norm_none_and_float_and_history_kept_in_checkpoints():
     assert resumed.spike["step"] == 4 and resumed.spike["reason"] == "a non-finite loss or gradient norm"
 
 
+def test_the_last_step_is_judged_when_training_ends():
+    monitor = SpikeMonitor(factor=2.0, window=2, skip_steps=1, max_rollbacks=1)
+    steps(monitor, [3.0, 3.0, float("nan")])  # the data ran out: no step said should_training_stop
+    assert monitor.spike is None
+    control = monitor.on_train_end(SimpleNamespace(world_size=1, output_dir="/nonexistent"), TrainerState(),
+                                   TrainerControl())  # fmt: skip
+    assert monitor.spike["step"] == 3 and not control.should_save
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the judgement's host wait is a GPU matter")
+def test_a_step_end_does_not_wait_for_the_gpu_but_a_save_step_does():
+    """Step 1's values are copied behind an event; at step 2's end the GPU is still busy with ~1 s of step 2's
+    work, and judging step 1 does not wait for it. A saving step 3 is judged at once: it waits."""
+    import time
+
+    monitor = SpikeMonitor(factor=2.0, window=2, skip_steps=1, max_rollbacks=1)
+    args, state = SimpleNamespace(world_size=1, output_dir="/nonexistent"), TrainerState()
+    monitor.on_train_begin(args, state, TrainerControl())
+    elapsed = []
+    for step in (1, 2, 3):
+        if step > 1:
+            torch.cuda._sleep(2_000_000_000)  # about 1 s of this step's GPU work, queued before its loss
+        monitor.add_loss(torch.ones((), device="cuda"))
+        monitor.set_grad_norm(torch.ones((), device="cuda"))
+        state.global_step = step
+        start = time.perf_counter()
+        monitor.on_step_end(args, state, TrainerControl(should_save=step == 3))
+        elapsed.append(time.perf_counter() - start)
+        if step == 1:
+            torch.cuda.synchronize()  # step 1's GPU work done before step 2's is queued, as in a running loop
+    assert elapsed[1] < 0.25 < elapsed[2], elapsed
+    assert list(monitor.history) == [1.0, 1.0] and monitor.spike is None
+
+
 @pytest.mark.parametrize(
     "key, value", [("spike_factor", 1.0), ("spike_window", 0), ("spike_skip_steps", 0), ("max_rollbacks", -1)]
 )

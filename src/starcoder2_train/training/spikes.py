@@ -165,6 +165,18 @@ class SpikeMonitor(TrainerCallback, ExportableState):
         """The step's gradient norm: a tensor, a float (DeepSpeed) or None (none computed)."""
         self._grad_norm = grad_norm
 
+    def _step_values(self) -> torch.Tensor:
+        """[this step's loss, its gradient norm] on the step's device, made without a host read: a float norm
+        (DeepSpeed's, already on the host) or none (0: only the loss is judged) is written by a fill kernel, not
+        copied from pageable memory, which could wait for the queue."""
+        loss, norm = self._loss, self._grad_norm
+        device = loss.device if loss is not None else norm.device if torch.is_tensor(norm) else torch.device("cpu")
+        if loss is None:  # no micro batch reached training_step this step
+            loss = torch.full((), float("nan"), device=device)
+        if not torch.is_tensor(norm):
+            norm = torch.full((), 0.0 if norm is None else float(norm), device=device)
+        return torch.stack([loss, norm.detach().float().reshape(()).to(device)])
+
     # -- state kept in checkpoints (trainer_state.json's stateful_callbacks) -----------------------------------
 
     def state(self) -> dict:
@@ -179,13 +191,19 @@ class SpikeMonitor(TrainerCallback, ExportableState):
         self._loss = self._grad_norm = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        loss = self._loss if self._loss is not None else torch.tensor(float("nan"))
-        norm = self._grad_norm if self._grad_norm is not None else 0.0  # none computed: only the loss is judged
-        norm = torch.as_tensor(norm, device=loss.device).detach().float().reshape(())
-        self._pending.append(_Staged(state.global_step, torch.stack([loss, norm])))
+        self._pending.append(_Staged(state.global_step, self._step_values()))
         self._loss = self._grad_norm = None
         # A step that saves or ends training is judged at once (with the one before it); others a step late.
-        at_once = control.should_save or control.should_training_stop
+        return self._settle(args, state, control, at_once=control.should_save or control.should_training_stop)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._settle(args, state, control, at_once=control.should_save)  # save_strategy: epoch
+
+    def on_train_end(self, args, state, control, **kwargs):
+        return self._settle(args, state, control, at_once=True)  # the data ran out: the last step before the save
+
+    def _settle(self, args, state, control, at_once: bool):
+        """Judge the pending steps but the newest (all of them `at_once`); on a spike, veto saving and stop."""
         while self._pending and (len(self._pending) > 1 or at_once) and self.spike is None:
             self._judge(self._pending.pop(0), args, state)
         if self.spike is not None:
