@@ -201,3 +201,39 @@ def test_a_negative_bound_is_refused_by_name(key, tmp_path):
 
     with pytest.raises(RecipeError, match=f"^{key}: must be 0"):
         PretrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{key: -1})
+
+
+@pytest.mark.slow
+def test_a_mixture_evaluates_its_first_repository_source(tmp_path, code_shards, tokenizer_dir):
+    """run.py: a mixture's held-out set is its first repository source's (data/pipeline.py's evaluation_data_args),
+    built under OUTPUT_DIR/held_out, scored during training."""
+    from conftest import load_script
+    from test_mixture import write_mixture_recipe
+
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "issues.jsonl").write_text(
+        "".join(json.dumps({"content": f"issue {i}\n" * 9}) + "\n" for i in range(20))
+    )
+    recipe = write_mixture_recipe(
+        tmp_path / "mix.yaml",
+        code_shards,
+        str(documents),
+        tokenizer_dir,
+        output_dir=tmp_path / "out",
+        max_steps=2,
+        eval_fraction=0.2,
+        eval_strategy="steps",
+        eval_steps=2,
+        fim_eval_problems=6,
+        eval_tokens_per_language=300,
+        save_strategy="'no'",
+        use_cpu="true",
+        disable_tqdm="true",
+    )
+    trainer = load_script("run_pretrain").main([str(recipe)])
+    (callback,) = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "EvaluationCallback"]
+    assert callback.latest_results["fim"]["problems"] == 6 and callback.latest_results["loss"]["tokens"] > 0
+    (built,) = (tmp_path / "out" / "held_out").glob("held_out-*[!k]")  # the set, not its lock
+    problems = held_out_set.HeldOutSet(str(built)).fim_problems()
+    assert all(problem.path.startswith("owner") for problem in problems)  # repositories of code_shards
