@@ -1,7 +1,9 @@
 """Evaluation: how good a model is on held-out code, during training and after it.
 
 Holds the tasks and what runs them, in the order a reader needs them: `held_out.py` (the held-out files, and
-the rows and problems built from them, one definition for training and for scripts/evaluate.py), `loss.py`
+the rows and problems built from them, one definition for training and for scripts/evaluate.py),
+`held_out_set.py` (that set bounded by the recipe, drawn by seed, built once per machine and memory-mapped),
+`ranks.py` (the rows and problems split across ranks, the sums reduced), `loss.py`
 (loss and perplexity per language), `fim.py` (single-line infilling exact match), `generation.py` (batched
 generation), `humaneval_settings.py` (the harness's HumanEval settings), `humaneval.py` (pass@k), `execution.py`
 and `sandbox.py` (running model-written programs in a limited process), `metrics/code_eval/` (the offline

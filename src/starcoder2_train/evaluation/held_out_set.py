@@ -52,10 +52,9 @@ MANIFEST = "held_out.json"
 TOKENIZE_BATCH = 64  # files tokenized at a time while a language fills its budget
 
 
-def file_key(seed: int, repository_rank: int, path: str) -> tuple[int, int]:
-    """(rank of the file among its repository's files of its language, a seeded 64-bit hash of its path)."""
-    digest = hashlib.blake2b(f"{seed}/{path}".encode(), digest_size=8).digest()
-    return repository_rank, int.from_bytes(digest, "big")
+def path_hash(seed: int, path: str) -> int:
+    """A seeded 64-bit hash of a file's `repo_name/path`: the second part of its key (module docstring)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{path}".encode(), digest_size=8).digest(), "big")
 
 
 def _repository_batches(repositories, batch_size: int = 1024):
@@ -94,7 +93,8 @@ def repositories_fingerprint(repositories) -> str:
 
 
 def ranked_files(repositories, seed: int) -> dict[str, list[tuple[int, int]]]:
-    """{language: [(repository index, file index), ...] in key order (file_key)}."""
+    """{language: [(repository index, file index), ...] in key order: (rank of the file among its repository's
+    files of that language by path_hash, path_hash)."""
     keyed, offset = defaultdict(list), 0
     for table in _repository_batches(repositories):
         names, paths, languages, owners = _names_and_files(table)
@@ -103,7 +103,7 @@ def ranked_files(repositories, seed: int) -> dict[str, list[tuple[int, int]]]:
         for position, (language, owner) in enumerate(zip(languages, owners)):
             per_repository[(int(owner), language or "unknown")].append(position)
         for (owner, language), positions in per_repository.items():
-            hashes = sorted((file_key(seed, 0, f"{names[owner]}/{paths[p]}")[1], p) for p in positions)
+            hashes = sorted((path_hash(seed, f"{names[owner]}/{paths[p]}"), p) for p in positions)
             for rank, (hashed, position) in enumerate(hashes):
                 keyed[language].append(((rank, hashed), offset + owner, position - int(starts[owner])))
         offset += len(names)
