@@ -4,9 +4,11 @@
         --data HELD_OUT_PARQUET_DIR --num_samples 20 --temperature 0.2 --k 1,10 --output results.json
     python scripts/evaluate.py MODEL_DIR --recipe RECIPE.yaml [--key value ...]   # its held-out repositories
 
-Held-out files: with --recipe, exactly the repositories training held out, scored exactly as the training-time
-evaluation scores them, under the same metric names (starcoder2_train/evaluation/held_out.py); with --data, the
-files of those shards (or, with --eval_fraction, of the repositories such a recipe holds out).
+Held-out files: with --recipe, exactly the held-out set training scored (the recipe's eval_tokens_per_language,
+eval_languages and fim_eval_problems, drawn by seed; opened from, or built into, its eval_cache_dir or
+OUTPUT_DIR/held_out: starcoder2_train/evaluation/held_out_set.py), scored as the training-time evaluation scores
+it, under the same metric names (starcoder2_train/evaluation/held_out.py); with --data, the files of those shards
+(or, with --eval_fraction, of the repositories such a recipe holds out), at most --limit per language.
 
 - loss: each held-out file scored alone as `<file_sep>code<|endoftext|>` (a one-file repository without
   metadata, as in training), in windows of --seq_length tokens; loss and perplexity per language.
