@@ -19,6 +19,7 @@ from starcoder2_train.configs import RecipeError
 from starcoder2_train.training.spikes import ROLLBACK_EXIT_CODE, ROLLBACKS_FILE, SpikeMonitor, judge
 
 ROOT = Path(__file__).parents[1]
+ARGS = SimpleNamespace(world_size=1, process_index=0, output_dir="/nonexistent")  # one process, no rollbacks yet
 
 # With SPIKE_STEP=N, the loss of every micro batch of optimizer step N (on SPIKE_RANK alone, when set) becomes
 # NaN (the backward then writes NaN into the weights, as a real overflow would) and the identities (sha1 of
@@ -69,8 +70,7 @@ def test_judge_non_finite_and_median_rule():
 
 def steps(monitor, losses, save_at=(), stop_at=None, micro_batches=2):
     """Feed `monitor` one step per loss (each split over `micro_batches`); returns the controls at each step end."""
-    args = SimpleNamespace(world_size=1, output_dir="/nonexistent")
-    state, controls = TrainerState(), []
+    args, state, controls = ARGS, TrainerState(), []
     monitor.on_train_begin(args, state, TrainerControl())
     for step, loss in enumerate(losses, start=1):
         for _ in range(micro_batches):
@@ -108,7 +108,7 @@ def test_grad_norm_none_and_float_and_history_kept_in_checkpoints():
     resumed.add_loss(torch.tensor(1.0))
     resumed.set_grad_norm(float("inf"))  # DeepSpeed's norm is a float
     state.global_step = 4
-    resumed.on_step_end(SimpleNamespace(world_size=1, output_dir="/nonexistent"), state, TrainerControl(True, True))
+    resumed.on_step_end(ARGS, state, TrainerControl(True, True))
     assert resumed.spike["step"] == 4 and resumed.spike["reason"] == "a non-finite loss or gradient norm"
 
 
@@ -116,8 +116,7 @@ def test_the_last_step_is_judged_when_training_ends():
     monitor = SpikeMonitor(factor=2.0, window=2, skip_steps=1, max_rollbacks=1)
     steps(monitor, [3.0, 3.0, float("nan")])  # the data ran out: no step said should_training_stop
     assert monitor.spike is None
-    control = monitor.on_train_end(SimpleNamespace(world_size=1, output_dir="/nonexistent"), TrainerState(),
-                                   TrainerControl())  # fmt: skip
+    control = monitor.on_train_end(ARGS, TrainerState(), TrainerControl())
     assert monitor.spike["step"] == 3 and not control.should_save
 
 
@@ -128,7 +127,7 @@ def test_a_step_end_does_not_wait_for_the_gpu_but_a_save_step_does():
     import time
 
     monitor = SpikeMonitor(factor=2.0, window=2, skip_steps=1, max_rollbacks=1)
-    args, state = SimpleNamespace(world_size=1, output_dir="/nonexistent"), TrainerState()
+    args, state = ARGS, TrainerState()
     monitor.on_train_begin(args, state, TrainerControl())
     elapsed = []
     for step in (1, 2, 3):

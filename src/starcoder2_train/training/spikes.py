@@ -17,7 +17,8 @@ steps before the spike and skipping the 200-500 batches around it. `SpikeMonitor
 2. **Agreement.** Every rank adds [its step loss, 1 if its loss or the gradient norm is not finite] into one gloo
    all-reduce (SUM) of 2 float64 on the CPU side group of training/preemption.py (~1-10 ms over 160 ranks, no
    device sync). Every rank then holds the same mean loss, the same flag and the same history, so every rank
-   makes the same decision at the same step without a second collective.
+   makes the same decision at the same step without a second collective (on a spike alone, one more: rank 0's
+   count of earlier rollbacks, so that ranks whose output_dir is not shared still agree on the bound).
 3. **The rule.** A step is a spike when some rank's loss or the gradient norm is not finite, or when the mean
    loss exceeds `spike_factor` x the median of the last `spike_window` accepted steps (judged only once the
    window is full; the history goes into each checkpoint's trainer_state.json, so a resumed run keeps it).
@@ -57,7 +58,7 @@ from transformers.trainer_callback import ExportableState
 
 from starcoder2_train.configs import RecipeError, windows_per_step
 from starcoder2_train.training.checkpoints import newest_complete_checkpoint
-from starcoder2_train.training.preemption import REQUEUE_FILE_ENV, cpu_group
+from starcoder2_train.training.preemption import REQUEUE_FILE_ENV, all_ranks_max, cpu_group
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +226,9 @@ class SpikeMonitor(TrainerCallback, ExportableState):
         median = statistics.median(self.history) if self.history else None
         self.spike = {"step": staged.step, "reason": reason, "loss": None if nonfinite_ranks else mean,
                       "grad_norm": grad_norm, "median": median, "nonfinite_ranks": int(nonfinite_ranks)}  # fmt: skip
-        earlier = read_rollbacks(args.output_dir)
-        self.stop = len(earlier) >= self.max_rollbacks
+        # rank 0's count, so that every rank decides alike even where output_dir is not shared
+        earlier = all_ranks_max(len(read_rollbacks(args.output_dir)) if args.process_index == 0 else 0)
+        self.stop = earlier >= self.max_rollbacks
         logger.warning(
             "spike: step %d: %s (mean loss %.6g, gradient norm %.6g, ranks with a non-finite value %d); %s",
             staged.step, reason, mean, grad_norm, int(nonfinite_ranks),
