@@ -243,7 +243,7 @@ def test_spike_rolled_back_and_its_windows_skipped(setup):
 
 
 @pytest.mark.slow
-def test_stop_after_max_rollbacks(setup):
+def test_stop_after_max_rollbacks_and_go_on_with_a_higher_bound(setup):
     out = setup[0] / "stopped"
     result = launch(setup, out, "--max_rollbacks", "0", SPIKE_STEP="3")
     assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
@@ -252,6 +252,11 @@ def test_stop_after_max_rollbacks(setup):
     assert "Traceback" not in result.stderr
     (event,) = json.loads((out / ROLLBACKS_FILE).read_text())["rollbacks"]
     assert event["step"] == 3 and event["stopped"] and not (out / "skipped_windows.json").exists()
+    # max_rollbacks raised: the same windows spike again at step 3, and this time they are rolled back and skipped
+    again = launch(setup, out, "--max_rollbacks", "1")
+    assert again.returncode == ROLLBACK_EXIT_CODE, (again.stdout + again.stderr)[-3000:]
+    assert "spike: rollback 1 of at most 1: step 3" in again.stdout + again.stderr
+    assert json.loads((out / "skipped_windows.json").read_text())["ranges"] == [[8, 12]]
 
 
 @pytest.mark.slow

@@ -94,7 +94,8 @@ def all_ranks_sum(values: list[float]) -> list[float]:
 
 
 def read_rollbacks(output_dir: str) -> list[dict]:
-    """The rollbacks recorded in output_dir (empty when there were none)."""
+    """The spikes recorded in output_dir, oldest first: rollbacks, and stops (`"stopped": true`, which do not
+    count against max_rollbacks: raising it lets the same command go on)."""
     try:
         with open(os.path.join(output_dir, ROLLBACKS_FILE)) as handle:
             return json.load(handle)["rollbacks"]
@@ -227,7 +228,8 @@ class SpikeMonitor(TrainerCallback, ExportableState):
         self.spike = {"step": staged.step, "reason": reason, "loss": None if nonfinite_ranks else mean,
                       "grad_norm": grad_norm, "median": median, "nonfinite_ranks": int(nonfinite_ranks)}  # fmt: skip
         # rank 0's count, so that every rank decides alike even where output_dir is not shared
-        earlier = all_ranks_max(len(read_rollbacks(args.output_dir)) if args.process_index == 0 else 0)
+        count = len(_rolled_back(read_rollbacks(args.output_dir))) if args.process_index == 0 else 0
+        earlier = all_ranks_max(count)
         self.stop = earlier >= self.max_rollbacks
         logger.warning(
             "spike: step %d: %s (mean loss %.6g, gradient norm %.6g, ranks with a non-finite value %d); %s",
@@ -242,7 +244,8 @@ class SpikeMonitor(TrainerCallback, ExportableState):
         ROLLBACK_EXIT_CODE. After max_rollbacks: SpikeError (exit status 1) instead, nothing skipped."""
         args, spike = trainer.args, self.spike
         output_dir = args.output_dir
-        earlier = read_rollbacks(output_dir)
+        events = read_rollbacks(output_dir)
+        earlier = _rolled_back(events)
         checkpoint, _ = newest_complete_checkpoint(output_dir, getattr(trainer, "run_recipe", None))
         resumed_from = _step_of(checkpoint)
         first = max(resumed_from + 1, spike["step"] - self.skip_steps + 1)
@@ -260,7 +263,7 @@ class SpikeMonitor(TrainerCallback, ExportableState):
         if trainer.is_world_process_zero():
             if not self.stop:
                 record["windows"] = _skip_windows(output_dir, checkpoint, first, spike["step"], args, spike)
-            _write_json(os.path.join(output_dir, ROLLBACKS_FILE), {"rollbacks": earlier + [record]})
+            _write_json(os.path.join(output_dir, ROLLBACKS_FILE), {"rollbacks": events + [record]})
             requeue = os.environ.get(REQUEUE_FILE_ENV)
             if requeue and not self.stop:
                 os.makedirs(os.path.dirname(os.path.abspath(requeue)), exist_ok=True)
@@ -280,6 +283,10 @@ class SpikeMonitor(TrainerCallback, ExportableState):
             raise SpikeError(message)
         close_process_group(exit_code=ROLLBACK_EXIT_CODE)
         raise SystemExit(ROLLBACK_EXIT_CODE)
+
+
+def _rolled_back(events: list[dict]) -> list[dict]:
+    return [event for event in events if not event.get("stopped")]
 
 
 def _step_of(checkpoint: str | None) -> int:
