@@ -151,7 +151,7 @@ def main(argv=None):
         from starcoder2_train.data.slurm_executor import submit
 
         folders = ", ".join(os.path.join(directory, LOGS) for directory, *_ in records)
-        if not submit(executor):  # the same command once the arrays ended: the manifest counts their completions
+        if not submit(executor, own_args.output):  # all done: the manifest now counts their completions
             print(f"every task is complete: nothing submitted; manifest.json records them ({folders})")
             return None
         print(f"submitted the tasks without a completion; logs and completions in {folders} (stages: manifest.json)")

@@ -115,3 +115,13 @@ def write_repository_shards(directory, repos: list[dict], num_files: int = 2) ->
 def code_shards(tmp_path_factory):
     """Two per-repository parquet shards of 120 synthetic repositories."""
     return write_repository_shards(tmp_path_factory.mktemp("shards"), random_repositories(120, seed=11))
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory):
+    """One real one-node SLURM cluster for the session (tests/slurm_cluster.py), started at its first use and shared
+    by test_slurm.py and test_prepare_slurm.py; the environment its commands need (SLURM_CONF)."""
+    import slurm_cluster
+
+    with slurm_cluster.one_node_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env

@@ -25,10 +25,9 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 pytestmark = pytest.mark.skipif(slurm_cluster.skip_reason() is not None, reason=str(slurm_cluster.skip_reason()))
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with slurm_cluster.one_node_cluster(tmp_path_factory.mktemp("slurm")) as env:
-        yield env
+@pytest.fixture
+def cluster(slurm_env):  # the session's one cluster (conftest.py), shared with test_prepare_slurm.py
+    return slurm_env
 
 
 def submit(env: dict, recipe: Path, *overrides: str) -> str:

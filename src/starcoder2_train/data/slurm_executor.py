@@ -26,8 +26,9 @@ What it leaves to the caller, done by `slurm_options`:
   submitted with `--kill-on-invalid-dep=yes`, so SLURM cancels them; the same command again resubmits them.
 - sbatch's refusal (no sbatch here, an unknown partition): one line naming what to do, not a traceback.
 The tasks themselves are the pipeline objects the local executor runs, so they write the same bytes.
-Not guarded: running the same command while the arrays are still queued or running submits the unfinished tasks
-again (datatrove knows only completions); wait for `squeue` to be empty of them first.
+- the same command while the arrays are still queued or running: datatrove knows only completions, so it would
+  submit the unfinished tasks a second time (two copies writing the same parts). Refused here, naming the jobs
+  squeue lists with a log under DIR (datatrove writes every stage's SLURM logs in its logging dir, inside DIR).
 """
 
 import os
@@ -69,10 +70,26 @@ def slurm_options(
     }
 
 
-def submit(executor) -> bool:
-    """Submit the last stage's executor (datatrove submits the stages it depends on first); False when every task
-    of it was already complete (nothing submitted for it). sbatch's refusal ends in one RecipeError."""
+def queued_jobs(directory: str) -> list[str]:
+    """The jobs squeue lists (pending or running) whose SLURM log lies under `directory`."""
+    result = subprocess.run(["squeue", "-h", "-O", "JobID:40,STDOUT:4096"], capture_output=True, text=True, check=True)
+    prefix = os.path.join(os.path.abspath(directory), "")
+    rows = [line.strip().split(maxsplit=1) for line in result.stdout.splitlines() if line.strip()]
+    return [row[0] for row in rows if len(row) == 2 and row[1].startswith(prefix)]
+
+
+def submit(executor, directory: str) -> bool:
+    """Submit the last stage's executor (datatrove submits the stages it depends on first) unless jobs of an earlier
+    submission into `directory` are still in squeue; False when every task of it was already complete (nothing
+    submitted for it). sbatch's refusal ends in one RecipeError."""
     try:
+        queued = queued_jobs(directory)
+        if queued:
+            raise RecipeError(
+                f"{directory}: jobs {', '.join(queued)} of an earlier submission are still queued or running "
+                "(squeue); run the same command once they have ended (it submits only the tasks that failed), or "
+                "scancel them first."
+            )
         executor.run()
     except FileNotFoundError as error:
         raise RecipeError(
