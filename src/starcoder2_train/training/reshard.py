@@ -21,6 +21,13 @@ transformers 5.25 and torch 2.13's sources):
   3B model ~36 GB: minutes on a parallel filesystem, by one process), and doubles the checkpoint's size on disk
   until it is rotated. Refused, naming why: ZeRO with the optimizer offloaded to NVMe (the engine does not load
   ZeRO state then) and DeepSpeed without ZeRO (stage 0: no partitioned state for the converter to read).
+  Two defects of DeepSpeed 0.19.8's ZeRO-3 universal load (`DeepSpeedZeroOptimizer_Stage3._load_universal_checkpoint`,
+  zero/stage3.py), found here by a 1 -> 2 process resume whose losses drifted (rel 6e-4 two steps later): it puts
+  one and the same `step` tensor into the state of every sub-group, which torch's Adam then increments once per
+  sub-group each step (2 groups: the bias correction runs at twice the step count), and it copies param group 0's
+  hyperparameters (weight_decay among them) onto every group, so the no-decay group decays. `repair_zero3_load`
+  (after the engine loaded) gives each state its own step and puts back each group's hyperparameters from the
+  universal checkpoint's optimizer_state.pt.
 - FSDP (accelerate_configs/fsdp.yaml: FSDP2, `SHARDED_STATE_DICT`): accelerate saves the model and optimizer
   through torch.distributed.checkpoint (`pytorch_model_fsdp_0/`, `optimizer_0/`: each rank's shards with their
   global shapes and offsets in `.metadata`), and DCP's load reads whatever slices the new sharding needs, so it
@@ -69,6 +76,8 @@ def convert_to_universal(checkpoint: str) -> str:
     """`checkpoint/TAG_universal` from DeepSpeed's `checkpoint/TAG`, converted unless it is there already."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # deepspeed is an optional extra
 
+    # inject_missing_state: the converter asserts a `universal_checkpoint_info` entry that only Megatron-DeepSpeed
+    # writes; for a model without tensor or pipeline parallelism it is the version alone, added in memory.
     tag = _deepspeed_tag(checkpoint)
     target = os.path.join(checkpoint, f"{tag}_universal")
     latest = os.path.join(checkpoint, LATEST_UNIVERSAL)
@@ -79,7 +88,7 @@ def convert_to_universal(checkpoint: str) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     arguments = argparse.Namespace(
         input_folder=os.path.join(checkpoint, tag), output_folder=staging, num_extract_workers=1,
-        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False,
+        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
     )  # fmt: skip
     ds_to_universal(arguments)
     shutil.rmtree(target, ignore_errors=True)
@@ -134,11 +143,34 @@ def prepare_resharded_load(trainer, checkpoint: str) -> None:
         except Exception as caught:  # noqa: BLE001 - every rank raises below, naming the checkpoint
             error = caught
     if all_ranks_max(int(error is not None)):  # the others wait here for the conversion
+        why = f"{type(error).__name__}: {error}" if error is not None else "on rank 0, see its log"
         raise RecipeError(
             f"resume: converting {checkpoint} (ZeRO-{stage}, {saved} processes) to DeepSpeed's universal checkpoint "
-            f"for {now} processes failed: {type(error).__name__ if error else 'on rank 0'}: {error or 'see its log'}. "
+            f"for {now} processes failed ({why}). "
             f"Resume on {saved} processes."
         ) from error
     config.setdefault("checkpoint", {})["load_universal"] = True
     logger.info("resume: DeepSpeed loads %s through its universal checkpoint (%s)", checkpoint,
                 json.dumps(config["checkpoint"]))  # fmt: skip
+
+
+def repair_zero3_load(trainer, checkpoint: str) -> None:
+    """After a ZeRO-3 engine loaded `checkpoint` through its universal checkpoint: one `step` tensor per state and
+    each param group's own hyperparameters (the module's docstring says why)."""
+    config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    if not (config.get("checkpoint") or {}).get("load_universal"):
+        return
+    if int((config.get("zero_optimization") or {}).get("stage", 0)) != 3:
+        return
+    import torch
+
+    with open(os.path.join(checkpoint, LATEST_UNIVERSAL)) as handle:
+        folder = os.path.join(checkpoint, handle.read().strip(), "zero", "optimizer_state.pt")
+    saved_groups = torch.load(folder, map_location="cpu", weights_only=False)["optimizer_state_dict"]["param_groups"]
+    optimizer = trainer.model_wrapped.optimizer.optimizer  # DeepSpeed's ZeRO-3 optimizer → torch's
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    if len(saved_groups) == len(optimizer.param_groups):
+        for group, saved in zip(optimizer.param_groups, saved_groups):
+            group.update({key: value for key, value in saved.items() if key != "params"})

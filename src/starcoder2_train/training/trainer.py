@@ -43,7 +43,7 @@ from starcoder2_train.training.float8 import enable_float8
 from starcoder2_train.training.loss import check_loss_kernel, enable_training_loss, resolve_loss_kernel
 from starcoder2_train.training.optimizer import muon_with_adamw
 from starcoder2_train.training.precision import PrecisionReport
-from starcoder2_train.training.reshard import prepare_resharded_load
+from starcoder2_train.training.reshard import prepare_resharded_load, repair_zero3_load
 from starcoder2_train.training.throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
@@ -189,6 +189,13 @@ class PretrainingTrainer(AtomicCheckpoints, Trainer):
             self.data_position.resume(resume_from_checkpoint)
             prepare_resharded_load(self, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """transformers' (called right after the engine loaded the checkpoint), then the repair of DeepSpeed's
+        ZeRO-3 universal load (training/reshard.py)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_deepspeed_enabled:
+            repair_zero3_load(self, checkpoint)
 
     def _get_train_sampler(self, train_dataset=None):
         """With `train_sampling_strategy: sequential`: the windows in order from the data position
