@@ -24,7 +24,7 @@ What it leaves to the caller, done by `slurm_options`:
 - a failed stage. By default SLURM keeps a job whose `afterok` can never be met pending forever
   (DependencyNeverSatisfied): the next stage's array and the merge_stats job would sit in the queue. Every job is
   submitted with `--kill-on-invalid-dep=yes`, so SLURM cancels them; the same command again resubmits them.
-- sbatch's refusal (no sbatch here, an unknown partition): one line naming what to do, not a traceback.
+- squeue's or sbatch's failure (no SLURM here, an unknown partition): one line naming what to do, not a traceback.
 The tasks themselves are the pipeline objects the local executor runs, so they write the same bytes.
 - the same command while the arrays are still queued or running: datatrove knows only completions, so it would
   submit the unfinished tasks a second time (two copies writing the same parts). Refused here, naming the jobs
@@ -72,7 +72,9 @@ def slurm_options(
 
 def queued_jobs(directory: str) -> list[str]:
     """The jobs squeue lists (pending or running) whose SLURM log lies under `directory`."""
-    result = subprocess.run(["squeue", "-h", "-O", "JobID:40,STDOUT:4096"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["squeue", "-h", "-O", "JobID:40,STDOUT:4096"], stdout=subprocess.PIPE, text=True, check=True
+    )
     prefix = os.path.join(os.path.abspath(directory), "")
     rows = [line.strip().split(maxsplit=1) for line in result.stdout.splitlines() if line.strip()]
     return [row[0] for row in rows if len(row) == 2 and row[1].startswith(prefix)]
@@ -98,7 +100,7 @@ def submit(executor, directory: str) -> bool:
         ) from None
     except subprocess.CalledProcessError as error:
         raise RecipeError(
-            f"--executor slurm: sbatch refused the job (exit {error.returncode}; its message is above); check "
-            "--slurm_partition, --slurm_time and the memory against `sinfo`."
+            f"--executor slurm: {os.path.basename(error.cmd[0])} failed (exit {error.returncode}; its message is "
+            "above); check that SLURM answers here (sinfo), and --slurm_partition, --slurm_time and the memory."
         ) from None
     return executor.job_id != -1
