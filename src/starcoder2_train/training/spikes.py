@@ -9,11 +9,12 @@ steps before the spike and skipping the 200-500 batches around it. `SpikeMonitor
    step N the step's two values are copied to pinned host memory without blocking, behind a CUDA event; they are
    read at the end of step N + 1, when the copy finished long ago: no wait at all. At a step that saves or ends
    training they are read at once (a save waits for the GPU anyway), so **no checkpoint is ever written after a
-   step that was not judged**: the newest complete checkpoint is always from before a detected spike. Under
-   DeepSpeed the optimizer step already reads the norm on the host (1 to 4 reads a step,
-   accelerate_configs/deepspeed/README.md, DeepSpeed 0.19.8), so even a read at once would cost nothing more there;
-   under DDP and FSDP the gradient norm stays a tensor (PretrainingTrainer._get_grad_norm) and one `.item()` a step
-   would stall the queue once a step, which the one-step delay avoids.
+   step that was not judged**: the newest complete checkpoint is always from before a detected spike. DeepSpeed's
+   optimizer step already reads the norm on the host (1 to 4 reads a step, accelerate_configs/deepspeed/README.md,
+   DeepSpeed 0.19.8), but before its update: a read at the step's end would still wait for the update and, under
+   ZeRO-1/2, the all-gather of the updated weights. Under DDP and FSDP the gradient norm stays a tensor
+   (PretrainingTrainer._get_grad_norm), and one `.item()` a step would stall the queue once a step. The one-step
+   delay avoids both.
 2. **Agreement.** Every rank adds [its step loss, 1 if its loss or the gradient norm is not finite] into one gloo
    all-reduce (SUM) of 2 float64 on the CPU side group of training/preemption.py (~1-10 ms over 160 ranks, no
    device sync). Every rank then holds the same mean loss, the same flag and the same history, so every rank
@@ -29,7 +30,8 @@ steps before the spike and skipping the 200-500 batches around it. `SpikeMonitor
    scripts/slurm/train.sbatch requeues the job, as after a preemption), and every rank exits with
    ROLLBACK_EXIT_CODE. The same command resumes from the newest complete checkpoint, which is from before the spike.
 5. **The bound.** A spike after `max_rollbacks` rollbacks of this output_dir stops the run with an error that names
-   every rolled-back step (SpikeError, exit status 1); nothing more is skipped.
+   every rolled-back step (SpikeError, exit status 1); nothing more is skipped. The stop is recorded but not
+   counted: with max_rollbacks raised, the same command goes on.
 
 Why a clean exit and not an in-process reload: the windows to skip are known only after the spike, and the
 Trainer's epoch iterator, its accelerate-wrapped dataloader and, under DeepSpeed, the engine (its optimizer
