@@ -11,14 +11,18 @@ The pipeline is datatrove blocks, each usable alone, in the order of data/filter
   (`near_dedup_stages`: the reader and the files' MinHash signatures in the same N tasks, the duplicate pairs in
   one task per band, the groups in one task), so each task drops the same files the in-process path drops;
 - with `pii_redaction`: `PiiRedaction`, data/filters/pii.py's `redact_files`, counted as "redactions: <kind>" stats;
-- `ExampleTokenizer`: repository examples, FIM and tokens for every data epoch, with this project's own
-  ExampleTransform (datatrove's tokenizer parses special tokens in the text, which must never happen here).
-- `StoreWriter`: one token-store part per (split, epoch) and task, `part-<r>-of-<N>`, and the held-out
-  repositories themselves as parquet for the evaluation tasks.
-Those two only where the prepared tokens carry file-level FIM (`fim_level: file`, fim_rate > 0: every epoch is
-other text). Otherwise the tokens are stored once (data/prepare_pieces.py): `RepositoryPieces` tokenizes each
-repository file by file into arrays and `PieceStoreWriter` writes piece stores (data/store/pieces.py), from which
-training assembles any data epoch while reading (data/windows/assembly.py); --epochs then prepares nothing more.
+Then, where the prepared tokens carry file-level FIM (`fim_level: file`, fim_rate > 0: every epoch is other text),
+data/prepare_epochs.py's `ExampleTokenizer` and `StoreWriter`: one token store per data epoch and task. Otherwise
+the tokens are stored once (data/prepare_pieces.py): `RepositoryPieces` tokenizes each repository file by file into
+arrays and `PieceStoreWriter` writes piece stores (data/store/pieces.py), from which training assembles any data
+epoch while reading (data/windows/assembly.py); --epochs then prepares nothing more (build_stages with
+first_epoch > 0 gives no stage).
+A document source (`dataset_kind: documents`, data/sources/documents.py) is read by data/sources/document_reader.py's
+`DocumentReader` instead of the repository reader (no layout or download checks: `document_plan` checks each file's
+`content` column before any task), each row a one-file Document, so near-dedup and PII run on it as on a
+repository; its tokens are always stored once (a document has no files to FIM-cut), each document a record of 0
+files, its declared structure tokens as ids. It has no held-out split, whatever eval_fraction says: evaluation
+reads a mixture's first repository source (data/pipeline.py `evaluation_data_args`), as the in-process path does.
 The reader cuts a repository over `max_repository_bytes` (32 MB) into parts of whole files, each an example of
 its own, counted as "<split> repositories split over max_repository_bytes": what one task holds of a repository
 is bounded by it (a 50 MB repository: 1.05 GB peak stored once, 2.9 GB per-epoch; tests/test_store_once.py).
@@ -45,7 +49,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
 from starcoder2_train.configs import DataArguments, RecipeError
-from starcoder2_train.data.examples.fim import prepared_rates
+from starcoder2_train.configs.data_sources import DOCUMENTS
 from starcoder2_train.data.filters.files import file_filters, filter_repository_rows
 from starcoder2_train.data.filters.near_dedup import (
     FileSignatures,
@@ -56,9 +60,11 @@ from starcoder2_train.data.filters.near_dedup import (
 )
 from starcoder2_train.data.filters.pii import PiiRedactor, redact_files
 from starcoder2_train.data.filters.splits import eval_share
-from starcoder2_train.data.pipeline import ExampleTransform
-from starcoder2_train.data.prepare_pieces import HELD_OUT_SCHEMA, PieceStoreWriter, RepositoryPieces, repository_parts
+from starcoder2_train.data.prepare_epochs import ExampleTokenizer, StoreWriter
+from starcoder2_train.data.prepare_pieces import PieceStoreWriter, RepositoryPieces, repository_parts
 from starcoder2_train.data.skips import UNREADABLE_PARQUET
+from starcoder2_train.data.sources.document_reader import DocumentReader
+from starcoder2_train.data.sources.documents import check_document_file, document_files, source_kind
 from starcoder2_train.data.sources.download.verify import check_downloaded_shards
 from starcoder2_train.data.sources.shards import (
     REPOSITORIES_PER_BATCH,
@@ -71,38 +77,51 @@ from starcoder2_train.data.store.prepared import (
     DECONTAMINATION,
     LOGS,
     NEAR_DEDUP,
+    contiguous_part,
+    decontamination_list,
     file_level_fim,
-    held_out_part_path,
     near_dedup_logs,
-    part_name,
-    store_directory,
 )
-from starcoder2_train.data.store.token_writer import TokenStoreWriter
-from starcoder2_train.data.tokens.tokenization import PieceTokenizer
 from starcoder2_train.data.tokens.tokenizer import load_tokenizer
 from starcoder2_train.progress import progress
 
 logger = logging.getLogger(__name__)
 
 
-def contiguous_part(items: list, rank: int, world_size: int) -> list:
-    """Task `rank`'s share of `items`: a contiguous range, the ranges in rank order covering the list once."""
-    return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
-
-
 def input_plan(data_args: DataArguments) -> list[tuple[str, str | None]]:
     """(parquet path, split or None) for every input file: None = split by the eval_fraction hash."""
-    if data_args.max_repositories is not None:
-        raise RecipeError(
-            "max_repositories: a cut of the first N repositories is global, and prepare_data.py's tasks each read "
-            "their own files; unset it (or train without prepared data for a quick run)."
-        )
+    _refuse_max_repositories(data_args)
     plan = [(path, None if data_args.eval_data_files is None else "train") for path in resolve_data_files(data_args)]
     if data_args.eval_data_files:
         plan += [(path, "eval") for path in resolve_data_files(data_args, data_args.eval_data_files)]
     check_layouts(plan)
     check_downloaded_shards(data_args, [path for path, _ in plan])  # a damaged download: refused, never skipped
     return plan
+
+
+def document_plan(data_args: DataArguments) -> list[str]:
+    """The files of a document source, each checked for a text `content` column now, before any task starts (the
+    repository layouts' checks and the download records do not apply: data/sources/documents.py)."""
+    _refuse_max_repositories(data_args)
+    if file_level_fim(data_args):  # dataset_kind auto, found to be documents: the manifest would say file
+        raise RecipeError(
+            f"dataset_kind: auto, and {data_args.dataset_name_or_path} holds documents, which have no files to "
+            "FIM-cut at fim_level: file; set dataset_kind: documents (its tokens are then stored once, FIM-less), or "
+            "fim_level: window (FIM on each window, documents included)."
+        )
+    files = document_files(data_args)
+    for path in files:
+        if not path.startswith("hf://"):
+            check_document_file(path)
+    return files
+
+
+def _refuse_max_repositories(data_args: DataArguments) -> None:
+    if data_args.max_repositories is not None:
+        raise RecipeError(
+            "max_repositories: a cut of the first N repositories is global, and prepare_data.py's tasks each read "
+            "their own files; unset it (or train without prepared data for a quick run)."
+        )
 
 
 def check_layouts(plan: list[tuple[str, str | None]]) -> None:
@@ -145,24 +164,18 @@ class RepositoryReader(PipelineStep):
         self.filters = file_filters(data_args) if filters is None else filters
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        report = None
-        if self.report_dir is not None:
-            os.makedirs(self.report_dir, exist_ok=True)
-            report_path = os.path.join(self.report_dir, f"{part_name(rank, world_size)}.jsonl")
-            report = open(f"{report_path}.partial", "w", encoding="utf-8")
-        for path, split in contiguous_part(self.plan, rank, world_size):
-            try:
-                parquet = pq.ParquetFile(path)
-            except (pa.ArrowException, OSError) as error:
-                logger.warning("Skipping %s: not a readable parquet file (%s: %s).", path, type(error).__name__, error)
-                self.stat_update(f"parquet files: {UNREADABLE_PARQUET}")
-                continue
-            _check_repository_layout(path, parquet.schema_arrow)
-            for batch in parquet.iter_batches(batch_size=REPOSITORIES_PER_BATCH, columns=["repo_name", "files"]):
-                yield from self._documents(python_rows(batch), split, report)
-        if report is not None:
-            report.close()
-            os.replace(f"{report_path}.partial", report_path)
+        with decontamination_list(self.report_dir, rank, world_size) as report:
+            for path, split in contiguous_part(self.plan, rank, world_size):
+                try:
+                    parquet = pq.ParquetFile(path)
+                except (pa.ArrowException, OSError) as error:
+                    kind = type(error).__name__
+                    logger.warning("Skipping %s: not a readable parquet file (%s: %s).", path, kind, error)
+                    self.stat_update(f"parquet files: {UNREADABLE_PARQUET}")
+                    continue
+                _check_repository_layout(path, parquet.schema_arrow)
+                for batch in parquet.iter_batches(batch_size=REPOSITORIES_PER_BATCH, columns=["repo_name", "files"]):
+                    yield from self._documents(python_rows(batch), split, report)
 
     def _documents(self, batch: dict, split: str | None, report):
         out = filter_repository_rows(batch, self.filters)
@@ -203,93 +216,6 @@ class PiiRedaction(PipelineStep):
             yield document
 
 
-class ExampleTokenizer(PipelineStep):
-    """Documents → token ids of every epoch (metadata["input_ids"][epoch]), with this project's tokenization."""
-
-    name, type = "repository examples + FIM + tokens", "🔢 - TOKENIZER"
-
-    def __init__(self, data_args: DataArguments, seed: int, epochs: int, first_epoch: int = 0):
-        super().__init__()
-        self.tokenizer_name = data_args.tokenizer_name_or_path
-        self.rates = prepared_rates(data_args)  # none with fim_level: window (FIM per window, in training)
-        self.repo_metadata_rate, self.seed, self.epochs = data_args.repo_metadata_rate, seed, epochs
-        self.first_epoch = first_epoch  # > 0: more epochs of a prepared store (scripts/prepare_data.py)
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        pieces = PieceTokenizer(load_tokenizer(self.tokenizer_name), self.tokenizer_name)
-        transforms = [
-            ExampleTransform(pieces, self.rates, self.repo_metadata_rate, self.seed, epoch)
-            for epoch in range(self.first_epoch, self.epochs)
-        ]
-        batch = []
-        for document in data or ():
-            batch.append(document)
-            if len(batch) == REPOSITORIES_PER_BATCH:
-                yield from self._tokenize(batch, transforms)
-                batch = []
-        yield from self._tokenize(batch, transforms)
-
-    def _tokenize(self, documents: list[Document], transforms):
-        if not documents:
-            return
-        rows = {"repo_name": [d.id for d in documents], "files": [d.metadata["files"] for d in documents]}
-        for document in documents:
-            document.metadata["input_ids"] = {}
-        for transform in transforms:
-            with self.track_time(unit="batch"):
-                out = transform(rows)
-            for index, document in enumerate(documents):
-                document.metadata["input_ids"][transform.epoch] = out["input_ids"][index]
-                if transform.epoch == self.first_epoch:
-                    split = document.metadata["split"]
-                    self.stat_update(f"{split} repositories")  # here: after every step that drops repositories
-                    self.stat_update(f"{split} files", value=out["num_files"][index])
-                    self.stat_update(f"{split} files FIM PSM", value=out["num_fim_psm"][index])
-                    self.stat_update(f"{split} files FIM SPM", value=out["num_fim_spm"][index])
-                    self.stat_update(f"{split} tokens", value=int(out["num_tokens"][index]))
-        yield from documents
-
-
-class StoreWriter(PipelineStep):
-    """Documents → this task's token-store parts (train epochs, eval) and its held-out repositories."""
-
-    name, type = "token stores", "💽 - WRITER"
-
-    def __init__(self, output_dir: str, epochs: int, vocab_size: int, first_epoch: int = 0):
-        super().__init__()
-        self.output_dir, self.epochs, self.vocab_size = output_dir, epochs, vocab_size
-        self.first_epoch = first_epoch  # > 0: train epochs [first_epoch, epochs) only; eval was written before
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        name = part_name(rank, world_size)
-        parts = [("train", epoch) for epoch in range(self.first_epoch, self.epochs)]
-        parts += [("eval", 0)] if self.first_epoch == 0 else []
-        writers = {
-            (split, epoch): TokenStoreWriter(store_directory(self.output_dir, split, epoch), name, self.vocab_size)
-            for split, epoch in parts
-        }
-        held_out_path = held_out_part_path(self.output_dir, rank, world_size)
-        os.makedirs(os.path.dirname(held_out_path), exist_ok=True)
-        partial = f"{held_out_path}.partial"
-        held_out = pq.ParquetWriter(partial, HELD_OUT_SCHEMA) if self.first_epoch == 0 else None
-        for document in data or ():
-            split = document.metadata["split"]
-            epochs = (
-                range(self.first_epoch, self.epochs) if split == "train" else (0,) if self.first_epoch == 0 else ()
-            )
-            for epoch in epochs:
-                writers[split, epoch].add(document.metadata["input_ids"][epoch])
-            if split == "eval" and self.first_epoch == 0:
-                row = {"repo_name": document.id, "files": document.metadata["files"]}
-                held_out.write_table(pa.Table.from_pylist([row], schema=HELD_OUT_SCHEMA))
-            yield document
-        if held_out is not None:
-            held_out.close()
-            os.replace(partial, held_out_path)
-        for writer in writers.values():
-            writer.close()
-
-
 def stores_once(data_args: DataArguments) -> bool:
     """Whether the preparation writes the tokens once (a piece store): when they carry no file-level FIM."""
     return not file_level_fim(data_args)
@@ -303,16 +229,25 @@ def build_stages(
     Without near_dedup one run; with it, three before the main one (each must finish before the next starts).
     first_epoch > 0: the train epochs [first_epoch, epochs) of a store prepared before, in a logging dir of their
     own (logs-epochs-<first>-<last>: the first run's completions must not mark them done), nothing else written."""
-    plan, filters = input_plan(data_args), file_filters(data_args)  # read and built once, pickled into tasks
-    report_dir = os.path.join(output_dir, DECONTAMINATION) if first_epoch == 0 else None
-    main = [RepositoryReader(plan, data_args, filters, report_dir=report_dir)]
+    if stores_once(data_args) and first_epoch > 0:
+        return []  # every epoch of tokens stored once is assembled while reading: nothing more to prepare
+    documents = source_kind(data_args) == DOCUMENTS
+    plan = document_plan(data_args) if documents else input_plan(data_args)  # read once, pickled into tasks
+    filters = file_filters(data_args)  # documents: its benchmark index only (languages etc. describe files)
+
+    def reader(report_dir=None):
+        if documents:
+            return DocumentReader(plan, filters["decontamination"], report_dir)
+        return RepositoryReader(plan, data_args, filters, report_dir=report_dir)
+
+    main = [reader(os.path.join(output_dir, DECONTAMINATION) if first_epoch == 0 else None)]
     stages = []
     if data_args.near_dedup:
         folder, config = os.path.join(output_dir, NEAR_DEDUP), minhash_config(data_args)
         stages = [
             (
                 "near-dup signatures",
-                [RepositoryReader(plan, data_args, filters), FileSignatures(f"{folder}/signatures", config)],
+                [reader(), FileSignatures(f"{folder}/signatures", config)],
                 None,
             ),
             ("near-dup pairs", [find_pairs(f"{folder}/signatures", f"{folder}/pairs", config)], config.num_buckets),
@@ -324,7 +259,10 @@ def build_stages(
         main.append(PiiRedaction(data_args.pii_model_path))
     if stores_once(data_args):  # no file-level FIM: the tokens once, every epoch assembled while reading
         special = SpecialTokenIds.from_tokenizer(load_tokenizer(data_args.tokenizer_name_or_path))
-        main += [RepositoryPieces(data_args.tokenizer_name_or_path), PieceStoreWriter(output_dir, vocab_size, special)]
+        main += [
+            RepositoryPieces(data_args.tokenizer_name_or_path, data_args.structure_tokens if documents else ()),
+            PieceStoreWriter(output_dir, vocab_size, special),
+        ]
     else:
         main += [
             ExampleTokenizer(data_args, seed, epochs, first_epoch),

@@ -5,7 +5,10 @@ text in another order, and data/windows/assembly.py renders it while training re
 - `RepositoryPieces`: each repository's name, `path\\n` and contents tokenized file by file into int32 numpy
   arrays (data/tokens/tokenization.py's `encode_arrays`: structure tokens are never parsed from the text), files
   in canonical (path, content) order; the documents of one batch of REPOSITORIES_PER_BATCH go through the
-  tokenizer together, a megabyte of text at a time.
+  tokenizer together, a megabyte of text at a time. A document of a document source (data/sources/
+  document_reader.py: one file, metadata["document"]) becomes one array, its content: the source's declared
+  `structure_tokens` as their ids, all other text encoded with special-token parsing off (`document_parts`,
+  `join_document`), no `<|endoftext|>` (the assembly adds it); it is written as a record of 0 files.
 - `PieceStoreWriter`: this task's part of the train piece store (SPLIT/pieces/, data/store/pieces.py) and of the
   eval one, and its held-out repositories as parquet, as prepare.py's StoreWriter does for per-epoch stores.
 
@@ -17,11 +20,13 @@ path (ExampleTransform) holds a repository as pieces of text and lists of ids, �
 
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
+from starcoder2_train.data.sources.documents import document_pieces
 from starcoder2_train.data.sources.shards import REPOSITORIES_PER_BATCH
 from starcoder2_train.data.store.pieces import PieceWriter
 from starcoder2_train.data.store.prepared import held_out_part_path, part_name, pieces_directory
@@ -39,6 +44,49 @@ HELD_OUT_SCHEMA = pa.schema(
 def canonical_files(files: list[dict]) -> list[tuple[str, str]]:
     """(path, content) of each file, sorted as build_example sorts them before its shuffle."""
     return sorted((f["path"], f["content"]) for f in files)
+
+
+def in_batches(documents, size: int = REPOSITORIES_PER_BATCH):
+    """The documents of a datatrove step's input in lists of `size` (the last one shorter; none when empty)."""
+    batch = []
+    for document in documents or ():
+        batch.append(document)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class HeldOutWriter:
+    """This task's held-out repositories (repo_name, files) as EVAL/repositories/part-<r>-of-<N>.parquet, written
+    under a temporary name and renamed into place on close (the evaluation reads only complete parts)."""
+
+    def __init__(self, output_dir: str, rank: int, world_size: int):
+        self.path = held_out_part_path(output_dir, rank, world_size)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.writer = pq.ParquetWriter(f"{self.path}.partial", HELD_OUT_SCHEMA)
+
+    def add(self, document: Document) -> None:
+        row = {"repo_name": document.id, "files": document.metadata["files"]}
+        self.writer.write_table(pa.Table.from_pylist([row], schema=HELD_OUT_SCHEMA))
+
+    def close(self) -> None:
+        self.writer.close()
+        os.replace(f"{self.path}.partial", self.path)
+
+
+def document_parts(text: str, structure_tokens=()) -> list[tuple[bool, str]]:
+    """A document's content as pieces: its declared structure tokens (True) and the text between them (False),
+    data/sources/documents.py's `document_pieces` less the `<|endoftext|>` that the assembly adds."""
+    return document_pieces(text, structure_tokens)[:-1]
+
+
+def join_document(pieces: PieceTokenizer, parts: list[tuple[bool, str]], arrays) -> np.ndarray:
+    """One document's content ids, int32: each structure token's id, each text piece's next array of `arrays`
+    (encoded with special-token parsing off, in the order of `parts`)."""
+    ids = [np.array([pieces.token_ids[text]], np.int32) if is_token else next(arrays) for is_token, text in parts]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
 
 
 def repository_parts(files: list[dict], max_bytes: int) -> list[list[dict]]:
@@ -60,40 +108,45 @@ def repository_parts(files: list[dict], max_bytes: int) -> list[list[dict]]:
 
 
 class RepositoryPieces(PipelineStep):
-    """Documents → the same, with metadata["pieces"] = (name ids, [(path\\n ids, content ids) per file])."""
+    """Documents → the same, with metadata["pieces"] = (name ids, [(path\\n ids, content ids) per file]), or for
+    a document of a document source (None, its content ids)."""
 
     name, type = "repository pieces (tokens stored once)", "🔢 - TOKENIZER"
 
-    def __init__(self, tokenizer_name: str):
+    def __init__(self, tokenizer_name: str, structure_tokens=()):
         super().__init__()
-        self.tokenizer_name = tokenizer_name
+        self.tokenizer_name, self.structure_tokens = tokenizer_name, tuple(structure_tokens or ())
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         pieces = PieceTokenizer(load_tokenizer(self.tokenizer_name), self.tokenizer_name)
-        batch = []
-        for document in data or ():
-            batch.append(document)
-            if len(batch) == REPOSITORIES_PER_BATCH:
-                yield from self._tokenize(pieces, batch)
-                batch = []
-        yield from self._tokenize(pieces, batch)
+        for batch in in_batches(data):
+            yield from self._tokenize(pieces, batch)
 
     def _tokenize(self, pieces: PieceTokenizer, documents: list[Document]):
-        texts = []
-        for document in documents:
+        texts, parts = [], {}
+        for index, document in enumerate(documents):
+            if document.metadata.get("document"):  # one file, its content: a record of 0 files
+                parts[index] = document_parts(document.metadata["files"][0]["content"], self.structure_tokens)
+                texts += [text for is_token, text in parts[index] if not is_token]
+                continue
             texts.append(document.id)
             for path, content in canonical_files(document.metadata["files"]):
                 texts += [f"{path}\n", content]
         with self.track_time(unit="batch"):
             arrays = iter(pieces.encode_arrays(texts))
-        for document in documents:
-            name_ids = next(arrays)
-            files = [(next(arrays), next(arrays)) for _ in document.metadata["files"]]
-            document.metadata["pieces"] = (name_ids, files)
+        for index, document in enumerate(documents):
+            if index in parts:
+                content = join_document(pieces, parts[index], arrays)
+                document.metadata["pieces"] = (None, content)
+                tokens = len(content)
+            else:
+                name_ids = next(arrays)
+                files = [(next(arrays), next(arrays)) for _ in document.metadata["files"]]
+                document.metadata["pieces"] = (name_ids, files)
+                tokens = len(name_ids) + sum(len(path) + len(content) for path, content in files)
             split = document.metadata["split"]
-            tokens = len(name_ids) + sum(len(path) + len(content) for path, content in files)
             self.stat_update(f"{split} repositories")  # here: after every step that drops repositories
-            self.stat_update(f"{split} files", value=len(files))
+            self.stat_update(f"{split} files", value=len(document.metadata["files"]))
             self.stat_update(f"{split} tokens", value=tokens)
             yield document
 
@@ -113,23 +166,23 @@ class PieceStoreWriter(PipelineStep):
             split: PieceWriter(pieces_directory(self.output_dir, split), name, self.vocab_size, self.special)
             for split in ("train", "eval")
         }
-        held_out_path = held_out_part_path(self.output_dir, rank, world_size)
-        os.makedirs(os.path.dirname(held_out_path), exist_ok=True)
-        held_out = pq.ParquetWriter(f"{held_out_path}.partial", HELD_OUT_SCHEMA)
+        held_out = HeldOutWriter(self.output_dir, rank, world_size)
         try:
             for document in data or ():
                 split = document.metadata["split"]
                 name_ids, files = document.metadata.pop("pieces")
-                writers[split].add_repository(document.metadata.get("key", document.id), name_ids, files)
+                key = document.metadata.get("key", document.id)
+                if name_ids is None:
+                    writers[split].add_document(key, files)
+                else:
+                    writers[split].add_repository(key, name_ids, files)
                 if split == "eval":
-                    row = {"repo_name": document.id, "files": document.metadata["files"]}
-                    held_out.write_table(pa.Table.from_pylist([row], schema=HELD_OUT_SCHEMA))
+                    held_out.add(document)
                 yield document
         except BaseException:
             for writer in writers.values():
                 writer.abort()
             raise
         held_out.close()
-        os.replace(f"{held_out_path}.partial", held_out_path)
         for writer in writers.values():
             writer.close()

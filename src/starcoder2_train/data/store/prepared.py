@@ -24,6 +24,7 @@ the read-time keys (fim_rate, fim_fragment_rate, fim_spm_rate, repo_metadata_rat
 without preparing again.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -50,6 +51,12 @@ def part_name(rank: int, world_size: int) -> str:
     return f"part-{rank:05d}-of-{world_size:05d}"
 
 
+def contiguous_part(items: list, rank: int, world_size: int) -> list:
+    """Task `rank`'s share of `items`: a contiguous range, the ranges in rank order covering the list once (so the
+    parts in name order are the stream one task would write)."""
+    return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
+
+
 def near_dedup_logs(directory: str, stage: str) -> str:
     """The logging directory of one near-deduplication stage (its stats are not the preparation's)."""
     return os.path.join(directory, NEAR_DEDUP, "logs-" + stage.replace(" ", "-"))
@@ -64,6 +71,20 @@ def decontamination_entries(directory: str) -> list[dict]:
     return entries
 
 
+@contextlib.contextmanager
+def decontamination_list(report_dir: str | None, rank: int, world_size: int):
+    """A task's list of the files decontamination removed, DIR/decontamination/part-<r>-of-<N>.jsonl: an open text
+    file for its JSON lines, renamed into place when the task ends well; None when report_dir is None."""
+    if report_dir is None:
+        yield None
+        return
+    os.makedirs(report_dir, exist_ok=True)
+    path = os.path.join(report_dir, f"{part_name(rank, world_size)}.jsonl")
+    with open(f"{path}.partial", "w", encoding="utf-8") as handle:
+        yield handle
+    os.replace(f"{path}.partial", path)
+
+
 def store_directory(directory: str, split: str, epoch: int) -> str:
     return os.path.join(directory, split, f"epoch-{epoch}")
 
@@ -74,7 +95,11 @@ def pieces_directory(directory: str, split: str) -> str:
 
 def file_level_fim(data_args) -> bool:
     """Whether a recipe's prepared tokens carry file-level FIM (fim_level: file, fim_rate and fim_fragment_rate
-    above 0): then each epoch is other text, and the preparation writes per-epoch copies."""
+    above 0): then each epoch is other text, and the preparation writes per-epoch copies. Never for a document
+    source (`dataset_kind: documents`, as a mixture's sources resolve it): its documents have no files to cut,
+    in process as prepared (data/sources/documents.py), so its tokens are stored once at either level."""
+    if getattr(data_args, "dataset_kind", None) == "documents":
+        return False
     return data_args.fim_level == "file" and data_args.fim_rate > 0 and data_args.fim_fragment_rate > 0
 
 
