@@ -14,7 +14,8 @@ the folder holds (the tokenizer, the data keys that shaped the tokens, the tasks
 data/store/manifest.py), written before the tasks start and when they end. The same command again resumes: only
 the tasks without a datatrove completion run (on slurm: once the arrays have left squeue; that run also writes the
 manifest's counts of them, data/slurm_executor.py). With file-level FIM (a copy per data epoch) a larger --epochs
-prepares only the new epochs, in a logging dir of their own (DIR/logs-epochs-<first>-<last>). A run with other
+prepares only the new epochs, in a logging dir of their own (DIR/logs-epochs-<first>-<last>); tokens stored once
+hold every epoch, and a larger --epochs prepares nothing. A run with other
 settings into DIR is refused before any task, naming each key with both values; so is a DIR prepared before
 manifests. A recipe with dataset_mixture prepares each source into DIR/<name>/, one after the other (on slurm each
 stage's job waits for the one before). Train with `--prepared_data_dir DIR`: training checks the manifest against
@@ -64,11 +65,13 @@ def main(argv=None):
     # Imported after the parse: a mistyped word is refused before the data libraries and transformers load.
     from starcoder2_train.configs import RecipeError
     from starcoder2_train.data.prepare import build_stages, make_executor, task_progress
+    from starcoder2_train.data.sources.documents import source_kind
     from starcoder2_train.data.store.manifest import build_manifest, preparation_runs, stage_record, write_manifest
     from starcoder2_train.data.store.prepared import (
         DECONTAMINATION,
         LOGS,
         decontamination_entries,
+        file_level_fim,
         prepared_skips,
         prepared_stats,
     )
@@ -103,8 +106,16 @@ def main(argv=None):
         for source in sources
     ]
     # Each folder's manifest against this command: a folder of other settings is refused here, before any task.
+    # Tokens stored once (no file-level FIM) hold every epoch: --epochs asks them for nothing (epochs=1).
     plans = [
-        preparation_runs(directory, args, tokenizer, epochs=own_args.epochs, tasks=own_args.tasks, seed=seed)
+        preparation_runs(
+            directory,
+            args,
+            tokenizer,
+            epochs=own_args.epochs if file_level_fim(args) else 1,
+            tasks=own_args.tasks,
+            seed=seed,
+        )
         for directory, args, _ in targets
     ]
     executor, watched, records = None, [], []
@@ -162,14 +173,18 @@ def main(argv=None):
     finally:
         write_manifests()  # a failed task: the manifest says which stage lacks it, the rerun does only that
     stats = None
-    for directory, _, source, _, _ in records:
+    for directory, args, source, _, _ in records:
         stats = prepared_stats(directory)
         prefix = "" if source is None else f"{source.name}: "
-        for split in ("train", "eval"):
-            print(
-                f"{prefix}{split}: {int(stats[f'{split} repositories']):,} repositories, "
-                f"{int(stats[f'{split} files']):,} files, {int(stats[f'{split} tokens']):,} tokens (epoch 0)"
-            )
+        documents = source_kind(args) == "documents"  # no held-out split; a document counts as a file
+        # Per-epoch copies: epoch 0's example tokens; stored once: the tokens stored, repository names and paths
+        # included (each epoch draws which examples show them, so an epoch holds fewer).
+        stored = "tokens stored" + ("" if documents else " (names and paths included)")
+        stored = "tokens (epoch 0)" if file_level_fim(args) else stored
+        for split in ("train",) if documents else ("train", "eval"):
+            counts = f"{int(stats[f'{split} repositories']):,} repositories, {int(stats[f'{split} files']):,} files"
+            counts = f"{int(stats[f'{split} files']):,} documents" if documents else counts
+            print(f"{prefix}{split}: {counts}, {int(stats[f'{split} tokens']):,} {stored}")
         print("\n".join(prefix + line for line in prepared_skips(directory).summary_lines()))
         removed = decontamination_entries(directory)
         print(

@@ -172,6 +172,27 @@ def test_two_tasks_store_what_one_does_and_training_reads_any_epoch(shards, toke
     assert build_packed_dataset(no_fim, tokenizer, 42, 0)[0].fim is None
 
 
+def test_more_epochs_of_tokens_stored_once_prepare_nothing(shards, tokenizer_dir, tmp_path, capsys):
+    """--epochs 4 into a folder stored once: no stage runs, nothing is written, the manifest stays; the summary
+    names the tokens stored (names and paths included), not an epoch's."""
+    from starcoder2_train.data.prepare import build_stages
+    from starcoder2_train.data.store.manifest import read_manifest
+
+    path, output = recipe(tmp_path, shards, tokenizer_dir), tmp_path / "p"
+    prepare_data.main([path, "--output", str(output), "--tasks", "2", "--disable_tqdm"])
+    assert "tokens stored (names and paths included)" in capsys.readouterr().out
+    files = lambda: {p: os.stat(p).st_mtime_ns for p in output.rglob("*") if p.is_file()}  # noqa: E731
+    before, manifest = files(), read_manifest(str(output))
+    prepare_data.main([path, "--output", str(output), "--tasks", "2", "--epochs", "4", "--disable_tqdm"])
+    after = files()
+    assert {p: t for p, t in after.items() if p.name != "manifest.json"} == {
+        p: t for p, t in before.items() if p.name != "manifest.json"
+    }
+    assert read_manifest(str(output))["stages"] == manifest["stages"] and manifest["epochs"] is None
+    args = DataArguments(dataset_name_or_path=shards, tokenizer_name_or_path=tokenizer_dir, fim_level="window")
+    assert build_stages(args, str(output), 42, 4, 100, first_epoch=1) == []  # every epoch assembled while reading
+
+
 def test_file_level_fim_keeps_per_epoch_copies(shards, tokenizer_dir, tmp_path):
     path = recipe(tmp_path, shards, tokenizer_dir, fim_level="file")
     prepare_data.main([path, "--output", str(tmp_path / "p"), "--epochs", "2", "--disable_tqdm"])
