@@ -15,7 +15,7 @@ Two implementations registered with transformers' `AttentionInterface` do withou
   attention and dropout are done by the kernel, and the backward replays the forward's dropout mask from its
   philox state. `torch.nn.attention.activate_flash_attention_impl` (model/flash.py, `flash_attention_impl`)
   routes those aten kernels to FlashAttention-3 or -4, so this operator follows. Other devices: a per-document
-  sdpa reference, slowly. `data.collators.DocumentBoundaryCollator` computes `cu_seq_lens` and the longest
+  sdpa reference, slowly. `data.batches.collators.DocumentBoundaryCollator` computes `cu_seq_lens` and the longest
   document (`max_length_q`) on the CPU, so the GPU never waits for them. The kernel's grid is
   ceil(max_length/128) × documents × heads blocks, so the longest document is passed: with the row width, 25
   documents of about 650 tokens at 16k and 24 heads leave about 73,000 blocks idle per call. A decoder pre-hook
