@@ -59,7 +59,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from starcoder2_train.configs import RecipeError, windows_per_step
-from starcoder2_train.training.checkpoints import newest_complete_checkpoint
+from starcoder2_train.training.checkpoints import _write_json, newest_complete_checkpoint  # atomic, fsynced
 from starcoder2_train.training.preemption import REQUEUE_FILE_ENV, all_ranks_max, cpu_group
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,6 @@ def read_rollbacks(output_dir: str) -> list[dict]:
             return json.load(handle)["rollbacks"]
     except FileNotFoundError:
         return []
-
-
-def _write_json(path: str, value: dict) -> None:
-    with open(f"{path}.tmp", "w") as handle:
-        json.dump(value, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(f"{path}.tmp", path)
 
 
 class _Staged:
