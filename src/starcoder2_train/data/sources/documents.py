@@ -74,7 +74,9 @@ def document_files(data_args) -> list[str]:
     return files
 
 
-def _first_json_record(path: str) -> dict | None:
+def _json_records(path: str):
+    """The JSON value of each non-blank line of a JSONL file (gzip when it ends in .gz); a line that is not JSON
+    refused naming the file."""
     import gzip
 
     opener = gzip.open if path.endswith(".gz") else open
@@ -82,10 +84,14 @@ def _first_json_record(path: str) -> dict | None:
         for line in handle:
             if line.strip():
                 try:
-                    record = json.loads(line)
+                    yield json.loads(line)
                 except json.JSONDecodeError as error:
                     raise RecipeError(f"{path}: not JSONL (one JSON object a line): {error}.") from None
-                return record if isinstance(record, dict) else {}
+
+
+def _first_json_record(path: str) -> dict | None:
+    for record in _json_records(path):
+        return record if isinstance(record, dict) else {}
     return None
 
 
@@ -273,13 +279,7 @@ def clean_documents(rows, data_args, report: SkipReport):
 def read_contents(path: str):
     """The content of each row of one checked file, in order (parquet in batches, JSONL line by line)."""
     if _is_json(path):
-        import gzip
-
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    yield json.loads(line).get(CONTENT)
+        yield from (record.get(CONTENT) if isinstance(record, dict) else None for record in _json_records(path))
         return
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=[CONTENT]):
         yield from batch.column(0).to_pylist()

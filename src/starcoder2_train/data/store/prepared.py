@@ -208,9 +208,10 @@ def prepared_skips(directory: str, stats: Counter | None = None) -> SkipReport:
 @dataclass
 class PreparedEpochs:
     """make_epoch(e) -> the PackedDataset of data epoch e of prepared `directory`'s train split, as training reads
-    it: windows shuffled per epoch (shuffle_seed = seed * 1_000_003 + epoch) and window-level FIM at the recipe's
-    rates. Of a piece store any e >= 0, nothing prepared; of per-epoch stores those prepared. Picklable (a
-    data-loader worker makes the epochs it reaches; the index is built once per machine, data/windows/assembly.py)."""
+    it (data/pipeline.py's build_packed_dataset): windows shuffled per epoch (shuffle_seed = seed * 1_000_003 +
+    epoch) and window-level FIM at the recipe's rates. Of a piece store any e >= 0, nothing prepared; of per-epoch
+    stores those prepared. Picklable (a data-loader worker makes the epochs it reaches; the index is built once per
+    machine, data/windows/assembly.py)."""
 
     directory: str
     data_args: object
@@ -218,35 +219,23 @@ class PreparedEpochs:
     seed: int
 
     def __call__(self, epoch: int):
-        from starcoder2_train.data.examples.fim import window_fim
-        from starcoder2_train.data.special_tokens import SpecialTokenIds
-        from starcoder2_train.data.windows.packing import PackedDataset
+        from dataclasses import replace
 
-        return PackedDataset(
-            open_store(self.directory, "train", epoch, self.data_args, self.seed),
-            self.data_args.seq_length,
-            SpecialTokenIds.from_tokenizer(self.tokenizer),
-            cross_document_attention=self.data_args.cross_document_attention,
-            shuffle_seed=self.seed * 1_000_003 + epoch,
-            fim=window_fim(self.data_args, self.tokenizer, self.seed, epoch),
-        )
+        from starcoder2_train.data.pipeline import build_packed_dataset  # the one place windows are packed
+
+        data_args = replace(self.data_args, prepared_data_dir=self.directory)
+        return build_packed_dataset(data_args, self.tokenizer, self.seed, epoch, report=False)[0]
 
 
 def prepared_epochs(directory: str, data_args, tokenizer, seed: int):
     """(make_epoch, epoch 0's PackedDataset, the fields of its DataReport) of prepared `directory`'s train split:
-    make_epoch is a PreparedEpochs; the report fields are data/pipeline.py DataReport's (repositories, files,
+    make_epoch is a PreparedEpochs; the report fields are data/report.py DataReport.of_prepared's (repositories, files,
     files_fim_psm, files_fim_spm, tokens, windows, padding_tokens, skipped), from the preparation's stats."""
+    from starcoder2_train.data.report import DataReport  # it imports this module
+
     make_epoch = PreparedEpochs(directory, data_args, tokenizer, seed)
     first = make_epoch(0)
-    stats = prepared_stats(directory)
-    report = {
-        "repositories": first.stream.num_examples,
-        "files": int(stats["train files"]),
-        "files_fim_psm": int(stats["train files FIM PSM"]),
-        "files_fim_spm": int(stats["train files FIM SPM"]),
-        "tokens": first.total_tokens,
-        "windows": len(first),
-        "padding_tokens": first.padding_tokens,
-        "skipped": prepared_skips(directory, stats).as_dict(),
-    }
+    report = DataReport.of_prepared(directory, "train", first.stream, first)  # the one place they are read
+    fields = ("repositories", "files", "files_fim_psm", "files_fim_spm", "tokens", "windows", "padding_tokens")
+    report = {key: getattr(report, key) for key in (*fields, "skipped")}
     return make_epoch, first, report
