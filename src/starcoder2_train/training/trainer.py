@@ -35,6 +35,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.trainer_utils import get_last_checkpoint
 
 from starcoder2_train.configs import RecipeError
 from starcoder2_train.training.checkpoints import save_atomically
@@ -185,8 +186,13 @@ class PretrainingTrainer(AtomicCheckpoints, Trainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """transformers' train(), with the data position of `resume_from_checkpoint` (a path) read first and a
         checkpoint of another world size made loadable (training/reshard.py) before the engine is built."""
+        if resume_from_checkpoint is True:  # transformers' own choice, made here so that the position is read
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if isinstance(resume_from_checkpoint, str):
-            self.data_position.resume(resume_from_checkpoint)
+            if not self.args.ignore_data_skip:  # ignore_data_skip: the data starts again at window 0
+                self.data_position.resume(resume_from_checkpoint)
             prepare_resharded_load(self, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
