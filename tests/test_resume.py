@@ -97,6 +97,18 @@ def test_the_checkpoint_records_the_position_and_a_resume_reads_it(tmp_path):
     assert legacy.start == 24
 
 
+def test_the_data_is_built_for_max_steps_plus_the_skipped_windows(tmp_path):
+    from starcoder2_train.training.data_position import data_arguments_for_skips
+
+    args = Args(world_size=2, batch=2, output_dir=str(tmp_path))
+    args.max_steps = 10
+    assert data_arguments_for_skips(args) is args
+    write_skipped_windows(str(tmp_path), [(8, 13)])  # 5 windows: 2 more steps of 4 (rounded up)
+    widened = data_arguments_for_skips(args)
+    assert (widened.max_steps, args.max_steps) == (12, 10)
+    assert len(WindowSampler(widened.max_steps * 4, 0, [(8, 13)])) >= args.max_steps * 4
+
+
 def test_skipped_windows_file_merges_and_refuses_a_bad_one(tmp_path):
     assert read_skipped_windows(str(tmp_path)) == []
     write_skipped_windows(str(tmp_path), [(8, 12)], reason={"steps": [3, 3], "why": "spike"})

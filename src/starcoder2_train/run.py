@@ -44,6 +44,7 @@ from starcoder2_train.model.flash import activate_flash_impl
 from starcoder2_train.model.lora import apply_lora, check_targets_for_config, load_quantized_base, parameter_summary
 from starcoder2_train.model.presets import build_config
 from starcoder2_train.training.checkpoints import resolve_resume, run_recipe
+from starcoder2_train.training.data_position import data_arguments_for_skips
 from starcoder2_train.training.distributed import close_process_group
 from starcoder2_train.training.dry_run import print_dry_run, resolve_checkpointed_layers
 from starcoder2_train.training.loss_curve import LOSS_CURVE, LossCurveCallback
@@ -88,7 +89,8 @@ def build_data(data_args, tokenizer, training_args) -> RunData:
     """Shards → examples → FIM → tokens → packed windows (cached by datasets), or a prepared store opened; the
     held-out repositories are read once, for the Trainer's eval_loss and the evaluation tasks."""
     with training_args.main_process_first(desc="data preprocessing"):
-        train_dataset, report = build_training_data(data_args, tokenizer, training_args)
+        # skipped windows (spike rollback) are passed over: the data is built for max_steps plus them
+        train_dataset, report = build_training_data(data_args, tokenizer, data_arguments_for_skips(training_args))
         eval_args = evaluation_data_args(data_args)  # a mixture: its first repository source's held-out split
         if eval_args.prepared_data_dir is None:
             split = load_split(eval_args, "eval")

@@ -35,10 +35,12 @@ builds its trainer; ranges are only added. The sampler jumps over them with a bi
 ranges in force are copied into each checkpoint's data_position.json and joined with the file's at a resume.
 `windows_of_steps(position, first, last)` gives the raw ranges that steps first..last (after the position's
 step) train: what to append after rolling back to that checkpoint. The dataset must hold max_steps × G plus
-the skipped windows for the run to reach max_steps (`windows_needed`); a shorter one ends the run at its end.
+the skipped windows for the run to reach max_steps (`windows_needed`): run.py builds the data with
+`data_arguments_for_skips` (max_steps raised to cover them, for the data only).
 """
 
 import bisect
+import copy
 import json
 import logging
 import os
@@ -146,8 +148,29 @@ def windows_needed(total: int, ranges) -> int:
     return advance(0, total, merge_ranges(ranges))
 
 
+def data_arguments_for_skips(training_args):
+    """`training_args` for building the training data (data/pipeline.py reads max_steps × windows per step): with
+    skipped windows in OUTPUT_DIR, a shallow copy whose max_steps covers them too, so that the run still reaches
+    its max_steps (the Trainer keeps the original). Without any: `training_args` itself."""
+    ranges = read_skipped_windows(training_args.output_dir) if training_args.max_steps > 0 else []
+    if not ranges:
+        return training_args
+    size = windows_per_step(training_args)
+    needed = windows_needed(training_args.max_steps * size, ranges)
+    widened = copy.copy(training_args)
+    widened.max_steps = -(-needed // size)
+    logger.info(
+        "skipped_windows: %s windows passed over; the data is built for %d steps",
+        f"{needed - training_args.max_steps * size:,}",
+        widened.max_steps,
+    )
+    return widened
+
+
 class WindowSampler(torch.utils.data.Sampler):
     """Global window indices in order, from `start` on the first pass (0 on later ones), over `skipped` ranges.
+    A pretraining run has one pass (data/pipeline.py builds max_steps × windows per step, plus the skipped
+    windows: `data_arguments_for_skips`); later passes are for datasets shorter than the run (tests, SFT-like use).
 
     `len()` is a whole pass's (num_windows less the skipped ones), the length of the run never stopped, so the
     Trainer's step arithmetic (steps per epoch, the epoch fraction it logs) is the same after a resume; what the
