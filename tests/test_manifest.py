@@ -242,8 +242,6 @@ def test_more_epochs_of_a_file_level_store_prepare_only_the_new_ones(prepared, s
 
 
 def test_a_mixture_prepares_each_source_into_its_own_folder(shards, tokenizer, tokenizer_dir, tmp_path):
-    if not any(f.name == "dataset_mixture" for f in fields(DataArguments)):
-        pytest.skip("dataset_mixture not in DataArguments yet (engineer B)")
     mine = write_repository_shards(tmp_path / "mine", random_repositories(10, seed=8), num_files=1)
     mixture = [
         {"name": "stack", "dataset_name_or_path": shards, "weight": 0.8},
