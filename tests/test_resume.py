@@ -160,6 +160,13 @@ def test_a_checkpoint_of_another_engine_is_refused_by_name(tmp_path):
     assert saved_world_size(str(tmp_path)) == 2
     with pytest.raises(RecipeError, match="was written by DeepSpeed .*global_step4"):
         prepare_resharded_load(Trainer(), str(tmp_path))
+    (tmp_path / "latest").unlink()
+    fsdp = Trainer()
+    fsdp.is_fsdp_enabled = True
+    prepare_resharded_load(fsdp, str(tmp_path))  # DCP folders: torch.distributed.checkpoint reshards at load
+    (tmp_path / "pytorch_model_fsdp_0_rank0.bin").write_text("x")
+    with pytest.raises(RecipeError, match="FSDP shards saved per rank .* load on 2 processes only"):
+        prepare_resharded_load(fsdp, str(tmp_path))
 
 
 # -- Real runs (slow) -------------------------------------------------------------------------------------------

@@ -31,8 +31,9 @@ transformers 5.25 and torch 2.13's sources):
 - FSDP (accelerate_configs/fsdp.yaml: FSDP2, `SHARDED_STATE_DICT`): accelerate saves the model and optimizer
   through torch.distributed.checkpoint (`pytorch_model_fsdp_0/`, `optimizer_0/`: each rank's shards with their
   global shapes and offsets in `.metadata`), and DCP's load reads whatever slices the new sharding needs, so it
-  loads on another world size as it is (the RNG note above applies). Not run here: FSDP does not train on this
-  project's CPU test machine.
+  loads on another world size as it is (the RNG note above applies); shards saved per rank without DCP
+  (`*_rank<R>.bin`, accelerate's `use_dcp=False`, which transformers' Trainer does not use) are refused. Not run
+  here: FSDP does not train on this project's CPU test machine.
 - A checkpoint of another engine (DeepSpeed's folders with a run that is not DeepSpeed, or the reverse) is refused
   naming both: their optimizer states are different files.
 """
@@ -120,6 +121,13 @@ def prepare_resharded_load(trainer, checkpoint: str) -> None:
     saved, now = saved_world_size(checkpoint), trainer.args.world_size
     if saved is None or saved == now or trainer.args.save_only_model:
         return
+    per_rank = glob.glob(os.path.join(checkpoint, "*_rank[0-9]*.bin"))  # FSDP saved with use_dcp=False
+    if trainer.is_fsdp_enabled and per_rank:
+        raise RecipeError(
+            f"resume: {checkpoint} holds FSDP shards saved per rank ({os.path.basename(per_rank[0])}: torch.save, "
+            f"not torch.distributed.checkpoint) by {saved} processes; they load on {saved} processes only. Resume on "
+            f"{saved} processes."
+        )
     if not trainer.is_deepspeed_enabled:
         engine = "FSDP (torch.distributed.checkpoint reshards at load)" if trainer.is_fsdp_enabled else "DDP"
         logger.info("resume: %s was written by %d processes, loaded by %d: %s", checkpoint, saved, now, engine)
