@@ -17,10 +17,11 @@ start R0 at step N0, R = advance(R0, (N - N0) × G, skipped), O(number of ranges
 derived from the mixture schedule (windows/mixture.py `windows_read(R)`: the windows of each source among the
 first R of the sequence, skipped ones included, since they are passed over): for people and reports, not read
 back. A resume reads R and the sampler starts there: no walk over the windows or batches before it, where
-transformers' Trainer walked accelerate's SkipBatchSampler over every skipped batch (`global_step ×
-gradient_accumulation_steps` iterations per rank, 384M at the end of the 3B run) and, after a change of world
-size, recomputed the position from the new per-rank batch. A checkpoint without the file (written before this
-module) resumes at `global_step × G` of this run, as the Trainer did, and says so.
+transformers' Trainer walked accelerate's SkipBatchSampler over every trained micro-batch (`global_step ×
+gradient_accumulation_steps` per rank, each drawn through BatchSamplerShard's pass over every rank's batches:
+384M batches per rank at the end of the 3B run, ~2.5 minutes measured by scripts/benchmark_data_position.py)
+and, after a change of world size, recomputed the position from the new per-rank batch. A checkpoint without
+the file (written before this module) resumes at `global_step × G` of this run, as the Trainer did, and says so.
 
 A changed global batch G is refused by name at the resume (training/checkpoints.py, `windows_per_step` in the
 run recipe's training keys): the learning-rate schedule, warmup, max_steps and the spike rollback's step to
