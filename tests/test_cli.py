@@ -1,4 +1,4 @@
-"""One command-line convention for every script (starcoder2_train/cli.py, issue 23).
+"""One command-line convention for every script (starcoder2_train/cli.py).
 
 Booleans take `--flag` alone and `--flag true|false|yes|no|1|0` in every script, as recipe keys do; a word a
 script cannot read is one `error: ... (see SCRIPT.py --help)` line on stderr with exit status 2, never a usage

@@ -1,4 +1,4 @@
-"""Resume anywhere (issue 25 item 1): the data position recorded in each checkpoint (training/data_position.py), the
+"""Resume anywhere: the data position recorded in each checkpoint (training/data_position.py), the
 sampler that starts there without walking, `skipped_windows`, the recipe check that lets a world-size change
 through and refuses a changed global batch, and DeepSpeed's universal checkpoint for another world size
 (training/reshard.py).
@@ -142,7 +142,7 @@ def test_the_recipe_check_lets_a_world_size_change_through_and_nothing_else():
     message = str(_mismatch("output_dir out holds a run that", saved, recipe(per_device_train_batch_size=8),
                             ["windows_per_step"]))  # fmt: skip
     assert "windows_per_step: 4 there, 8 now" in message and "gradient_accumulation_steps" in message
-    older = {key: value for key, value in saved.items() if key != "training"}  # written before issue 25
+    older = {key: value for key, value in saved.items() if key != "training"}  # written before 211e9c3
     assert recipe_differences(older, recipe(learning_rate=1e-3)) == []
 
 

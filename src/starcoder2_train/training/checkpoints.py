@@ -53,7 +53,7 @@ UNMARKED = frozenset({"README.md"})  # rewritten after the marker (the model car
 # Recipe keys of the model and data that do not change what is trained: how fast, not what.
 NOT_DEFINING = frozenset({"num_proc", "attn_implementation", "flash_attention_impl", "trust_remote_code"})
 # Training keys that define the optimization, compared at a resume when both recipes record them (written since
-# issue 25). Not among them, by design: per_device_train_batch_size, gradient_accumulation_steps and the number of
+# `211e9c3`). Not among them, by design: per_device_train_batch_size, gradient_accumulation_steps and the number of
 # processes, which a resume on another number of GPUs must change; their product, the global batch
 # (`windows_per_step`), is compared (training/data_position.py says why a changed one is refused). Not either:
 # max_steps (a run may be lengthened), output, logging, saving, evaluation and loader keys.

@@ -28,7 +28,7 @@ run recipe's training keys): the learning-rate schedule, warmup, max_steps and t
 window arithmetic are all counted in optimizer steps of G windows; another G is another optimization (and
 max_steps would no longer reach the planned tokens). The data position itself would allow it.
 
-`skipped_windows` (the contract with the spike rollback, issue 25 item 3): OUTPUT_DIR/skipped_windows.json,
+`skipped_windows` (the contract with the spike rollback, training/spikes.py): OUTPUT_DIR/skipped_windows.json,
     {"ranges": [[start, stop], ...], "reasons": [{"range": [start, stop], "steps": [first, last], "why": "..."}]}
 half-open global window indices; only `ranges` is read; unsorted or overlapping ranges are merged. Written
 atomically by rank 0 (`write_skipped_windows`, which merges with what is there) before the rolled-back run
