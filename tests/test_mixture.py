@@ -17,7 +17,7 @@ from conftest import LAUNCH_ENV, load_script, random_repositories, write_reposit
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data.pipeline import build_packed_dataset, build_training_data
-from starcoder2_train.data.sources.documents import check_document_file, document_pieces
+from starcoder2_train.data.sources.documents import check_document_file, document_files, document_pieces
 from starcoder2_train.data.windows.mixture import BLOCK, MixtureDataset, MixtureSchedule
 
 ROOT = Path(__file__).parents[1]
@@ -227,6 +227,20 @@ def test_document_tables_recognised_by_schema(tmp_path, code_shards, documents_d
     ]
     assert kinds == ["documents", "repositories", "documents"]
     assert DataArguments(dataset_name_or_path=code_shards, dataset_kind="documents").sources()[0].kind == "documents"
+
+
+def test_json_records_beside_the_shards_do_not_make_a_folder_documents(tmp_path):
+    """scripts/ingest.py writes ingest_summary.json beside its parquet shards (downloads write records, a preparation
+    a manifest): a folder scan reads parquet when there is any, JSONL (.jsonl, .jsonl.gz) otherwise, never .json."""
+    shards = write_repository_shards(tmp_path / "shards", random_repositories(4, seed=2), num_files=1)
+    (Path(shards) / "ingest_summary.json").write_text(json.dumps({"repositories": 4}, indent=1))
+    assert DataArguments(dataset_name_or_path=shards).sources()[0].kind == "repositories"
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "docs.jsonl").write_text(json.dumps({"content": "text"}) + "\n")
+    (documents / "summary.json").write_text(json.dumps({"rows": 1}, indent=1))
+    assert DataArguments(dataset_name_or_path=str(documents)).sources()[0].kind == "documents"
+    assert document_files(DataArguments(dataset_name_or_path=str(documents))) == [str(documents / "docs.jsonl")]
 
 
 def test_a_literal_file_sep_stays_text_and_declared_structure_tokens_are_tokens(

@@ -46,7 +46,11 @@ from starcoder2_train.data.examples.repo_examples import Piece
 from starcoder2_train.data.skips import EMPTY, SkipReport
 from starcoder2_train.data.special_tokens import EOS_TOKEN
 
-DOCUMENT_PATTERNS = ("**/*.parquet", "**/*.jsonl", "**/*.jsonl.gz", "**/*.json")
+# What a folder scan takes: parquet when the folder has any (a folder of parquet shards also holds this project's
+# JSON records beside them: ingest_summary.json, download records, manifest.json), else JSONL. A `.json` file of
+# JSON lines is read when data_files names it, never picked up by a scan.
+PARQUET_PATTERNS = ("**/*.parquet",)
+JSONL_PATTERNS = ("**/*.jsonl", "**/*.jsonl.gz")
 CONTENT = "content"
 DOCUMENT_COLUMNS = ("input_ids", "num_tokens", "repo_name", "language", "num_files", "num_fim_psm", "num_fim_spm")
 
@@ -57,7 +61,8 @@ def _is_json(path: str) -> bool:
 
 def document_files(data_args) -> list[str]:
     """The parquet/JSONL files of a document source: data_files (relative to dataset_name_or_path/data_dir), else
-    every parquet and JSONL file under it; a Hub id: its parquet files (data/sources/shards.py resolve_data_files)."""
+    every parquet file under it, or every JSONL file (.jsonl, .jsonl.gz) when it has no parquet; a Hub id: its
+    parquet files (data/sources/shards.py resolve_data_files)."""
     from starcoder2_train.data.sources.shards import resolve_data_files
 
     source = data_args.dataset_name_or_path
@@ -66,12 +71,14 @@ def document_files(data_args) -> list[str]:
     root = os.path.join(source, data_args.data_dir or "")
     if not os.path.isdir(root):
         raise RecipeError(f"dataset_name_or_path: {root} is neither a file nor a directory.")
-    files = sorted(
-        {p for pattern in DOCUMENT_PATTERNS for p in glob.glob(os.path.join(root, pattern), recursive=True)}
+    for patterns in (PARQUET_PATTERNS, JSONL_PATTERNS):
+        files = sorted({p for pattern in patterns for p in glob.glob(os.path.join(root, pattern), recursive=True)})
+        if files:
+            return files
+    raise RecipeError(
+        f"dataset_name_or_path: {root} holds no parquet or JSONL file (.parquet, .jsonl, .jsonl.gz); name a .json "
+        "file of JSON lines in data_files."
     )
-    if not files:
-        raise RecipeError(f"dataset_name_or_path: {root} holds no parquet or JSONL file (.parquet, .jsonl, .json).")
-    return files
 
 
 def _json_records(path: str):
