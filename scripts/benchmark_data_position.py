@@ -10,7 +10,6 @@ so the figures are the sampler's and accelerate's own (a real run adds the first
     .venv/bin/python scripts/benchmark_data_position.py [--steps 20 400 4000 40000] [--processes 160]
 """
 
-import argparse
 import json
 import platform
 import subprocess
@@ -19,6 +18,7 @@ import time
 import torch
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
 
+from starcoder2_train.cli import ScriptParser, run_script
 from starcoder2_train.training.data_position import WindowSampler
 
 
@@ -49,7 +49,7 @@ def first_batch_seconds(step: int, processes: int, batch: int, accumulation: int
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 400, 4000, 40000])
     parser.add_argument("--processes", type=int, default=160)
     parser.add_argument("--batch", type=int, default=2)
@@ -78,4 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

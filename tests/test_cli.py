@@ -25,6 +25,7 @@ RECIPE = "recipes/tiny/pretrain.yaml"
 SCRIPTS = {
     "benchmark": ([], "recipe"),
     "benchmark_data": ([], None),
+    "benchmark_data_position": ([], None),
     "benchmark_eval": ([], None),
     "device_check": ([], None),
     "device_setup": (["install"], None),
