@@ -54,9 +54,16 @@ def watch(env: dict, job: str, until, timeout: float, history: list, log: Path) 
     try:
         return slurm_cluster.wait_for(reached, timeout, f"job {job}", interval=0.2)
     except TimeoutError as error:
-        controller = Path(env["SLURM_CONF"]).with_name("slurmctld.log").read_text()[-3000:]
-        job_log = log.read_text()[-3000:] if log.exists() else "(no log)"
-        raise TimeoutError(f"{error}; states {history}\n{job_log}\n--- slurmctld.log\n{controller}") from None
+        job_log = log.read_text() if log.exists() else "(no log)"
+        raise TimeoutError(f"{error}\n{diagnosis(env, history, job_log)}") from None
+
+
+def diagnosis(env: dict, history: list, output: str) -> str:
+    """The job's states in order, the end of its log and of both daemons' logs: what a failure message needs."""
+    folder = Path(env["SLURM_CONF"]).parent
+    daemons = {name: (folder / name).read_text()[-2500:] for name in ("slurmctld.log", "slurmd.log")}
+    parts = [f"states: {history}", f"--- job log\n{output[-4000:]}"]
+    return "\n".join(parts + [f"--- {name}\n{text}" for name, text in daemons.items()])
 
 
 @pytest.mark.slow
@@ -91,7 +98,7 @@ def test_readme_sbatch_command_is_preempted_requeued_and_resumes_like_the_run_le
         watch(env, job, lambda fields: fields.get("JobState") in ENDED, 300, history, log)
         output = log.read_text()
         fields = slurm_cluster.job_fields(env, job)
-        assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (history, output[-5000:])
+        assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", diagnosis(env, history, output)
         assert "preempted with a complete checkpoint" in output and "requeueing" in output, output[-5000:]
         assert "job " + job + " restart 1" in output and "resuming from" in output, output[-5000:]
         checkpoint_step = json.loads(output.split("preempted with a complete checkpoint (")[1].split(")")[0])["step"]
