@@ -1,5 +1,6 @@
 """Shared fixtures: everything a test needs is made here, offline (no Hub, no network)."""
 
+import json
 import os
 import random
 
@@ -125,3 +126,21 @@ def slurm_env(tmp_path_factory):
 
     with slurm_cluster.one_node_cluster(tmp_path_factory.mktemp("slurm")) as env:
         yield env
+
+
+def prepare_recipe(tmp_path, shards, tokenizer_dir, **keys) -> str:
+    """A recipe for the prepare_data.py tests, written to tmp_path/recipe.yaml: the test model, `shards`, the
+    tokenizer, 64-token windows, a tenth of the repositories held out, output_dir tmp_path/run; `keys` add or
+    replace keys (None: the key left out)."""
+    values = dict(
+        model_config="test",
+        dataset_name_or_path=shards,
+        tokenizer_name_or_path=tokenizer_dir,
+        seq_length=64,
+        eval_fraction=0.1,
+        output_dir=str(tmp_path / "run"),
+    )
+    values.update(keys)
+    path = tmp_path / "recipe.yaml"
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items() if value is not None))
+    return str(path)

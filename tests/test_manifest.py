@@ -8,7 +8,7 @@ from dataclasses import fields, replace
 
 import numpy as np
 import pytest
-from conftest import load_script, random_code, random_repositories, write_repository_shards
+from conftest import load_script, prepare_recipe, random_code, random_repositories, write_repository_shards
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data import prepare
@@ -25,19 +25,7 @@ def shards(tmp_path_factory):
     return write_repository_shards(tmp_path_factory.mktemp("manifest") / "shards", random_repositories(24, seed=3))
 
 
-def recipe(tmp_path, shards, tokenizer_dir, **keys) -> str:
-    values = dict(
-        model_config="test",
-        dataset_name_or_path=shards,
-        tokenizer_name_or_path=tokenizer_dir,
-        seq_length=64,
-        eval_fraction=0.1,
-        output_dir=str(tmp_path / "run"),
-        **keys,
-    )
-    path = tmp_path / "recipe.yaml"
-    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items() if value is not None))
-    return str(path)
+recipe = prepare_recipe
 
 
 def mtimes(folder) -> dict:

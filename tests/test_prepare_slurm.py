@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from conftest import load_script, random_repositories, write_repository_shards
+from conftest import load_script, prepare_recipe, random_repositories, write_repository_shards
 
 from starcoder2_train.data.store.prepared import held_out_part_path
 
@@ -45,19 +45,7 @@ def user_env(slurm_env):
     return {**slurm_env, "PATH": path}
 
 
-def recipe(tmp_path, shards, tokenizer_dir, **keys) -> str:
-    values = dict(
-        model_config="test",
-        dataset_name_or_path=shards,
-        tokenizer_name_or_path=tokenizer_dir,
-        seq_length=64,
-        eval_fraction=0.1,
-        output_dir=str(tmp_path / "o"),
-        **keys,
-    )
-    path = tmp_path / "recipe.yaml"
-    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
-    return str(path)
+recipe = prepare_recipe
 
 
 def run_prepare(env: dict, *arguments: str) -> subprocess.CompletedProcess:

@@ -1,13 +1,12 @@
 """Tokens stored once: epochs assembled while reading equal the in-process rendering of the same draws, any epoch
 is read without preparing again, N tasks give one task's windows, a big repository prepares in bounded memory."""
 
-import json
 import os
 import pickle
 
 import numpy as np
 import pytest
-from conftest import load_script, random_repositories, write_repository_shards
+from conftest import load_script, prepare_recipe, random_repositories, write_repository_shards
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data.examples.fim import FimRates, apply_fim
@@ -108,19 +107,7 @@ def shards(tmp_path_factory):
 
 
 def recipe(tmp_path, shards, tokenizer_dir, **overrides) -> str:
-    values = dict(
-        model_config="test",
-        dataset_name_or_path=shards,
-        tokenizer_name_or_path=tokenizer_dir,
-        seq_length=64,
-        eval_fraction=0.1,
-        fim_level="window",
-        output_dir=str(tmp_path / "o"),
-    )
-    values.update(overrides)
-    path = tmp_path / "recipe.yaml"
-    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
-    return str(path)
+    return prepare_recipe(tmp_path, shards, tokenizer_dir, **{"fim_level": "window", **overrides})
 
 
 def windows(packed) -> list:
