@@ -95,7 +95,7 @@ def one_node_cluster(root):
         for command in (munge, [_sbin("slurmctld"), "-i"], [_sbin("slurmd")]):
             subprocess.run(command, env=env, check=True, capture_output=True, timeout=60)
             started.append(command[0])
-        wait_for(lambda: _node_state(env) in ("idle", "mixed"), 60, f"the node to come up ({root}/slurmd.log)")
+        wait_for(lambda: node_state(env) in ("idle", "mixed"), 60, f"the node to come up ({root}/slurmd.log)")
         yield env
     finally:
         _stop([root / f"{name}.pid" for name in ("slurmd", "slurmctld", "munged")])
@@ -124,7 +124,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _node_state(env: dict) -> str:
+def node_state(env: dict) -> str:
+    """The node's state as sinfo prints it: idle, mixed, allocated, completing (a job's cleanup not done), ..."""
     result = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
     return result.stdout.strip().rstrip("*")
 

@@ -93,7 +93,9 @@ def test_readme_sbatch_command_is_preempted_requeued_and_resumes_like_the_run_le
         history = []  # each change of (JobState, Restarts, ExitCode, Reason) seen, for the failure message
         pending = lambda fields: fields.get("JobState") == "PENDING" and int(fields.get("Restarts", 0)) >= 1  # noqa: E731
         watch(env, job, pending, 120, history, log)
-        # SLURM holds a requeued job before it may start again; the test does not wait for that.
+        # SLURM holds a requeued job before it may start again; the test does not wait for that, only for the node
+        # to finish the cleanup of the job's first run (state `completing`): a start before that can fail.
+        slurm_cluster.wait_for(lambda: slurm_cluster.node_state(env) == "idle", 120, "the node's cleanup of the job")
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
         watch(env, job, lambda fields: fields.get("JobState") in ENDED, 300, history, log)
         output = log.read_text()
