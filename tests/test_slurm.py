@@ -101,9 +101,12 @@ def test_readme_sbatch_command_is_preempted_requeued_and_resumes_like_the_run_le
         output = log.read_text()
         fields = slurm_cluster.job_fields(env, job)
         assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", diagnosis(env, history, output)
-        assert "preempted with a complete checkpoint" in output and "requeueing" in output, output[-5000:]
+        assert "stopped for a restart from a complete checkpoint" in output and "requeueing" in output, output[-5000:]
+        assert "ChildFailedError" not in output and "Traceback" not in output, output[-5000:]
         assert "job " + job + " restart 1" in output and "resuming from" in output, output[-5000:]
-        checkpoint_step = json.loads(output.split("preempted with a complete checkpoint (")[1].split(")")[0])["step"]
+        checkpoint_step = json.loads(
+            output.split("stopped for a restart from a complete checkpoint (")[1].split(")")[0]
+        )["step"]
         assert 3 <= checkpoint_step < STEPS
         assert losses(out) == pytest.approx(reference_losses, rel=1e-5) and len(reference_losses) == STEPS
         assert (out / "model.safetensors").exists()

@@ -261,14 +261,15 @@ def test_stop_after_max_rollbacks_and_go_on_with_a_higher_bound(setup):
 
 @pytest.mark.slow
 def test_spike_on_one_rank_rolled_back_by_both_under_zero2(setup):
-    """2 processes, ZeRO-2: rank 1 alone sees a NaN at step 3; both stop at the same step, and the launcher's exit
-    status (torchrun reports 1) is backed by the requeue file that scripts/slurm/train.sbatch checks."""
+    """2 processes, ZeRO-2: rank 1 alone sees a NaN at step 3; both stop at the same step and exit 0 under the
+    launcher, the requeue file (which scripts/slurm/train.sbatch checks) saying why."""
     root = setup[0]
     out, requeue = root / "zero2", root / "zero2-requeue.json"
     env = dict(SPIKE_STEP="3", SPIKE_RANK="1", STARCODER2_REQUEUE_FILE=str(requeue))
     first = launch(setup, out, processes=2, WINDOW_LOG=str(root / "zero2-first.jsonl"), **env)
     output = first.stdout + first.stderr
-    assert first.returncode != 0 and "spike: step 3: a non-finite loss or gradient norm" in output, output[-3000:]
+    assert first.returncode == 0 and "spike: step 3: a non-finite loss or gradient norm" in output, output[-3000:]
+    assert "ChildFailedError" not in output  # the ranks exit 0 under the launcher: the requeue file says why
     assert "rollback 1 of at most 1: step 3" in output  # the gradient norm is inf on both ranks (DeepSpeed's)
     assert json.loads(requeue.read_text())["reason"] == "spike rollback"
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]

@@ -31,7 +31,9 @@ Why exit status 75: EX_TEMPFAIL of sysexits.h ("temporary failure, retry later")
 signal death (128 + n) or launcher; scripts/slurm/train.sbatch requeues the job on it. `accelerate launch`
 (torchrun) turns any worker's non-zero status into its own status 1, so for launched runs the ranks also write
 the file named by the environment variable `REQUEUE_FILE_ENV` (the sbatch script sets it), which the requeue script
-checks as well.
+checks as well. Where that file is the channel (it is set, and the ranks run under torch elastic's agent), the ranks
+exit 0 instead (`restart_exit_code`): a non-zero worker makes the agent print a `ChildFailedError` traceback before
+"preempted", which reads like a crash, and its status says nothing the file does not.
 
 transformers' own `enable_jit_checkpoint` (trainer_jit_checkpoint.py) is not used: it handles SIGTERM only, each
 rank decides alone (under DeepSpeed a rank that saves while another trains hangs both), and it saves in place.
@@ -50,6 +52,17 @@ logger = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; scripts/slurm/train.sbatch requeues the job on it
 REQUEUE_FILE_ENV = "STARCODER2_REQUEUE_FILE"  # where rank 0 writes {"checkpoint", "step", "signal"} on a stop
+
+
+def restart_exit_code(code: int) -> int:
+    """The status a rank exits with when it stops for a restart (`code`: 75 preemption, 76 spike rollback): 0 under
+    torch elastic's agent (TORCHELASTIC_RUN_ID set: torchrun, `accelerate launch` of several processes) when
+    REQUEUE_FILE_ENV is set, whose file then says why; else `code`, the only channel there is."""
+    if os.environ.get(REQUEUE_FILE_ENV) and os.environ.get("TORCHELASTIC_RUN_ID"):
+        return 0
+    return code
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _cpu_group = None
@@ -147,5 +160,5 @@ class PreemptionCallback(TrainerCallback):
             REQUEUE_EXIT_CODE,
         )
         # the requeue file is written before any rank exits; a multi-process run ends there with the status
-        close_process_group(exit_code=REQUEUE_EXIT_CODE)
-        raise SystemExit(REQUEUE_EXIT_CODE)
+        close_process_group(exit_code=restart_exit_code(REQUEUE_EXIT_CODE))
+        raise SystemExit(restart_exit_code(REQUEUE_EXIT_CODE))
