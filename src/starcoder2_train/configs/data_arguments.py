@@ -307,6 +307,6 @@ def parse_entry(index: int, entry):
         except json.JSONDecodeError as error:
             raise RecipeError(
                 f"dataset_mixture[{index}]: {entry!r} is not a mapping (JSON on the command line: "
-                f"'{{\"dataset_name_or_path\": \"data/mine\", \"weight\": 0.2}}'): {error}."
+                f'\'{{"dataset_name_or_path": "data/mine", "weight": 0.2}}\'): {error}.'
             ) from None
     return entry
