@@ -202,16 +202,8 @@ def main(argv=None):
     args.seed = args.seed if args.seed is not None else (training_args.seed if training_args else 0)
     fim_lines_per_file = args.fim_lines_per_file or (training_args.fim_eval_lines_per_file if training_args else 1)
     if training_args is not None:  # --recipe: the held-out set training scored (built once, under its cache folder)
-        loss_rows, fim_problems = held_out.bounded_task_inputs(
-            repositories,
-            tokenizer,
-            args.tasks,
-            cache_dir=held_out.cache_dir(training_args),
-            seed=args.seed,
-            tokens_per_language=training_args.eval_tokens_per_language,
-            languages=training_args.eval_languages,
-            max_fim_problems=training_args.fim_eval_problems,
-            fim_lines_per_file=fim_lines_per_file,
+        loss_rows, fim_problems = held_out.recipe_task_inputs(
+            repositories, tokenizer, training_args, args.tasks, seed=args.seed, fim_lines_per_file=fim_lines_per_file
         )
     else:
         loss_rows, fim_problems = held_out.task_inputs(

@@ -101,15 +101,12 @@ def build_data(data_args, tokenizer, training_args) -> RunData:
             eval_args, tokenizer, training_args.seed, split="eval", shuffle=False, repositories=split, report=False
         )
         eval_dataset = held_out.drawn_windows(eval_dataset, training_args.eval_loss_windows, training_args.seed)
-        loss_rows, fim_problems = held_out.bounded_task_inputs(  # built by one process a machine, memory-mapped
+        loss_rows, fim_problems = held_out.recipe_task_inputs(  # built by one process a machine, memory-mapped
             held_out_repositories,
             tokenizer,
+            training_args,
             training_args.eval_tasks,
-            cache_dir=held_out.cache_dir(training_args),
             seed=training_args.seed,
-            tokens_per_language=training_args.eval_tokens_per_language,
-            languages=training_args.eval_languages,
-            max_fim_problems=training_args.fim_eval_problems,
             fim_lines_per_file=training_args.fim_eval_lines_per_file,
         )
     for line in report.summary_lines():

@@ -121,6 +121,22 @@ def bounded_task_inputs(
     return (built.loss_rows if "loss" in tasks else None), (built.fim_problems() if "fim" in tasks else [])
 
 
+def recipe_task_inputs(repositories, tokenizer, training_args, tasks, *, seed: int, fim_lines_per_file: int):
+    """`bounded_task_inputs` with the recipe's bounds (eval_tokens_per_language, eval_languages, fim_eval_problems)
+    and cache folder: the one reading of those keys, for training (run.py) and `evaluate.py --recipe`."""
+    return bounded_task_inputs(
+        repositories,
+        tokenizer,
+        tasks,
+        cache_dir=cache_dir(training_args),
+        seed=seed,
+        tokens_per_language=training_args.eval_tokens_per_language,
+        languages=training_args.eval_languages,
+        max_fim_problems=training_args.fim_eval_problems,
+        fim_lines_per_file=fim_lines_per_file,
+    )
+
+
 def score_tasks(
     model,
     tokenizer,
