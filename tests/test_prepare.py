@@ -1,11 +1,10 @@
 """scripts/prepare_data.py on datatrove: tasks, reruns, stats, and the stores training opens."""
 
-import json
 import os
 
 import numpy as np
 import pytest
-from conftest import load_script, random_repositories, write_repository_shards
+from conftest import load_script, prepare_recipe, random_repositories, write_repository_shards
 
 from starcoder2_train.configs import DataArguments, RecipeError
 from starcoder2_train.data import prepare
@@ -24,18 +23,7 @@ def shards(tmp_path_factory):
     return write_repository_shards(tmp_path_factory.mktemp("prepare") / "shards", repositories, num_files=4)
 
 
-def recipe(tmp_path, shards, tokenizer_dir) -> str:
-    path = tmp_path / "recipe.yaml"
-    values = dict(
-        model_config="test",
-        dataset_name_or_path=shards,
-        tokenizer_name_or_path=tokenizer_dir,
-        seq_length=64,
-        eval_fraction=0.1,
-        output_dir=str(tmp_path / "o"),
-    )
-    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
-    return str(path)
+recipe = prepare_recipe
 
 
 def stream(store) -> np.ndarray:
