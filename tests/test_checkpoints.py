@@ -105,7 +105,10 @@ def short_run(made, out, *words):
 
 
 @pytest.mark.slow
-def test_an_output_dir_or_a_checkpoint_of_another_recipe_is_refused(setup, tmp_path):  # noqa: F811
+def test_an_output_dir_or_a_checkpoint_of_another_recipe_is_refused_and_intervals_follow_the_recipe(
+    setup,  # noqa: F811
+    tmp_path,
+):  # noqa: F811
     out = tmp_path / "out"
     short_run(setup, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
     assert (out / "run_recipe.json").exists() and (out / "checkpoint-2" / "run_recipe.json").exists()
@@ -115,6 +118,9 @@ def test_an_output_dir_or_a_checkpoint_of_another_recipe_is_refused(setup, tmp_p
     with pytest.raises(RecipeError, match=rf"resume_from_checkpoint {checkpoint} was made by .*seq_length"):
         short_run(setup, tmp_path / "new", "--seq_length", "32", "--resume_from_checkpoint", str(checkpoint))
     assert "Use a new output_dir" in str(pytest.raises(RecipeError, short_run, setup, out, "--seed", "6").value)
+    # Not defining: a resume with another save_steps saves at the recipe's interval, not the checkpoint's (2).
+    short_run(setup, out, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3")
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-6"]
 
 
 def test_a_key_added_since_the_checkpoint_counts_at_its_default():

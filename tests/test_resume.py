@@ -196,7 +196,7 @@ def two_processes(recipe, driver, out, deepspeed_stage=None) -> list[str]:
                       str(out)]  # fmt: skip
 
 
-# Every 2 steps in every run: a resumed Trainer keeps the save_steps of the checkpoint's trainer_state.json.
+# Every 2 steps in every run (a resumed run saves at its own recipe's save_steps: trainer._RecipeIntervals).
 SAVES = ["--save_total_limit", "5", "--save_strategy", "steps", "--save_steps", "2"]
 
 

@@ -30,6 +30,7 @@ The keys are read from `PretrainingArguments`; plain `TrainingArguments` give tr
 """
 
 import logging
+import math
 import time
 
 import torch
@@ -66,6 +67,25 @@ class _CheckpointFirstLayers(TrainerCallback):
         if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
             for index, layer in enumerate(decoder_layers(model)):
                 layer.gradient_checkpointing = index < self.num_layers
+
+
+class _RecipeIntervals(TrainerCallback):
+    """The recipe's logging_steps, eval_steps and save_steps after a resume. transformers 5.25 takes them from the
+    checkpoint's trainer_state.json (`_load_or_create_state` replaces the state, and only warns that they differ),
+    so a run resumed with a smaller save_steps (fewer steps lost to the next node failure or spike) kept saving at
+    the old interval without saying so; this sets the recipe's values again, with one line naming each change."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for kind in ("logging", "eval", "save"):
+            wanted = getattr(args, f"{kind}_steps")
+            if wanted is None:
+                continue
+            wanted = math.ceil(state.max_steps * wanted) if wanted < 1 else wanted
+            had = getattr(state, f"{kind}_steps")
+            if had != wanted:
+                logger.info("resume: %s_steps %s in the checkpoint's trainer_state.json, %s in the recipe: the "
+                            "recipe's is used", kind, had, wanted)  # fmt: skip
+                setattr(state, f"{kind}_steps", wanted)
 
 
 def prepare_model(model, args) -> None:
@@ -176,6 +196,7 @@ class PretrainingTrainer(AtomicCheckpoints, Trainer):
             self.add_callback(_CheckpointFirstLayers(layers))
         self.precision_report = PrecisionReport(self)
         self.add_callback(self.precision_report)
+        callbacks.insert(0, _RecipeIntervals())  # before any callback that reads the intervals
         if getattr(self.args, "muon", False) and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise RecipeError(
                 f"muon: true cannot run under {'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'}: it hands the "
