@@ -1,6 +1,7 @@
 """Tokens stored once: epochs assembled while reading equal the in-process rendering of the same draws, any epoch
 is read without preparing again, N tasks give one task's windows, a big repository prepares in bounded memory."""
 
+import json
 import os
 import pickle
 
@@ -99,6 +100,35 @@ def test_a_big_repository_is_cut_into_parts_of_whole_files():
     parts = repository_parts(files, 700)
     assert [[f["path"] for f in part] for part in parts] == [["f0.py", "f1.py"], ["f2.py", "f3.py"]]
     assert [len(part) for part in repository_parts(files, 100)] == [1, 1, 1, 1]  # a file over the bound: alone
+
+
+def test_batches_are_bounded_by_their_contents_not_only_their_count():
+    import pyarrow as pa
+    from datatrove.data import Document
+
+    from starcoder2_train.data.prepare_pieces import in_batches
+    from starcoder2_train.data.sources.shards import bounded_slices, content_sizes
+
+    sizes = [10, 50, 5, 100, 1]
+    rows = [{"repo_name": f"r{i}", "files": [{"path": "a", "content": "x" * (n - 1)}, {"path": "b", "content": "é"}]}
+            for i, n in enumerate(sizes)]  # fmt: skip
+    rows[2]["files"].append({"path": "c", "content": None})  # a missing content counts 0
+    batch = pa.RecordBatch.from_pylist(rows)
+    assert content_sizes(batch) == [n + 1 for n in sizes]  # "é" is 2 bytes
+    slices = [[row["repo_name"] for row in part.to_pylist()] for part in bounded_slices(batch, 62)]
+    assert slices == [["r0", "r1"], ["r2"], ["r3"], ["r4"]]  # 11+51, then 6 (+101 over), 101 alone, 2
+    assert [len(part) for part in bounded_slices(batch, 10**9)] == [5]
+    files = pa.RecordBatch.from_pylist([{"content": "abc"}, {"content": None}, {"content": "de"}])
+    assert content_sizes(files) == [3, 0, 2]
+    documents = [Document(text="", id=f"d{n}", metadata={"files": [{"content": "y" * n}]}) for n in sizes]
+    batches = [[d.id for d in batch] for batch in in_batches(documents, size=64, max_bytes=60)]
+    assert batches == [["d10", "d50"], ["d5"], ["d100"], ["d1"]]
+    assert [[d.id for d in batch] for batch in in_batches(documents, size=2)] == [
+        ["d10", "d50"],
+        ["d5", "d100"],
+        ["d1"],
+    ]
+    assert list(in_batches(None)) == []
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +234,32 @@ def test_a_50_mb_repository_prepares_under_a_memory_limit(tokenizer_dir, tmp_pat
     assert prepared_stats(str(tmp_path / "p"))["train repositories split over max_repository_bytes"] == 1
     stream = EpochStream(pieces, 0, 42, 0.5)
     assert stream.num_tokens > 10_000_000 and len(stream.tokens(stream.num_tokens - 4096, stream.num_tokens)) == 4096
+
+
+@pytest.mark.parametrize("fim_level", ["window", "file"])
+def test_a_store_does_not_depend_on_how_its_repositories_were_batched(
+    shards, tokenizer_dir, tmp_path, monkeypatch, fim_level
+):
+    """Each repository in a batch of its own (BATCH_BYTES 1, in the reader and the tokenizer step) writes the same
+    store, byte for byte, as the default batches of 64 repositories."""
+    from starcoder2_train.data.sources import shards as shard_module
+
+    path = recipe(tmp_path, shards, tokenizer_dir, fim_level=fim_level)
+    prepare_data.main([path, "--output", str(tmp_path / "default"), "--disable_tqdm"])
+    monkeypatch.setattr(shard_module, "BATCH_BYTES", 1)
+    prepare_data.main([path, "--output", str(tmp_path / "one_by_one"), "--disable_tqdm"])
+
+    def stored(root):
+        return {
+            str(file.relative_to(root)): file.read_bytes()
+            for split in ("train", "eval")
+            for file in sorted((root / split).rglob("*"))
+            if file.is_file()
+        }
+
+    def tokenizer_batches(root):  # datatrove's stats of the tokenizing step (its timer's unit: a batch; no n for 1)
+        return json.loads((root / "logs" / "stats" / "00000.json").read_text())[1]["time_stats"].get("n", 1)
+
+    default, one_by_one = stored(tmp_path / "default"), stored(tmp_path / "one_by_one")
+    assert len(default) > 4 and default == one_by_one
+    assert tokenizer_batches(tmp_path / "default") < tokenizer_batches(tmp_path / "one_by_one") == 40

@@ -31,9 +31,11 @@ stream one task would write: N tasks give the store one task gives. datatrove re
 `logging_dir`; running the same command again runs only the tasks that failed or never ran.
 Executors: `local` (processes on this machine), `slurm` (an sbatch array), `ray` (data/ray_executor.py).
 
-Cost per task: one batch of repositories (64 rows) in memory, one open writer per (split, epoch); the index of
-the input files (a list of paths), the opt-out set and the benchmark index (data/filters/opt_outs.py,
-data/filters/decontamination.py say their size) are the structures every task holds whole.
+Cost per task: one batch of repositories in memory (64 rows as Arrow, the parquet reader's; as Python
+strings at most BATCH_BYTES, 64 MB, of them at a time, or one larger repository: data/sources/shards.py), one
+open writer per (split, epoch); the index of the input files (a list of paths), the opt-out set and the benchmark
+index (data/filters/opt_outs.py, data/filters/decontamination.py say their size) are the structures every task
+holds whole.
 """
 
 import contextlib
@@ -68,6 +70,7 @@ from starcoder2_train.data.sources.documents import check_document_file, documen
 from starcoder2_train.data.sources.download.verify import check_downloaded_shards
 from starcoder2_train.data.sources.shards import (
     REPOSITORIES_PER_BATCH,
+    bounded_slices,
     parquet_layout,
     python_rows,
     resolve_data_files,
@@ -175,7 +178,8 @@ class RepositoryReader(PipelineStep):
                     continue
                 _check_repository_layout(path, parquet.schema_arrow)
                 for batch in parquet.iter_batches(batch_size=REPOSITORIES_PER_BATCH, columns=["repo_name", "files"]):
-                    yield from self._documents(python_rows(batch), split, report)
+                    for rows in bounded_slices(batch):  # Python strings of at most BATCH_BYTES at a time
+                        yield from self._documents(python_rows(rows), split, report)
 
     def _documents(self, batch: dict, split: str | None, report):
         out = filter_repository_rows(batch, self.filters)

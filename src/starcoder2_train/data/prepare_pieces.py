@@ -4,8 +4,8 @@ text in another order, and data/windows/assembly.py renders it while training re
 
 - `RepositoryPieces`: each repository's name, `path\\n` and contents tokenized file by file into int32 numpy
   arrays (data/tokens/tokenization.py's `encode_arrays`: structure tokens are never parsed from the text), files
-  in canonical (path, content) order; the documents of one batch of REPOSITORIES_PER_BATCH go through the
-  tokenizer together, a megabyte of text at a time. A document of a document source (data/sources/
+  in canonical (path, content) order; the documents of one batch (in_batches: 64 documents or 64 MB of content)
+  go through the tokenizer together, a megabyte of text at a time. A document of a document source (data/sources/
   document_reader.py: one file, metadata["document"]) becomes one array, its content: the source's declared
   `structure_tokens` as their ids, all other text encoded with special-token parsing off (`document_parts`,
   `join_document`), no `<|endoftext|>` (the assembly adds it); it is written as a record of 0 files.
@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
+from starcoder2_train.data.sources import shards
 from starcoder2_train.data.sources.documents import document_pieces
 from starcoder2_train.data.sources.shards import REPOSITORIES_PER_BATCH
 from starcoder2_train.data.store.pieces import PieceWriter
@@ -46,14 +47,20 @@ def canonical_files(files: list[dict]) -> list[tuple[str, str]]:
     return sorted((f["path"], f["content"]) for f in files)
 
 
-def in_batches(documents, size: int = REPOSITORIES_PER_BATCH):
-    """The documents of a datatrove step's input in lists of `size` (the last one shorter; none when empty)."""
-    batch = []
+def in_batches(documents, size: int = REPOSITORIES_PER_BATCH, max_bytes: int | None = None):
+    """The documents of a datatrove step's input in lists of at most `size` documents holding at most `max_bytes`
+    (None: BATCH_BYTES) of file content together, counted in characters of the decoded text (a larger document is
+    a list alone; the last list shorter; none when empty): a batch's text and token arrays stay bounded whatever
+    its repositories' sizes (data/sources/shards.py's BATCH_BYTES says by how much)."""
+    max_bytes = shards.BATCH_BYTES if max_bytes is None else max_bytes
+    batch, held = [], 0
     for document in documents or ():
-        batch.append(document)
-        if len(batch) == size:
+        contents = sum(len(file["content"]) for file in document.metadata["files"])
+        if batch and (len(batch) == size or held + contents > max_bytes):
             yield batch
-            batch = []
+            batch, held = [], 0
+        batch.append(document)
+        held += contents
     if batch:
         yield batch
 

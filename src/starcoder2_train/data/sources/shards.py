@@ -24,6 +24,7 @@ import os
 from collections import Counter
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -49,6 +50,11 @@ from starcoder2_train.data.skips import (
 logger = logging.getLogger(__name__)
 DEFAULT_DATA_FILES = "**/*.parquet"
 REPOSITORIES_PER_BATCH = 64
+# The file contents a batch of repositories holds as Python strings, at most (a larger repository is a batch
+# alone). Without it a batch was 64 repositories whatever their size: 64 parts of max_repository_bytes (32 MB)
+# are 2 GB of text, ~4.5 GB with their token arrays (4 bytes a token, ~3.3 bytes of code a token), against the
+# 4 GB per CPU of a SLURM preparation task. With it: at most 64 MB plus one repository part (32 MB), ~200 MB.
+BATCH_BYTES = 64 * 2**20
 OPTIONAL_FILE_COLUMNS = ("language", "license_type", "is_vendor", "is_generated", "src_encoding")
 FILE_FEATURES = {"path": Value("string"), "content": Value("string"), "language": Value("string")}
 REPOSITORY_FEATURES = Features({"repo_name": Value("string"), "files": List(FILE_FEATURES)})
@@ -185,6 +191,31 @@ def _is_text(type_: pa.DataType, binary: bool = False) -> bool:
     if pa.types.is_dictionary(type_):
         type_ = type_.value_type
     return any(kind(type_) for kind in kinds)
+
+
+def content_sizes(batch: pa.RecordBatch) -> list[int]:
+    """Each row's bytes of file content: its `files[].content` summed (per-repository layout), or its `content`."""
+    if "files" not in batch.schema.names:
+        return pc.fill_null(pc.binary_length(batch.column("content")), 0).to_pylist()
+    files = batch.column("files")
+    lengths = pc.fill_null(pc.binary_length(pc.list_flatten(files).field("content")), 0).to_numpy()
+    rows = pc.list_parent_indices(files).to_numpy()
+    return np.bincount(rows, weights=lengths, minlength=len(batch)).astype(np.int64).tolist()
+
+
+def bounded_slices(batch: pa.RecordBatch, max_bytes: int | None = None):
+    """`batch` in consecutive slices whose rows hold at most `max_bytes` (None: BATCH_BYTES) of file content
+    together (a row larger than that is a slice alone), so that what python_rows makes of a slice is bounded
+    whatever the rows' sizes."""
+    max_bytes = BATCH_BYTES if max_bytes is None else max_bytes
+    start, size = 0, 0
+    for index, row_size in enumerate(content_sizes(batch)):
+        if index > start and size + row_size > max_bytes:
+            yield batch.slice(start, index - start)
+            start, size = index, 0
+        size += row_size
+    if len(batch) > start:
+        yield batch.slice(start)
 
 
 def python_rows(batch: pa.Table | pa.RecordBatch) -> dict:
