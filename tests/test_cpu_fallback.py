@@ -173,6 +173,25 @@ def test_each_gpu_recipe_runs_on_this_cpu_with_one_notice(name, base_dir, code_s
     assert (tmp_path / "out" / "trainer_state.json").exists()
 
 
+def test_the_launchers_fsdp_config_is_named_as_ddp_on_a_cpu(cpu):
+    cpu.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file .../fsdp.yaml` sets
+    assert "accelerate config FSDP -> DDP (" in fit_to_machine(recipe_values(GPU_RECIPES[0])).notice()
+    cpu.setenv("ACCELERATE_USE_FSDP", "false")
+    assert "FSDP" not in fit_to_machine(recipe_values(GPU_RECIPES[0])).notice()
+
+
+@pytest.mark.slow
+def test_the_3b_recipe_under_the_fsdp_launch_config_says_it_runs_as_ddp(base_dir, code_shards, tmp_path):
+    """accelerate makes CPU processes MULTI_CPU and applies FSDP to GPU ones only: the run is DDP, and says so."""
+    words = ["recipes/starcoder2-3b/pretrain.yaml", "--model_config", "test", "--tokenizer_name_or_path", base_dir]
+    words += ["--dataset_name_or_path", code_shards, "--max_repositories", "30", "--output_dir", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml"]
+    command += ["--num_processes", "2", "--main_process_port", "0", "scripts/run_pretrain.py", *words, *SMALL]
+    result = subprocess.run(command, capture_output=True, text=True, env=LAUNCH_ENV, cwd=ROOT, timeout=600)
+    assert_one_notice(result, "accelerate config")
+    assert (tmp_path / "out" / "trainer_state.json").exists()
+
+
 @pytest.mark.slow
 def test_the_sft_recipe_runs_on_this_cpu_with_one_notice(base_dir, tmp_path):
     from test_sft import conversations, write_jsonl

@@ -36,6 +36,10 @@ speed, which is every GPU-only key of the shipped recipes:
   a CPU (choose_attention refuses flash_attention_2 without CUDA).
 - flash_attention_impl fa2 | fa3 | fa4 -> auto: it routes PyTorch's CUDA flash kernel; nothing to route on a CPU.
 
+The launcher's FSDP config (accelerate_configs/fsdp.yaml) is named in the same line, `accelerate config FSDP -> DDP`:
+accelerate 1.16 makes a CPU process MULTI_CPU and applies FSDP only to GPU ones (AcceleratorState), so the run is
+plain data parallel, every process holding the whole model, gradients and optimizer state; nothing said so before.
+
 Kept as they are, because they work on a CPU: compile_layers (inductor compiles the layers for the CPU; it needs a C++
 compiler at run time, and its first step took 40 s of a 2-step run of the 3B recipe with model_config test on 2 cores
 here: `compile_layers: false` skips it), attn_implementation sdpa_varlen (its CPU path is an exact reference, without
@@ -221,4 +225,7 @@ def fit_to_machine(values: dict, explicit=(), *, cuda: bool | None = None) -> Cp
         if key in values and gpu_only(values[key]) and key not in explicit:
             fit.changes.append(Change(key, values[key], cpu_value, reason))
             values[key] = cpu_value
+    if truthy(os.environ.get("ACCELERATE_USE_FSDP", "false")):  # set by `accelerate launch` with an FSDP config
+        why = "accelerate applies FSDP to GPU processes only: each process holds the whole model and optimizer"
+        fit.changes.append(Change("accelerate config", "FSDP", "DDP", why))
     return fit
