@@ -196,7 +196,7 @@ class PretrainingTrainer(AtomicCheckpoints, Trainer):
             self.add_callback(_CheckpointFirstLayers(layers))
         self.precision_report = PrecisionReport(self)
         self.add_callback(self.precision_report)
-        callbacks.insert(0, _RecipeIntervals())  # before any callback that reads the intervals
+        callbacks.insert(1, _RecipeIntervals())  # after the throughput's, before any callback reading the intervals
         if getattr(self.args, "muon", False) and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise RecipeError(
                 f"muon: true cannot run under {'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'}: it hands the "
