@@ -146,6 +146,15 @@ def build_trainer(
     model card (and the uploads during training) as callbacks. Returns (trainer, evaluation callback or None,
     whether the final model is to be pushed)."""
     push, training_args.push_to_hub = training_args.push_to_hub, False  # the Hub upload is ours (card, dry run)
+    if data.eval_dataset is None and training_args.eval_strategy != "no":
+        # A few repositories at eval_fraction 0.05 often hold none out: transformers would refuse the run at its
+        # start ("you didn't pass an eval_dataset"), after the data was built. Training goes on, and says so.
+        logger.warning(
+            "no held-out windows (eval_fraction %s held out no repository of this data): eval_strategy %s -> no; "
+            "raise eval_fraction or add repositories to evaluate during training",
+            data_args.eval_fraction, training_args.eval_strategy.value,
+        )  # fmt: skip
+        training_args.eval_strategy, training_args.do_eval = transformers.IntervalStrategy.NO, False
     collator = make_collator(attn_implementation)
     trainer = PretrainingTrainer(
         model=model,
