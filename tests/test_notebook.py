@@ -110,6 +110,47 @@ def test_the_notebook_fine_tunes_merges_and_saves(base_and_code):
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
+@pytest.mark.slow
+def test_the_notebook_runs_with_only_its_documented_parameters(tokenizer_dir, tmp_path):
+    """As a new user runs it: a small local base model (4,096 positions, the recipe's seq_length), a folder of
+    three repositories, an output folder and max_steps 6, nothing else. eval_fraction 0.05 holds none of the three
+    out and 6 steps log none (logging_steps 10): the run still trains, merges and saves, and says what it skipped
+    (before: transformers refused the eval_strategy without an eval_dataset; the notebook stopped at the infill, then
+    at the loss list and the loss curve)."""
+    papermill = pytest.importorskip("papermill")
+    from starcoder2_train.configs import ModelArguments
+    from starcoder2_train.data.filters.splits import eval_share
+    from starcoder2_train.data.tokens.tokenizer import load_tokenizer
+    from starcoder2_train.model.factory import create_model
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    arguments = ModelArguments(model_config="test", torch_dtype="float32", max_position_embeddings=4096)
+    create_model(arguments, tokenizer=tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    repositories = random_repositories(3, seed=5, max_files=4)
+    assert all(eval_share(r["repo_name"].replace("/", "__")) >= 0.05 for r in repositories)  # none held out
+    for repository in repositories:
+        for file in repository["files"]:
+            path = tmp_path / "code" / repository["repo_name"].replace("/", "__") / file["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(file["content"] * 20)
+    output_dir = tmp_path / "run"
+    parameters = dict(model_name_or_path=str(tmp_path / "base"), code_dir=str(tmp_path / "code"), max_steps=6)
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(tmp_path / "executed.ipynb"), parameters=dict(parameters, output_dir=str(output_dir)),
+        cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False,
+    )  # fmt: skip
+    notebook = json.loads((tmp_path / "executed.ipynb").read_text())
+    outputs = "".join(
+        "".join(output.get("text", "")) for cell in notebook["cells"] for output in cell.get("outputs", [])
+    )
+    assert "the infill before and after training is skipped" in outputs
+    assert "eval_strategy steps -> no" in outputs and "no step logged (max_steps 6 < logging_steps 10)" in outputs
+    adapter, merged = adapter_weights_and_base(output_dir)
+    assert "adapter_model.safetensors" in adapter and "model.safetensors" in merged
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 6
+
+
 def test_the_api_refuses_an_unknown_key_and_a_wrong_type_when_set(base_and_code):
     from starcoder2_train import Recipe
     from starcoder2_train.configs import RecipeError
