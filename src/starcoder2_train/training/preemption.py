@@ -63,6 +63,14 @@ def restart_exit_code(code: int) -> int:
     return code
 
 
+def exit_for_restart(code: int, close_process_group):
+    """End this rank's run for a restart (preemption, spike rollback): every rank waits for the others
+    (training/distributed.py `close_process_group`, passed in) and exits with `restart_exit_code(code)`."""
+    status = restart_exit_code(code)
+    close_process_group(exit_code=status)
+    raise SystemExit(status)
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _cpu_group = None
@@ -160,5 +168,4 @@ class PreemptionCallback(TrainerCallback):
             REQUEUE_EXIT_CODE,
         )
         # the requeue file is written before any rank exits; a multi-process run ends there with the status
-        close_process_group(exit_code=restart_exit_code(REQUEUE_EXIT_CODE))
-        raise SystemExit(restart_exit_code(REQUEUE_EXIT_CODE))
+        exit_for_restart(REQUEUE_EXIT_CODE, close_process_group)

@@ -60,7 +60,7 @@ from transformers.trainer_callback import ExportableState
 
 from starcoder2_train.configs import RecipeError, windows_per_step
 from starcoder2_train.training.checkpoints import _write_json, newest_complete_checkpoint  # atomic, fsynced
-from starcoder2_train.training.preemption import REQUEUE_FILE_ENV, all_ranks_max, cpu_group, restart_exit_code
+from starcoder2_train.training.preemption import REQUEUE_FILE_ENV, all_ranks_max, cpu_group, exit_for_restart
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +275,7 @@ class SpikeMonitor(TrainerCallback, ExportableState):
         if self.stop:
             close_process_group(exit_code=1)  # a multi-process run ends here (rank 0 logged the error)
             raise SpikeError(message)
-        close_process_group(exit_code=restart_exit_code(ROLLBACK_EXIT_CODE))  # 0 where the requeue file says why
-        raise SystemExit(restart_exit_code(ROLLBACK_EXIT_CODE))
+        exit_for_restart(ROLLBACK_EXIT_CODE, close_process_group)  # 0 where the requeue file says why
 
 
 def _rolled_back(events: list[dict]) -> list[dict]:

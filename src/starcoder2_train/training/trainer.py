@@ -30,7 +30,6 @@ The keys are read from `PretrainingArguments`; plain `TrainingArguments` give tr
 """
 
 import logging
-import math
 import time
 
 import torch
@@ -76,16 +75,13 @@ class _RecipeIntervals(TrainerCallback):
     the old interval without saying so; this sets the recipe's values again, with one line naming each change."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        for kind in ("logging", "eval", "save"):
-            wanted = getattr(args, f"{kind}_steps")
-            if wanted is None:
-                continue
-            wanted = math.ceil(state.max_steps * wanted) if wanted < 1 else wanted
-            had = getattr(state, f"{kind}_steps")
-            if had != wanted:
-                logger.info("resume: %s_steps %s in the checkpoint's trainer_state.json, %s in the recipe: the "
-                            "recipe's is used", kind, had, wanted)  # fmt: skip
-                setattr(state, f"{kind}_steps", wanted)
+        kinds = ("logging_steps", "eval_steps", "save_steps")
+        had = {kind: getattr(state, kind) for kind in kinds}
+        state.compute_steps(args, state.max_steps)  # transformers' own reading of the recipe's (ratios included)
+        for kind in kinds:
+            if getattr(state, kind) != had[kind]:
+                logger.info("resume: %s %s in the checkpoint's trainer_state.json, %s in the recipe: the recipe's "
+                            "is used", kind, had[kind], getattr(state, kind))  # fmt: skip
 
 
 def prepare_model(model, args) -> None:
